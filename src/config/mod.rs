@@ -1,0 +1,515 @@
+//! From the operator's JSON to a validated, compiled config, or to a list of errors that each name
+//! their JSON path.
+//!
+//! Two steps, as in Kuadrant's wasm-shim: serde reads each part into the raw model of [`raw`]
+//! (shape only, unknown fields refused), then `compile` checks meaning (ranges, names,
+//! references between routes and policies) and builds the runtime form: route conditions as byte
+//! comparisons over an [`AttributePlan`]. This runs only in `on_configure`, so it may allocate
+//! freely; nothing here is on the request path.
+
+pub mod error;
+pub mod raw;
+pub mod units;
+
+use serde_json::{Map, Value};
+
+use crate::policy::route::{Condition, Route, RoutePolicies, RouteTable};
+use crate::request::{Attribute, AttributeId, AttributePlan};
+use error::{child, deserialize_at, index};
+pub use error::{ConfigError, ConfigErrors, Problem};
+use raw::{RawDebug, RawHeaderMatch, RawMatch, RawRoute};
+
+/// The compiled plugin config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// Names this plugin instance in metrics and logs.
+    pub name: String,
+    pub routes: RouteTable,
+    /// Every request attribute the routes and policies read, each once.
+    pub attributes: AttributePlan,
+    pub debug: DebugOptions,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugOptions {
+    pub route_header: bool,
+}
+
+impl Default for PluginConfig {
+    /// The pass-through config: no routes, so no request is touched.
+    fn default() -> Self {
+        PluginConfig {
+            name: DEFAULT_NAME.to_owned(),
+            routes: RouteTable::default(),
+            attributes: AttributePlan::default(),
+            debug: DebugOptions::default(),
+        }
+    }
+}
+
+const DEFAULT_NAME: &str = "seawall";
+
+/// The five policy kinds of the config contract, with the section that defines them and the field
+/// a route uses to apply them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    RateLimit,
+    CircuitBreaker,
+    Retry,
+    Fault,
+    Degradation,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 5] = [
+        PolicyKind::RateLimit,
+        PolicyKind::CircuitBreaker,
+        PolicyKind::Retry,
+        PolicyKind::Fault,
+        PolicyKind::Degradation,
+    ];
+
+    /// The top-level section that defines policies of this kind.
+    pub fn section(self) -> &'static str {
+        match self {
+            PolicyKind::RateLimit => "rate_limits",
+            PolicyKind::CircuitBreaker => "circuit_breakers",
+            PolicyKind::Retry => "retries",
+            PolicyKind::Fault => "faults",
+            PolicyKind::Degradation => "degradation",
+        }
+    }
+
+    /// What the operator calls one policy of this kind, for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            PolicyKind::RateLimit => "rate limit",
+            PolicyKind::CircuitBreaker => "circuit breaker",
+            PolicyKind::Retry => "retry",
+            PolicyKind::Fault => "fault",
+            PolicyKind::Degradation => "degradation",
+        }
+    }
+}
+
+const TOP_LEVEL_FIELDS: &str =
+    "name, routes, rate_limits, circuit_breakers, retries, faults, degradation, debug";
+
+/// Compiles a plugin config. Empty input (or only whitespace) is the pass-through config.
+pub fn compile(bytes: &[u8]) -> Result<PluginConfig, ConfigErrors> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(PluginConfig::default());
+    }
+    let document: Value = serde_json::from_slice(bytes).map_err(|error| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            Problem::Syntax {
+                message: error.to_string(),
+            },
+        )])
+    })?;
+    let Value::Object(fields) = document else {
+        return Err(ConfigErrors(vec![ConfigError::invalid(
+            "",
+            format!("expected a JSON object, got {}", kind_of(&document)),
+        )]));
+    };
+    Compiler::default().run(fields)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Names appear in stat names (`seawall.<kind>.<name>.<counter>`) and shared-data keys, so they
+/// are kept to characters that cannot split or escape either.
+fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    let well_formed = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            path,
+            format!("expected a name of 1 to 64 letters, digits, '-' or '_', got {name:?}"),
+        ))
+    }
+}
+
+#[derive(Default)]
+struct Compiler {
+    errors: Vec<ConfigError>,
+    attributes: AttributePlan,
+    /// Names defined in each policy section, in `PolicyKind::ALL` order.
+    defined: [Vec<String>; 5],
+}
+
+impl Compiler {
+    fn run(mut self, mut fields: Map<String, Value>) -> Result<PluginConfig, ConfigErrors> {
+        let known = [
+            "name",
+            "routes",
+            "rate_limits",
+            "circuit_breakers",
+            "retries",
+            "faults",
+            "degradation",
+            "debug",
+        ];
+        for key in fields.keys() {
+            if !known.contains(&key.as_str()) {
+                self.errors.push(ConfigError::invalid(
+                    key.clone(),
+                    format!("unknown field, expected one of {TOP_LEVEL_FIELDS}"),
+                ));
+            }
+        }
+
+        let name = match fields.remove("name") {
+            None => DEFAULT_NAME.to_owned(),
+            Some(Value::String(name)) => {
+                self.note(check_name("name", &name));
+                name
+            }
+            Some(other) => {
+                self.errors.push(ConfigError::invalid(
+                    "name",
+                    format!("expected a string, got {}", kind_of(&other)),
+                ));
+                DEFAULT_NAME.to_owned()
+            }
+        };
+
+        let debug = match fields.remove("debug") {
+            None => DebugOptions::default(),
+            Some(value) => match deserialize_at::<RawDebug>("debug", value) {
+                Ok(raw) => DebugOptions {
+                    route_header: raw.route_header,
+                },
+                Err(error) => {
+                    self.errors.push(error);
+                    DebugOptions::default()
+                }
+            },
+        };
+
+        for (slot, kind) in PolicyKind::ALL.into_iter().enumerate() {
+            if let Some(section) = fields.remove(kind.section()) {
+                self.defined[slot] = self.policy_section(kind, section);
+            }
+        }
+
+        let routes = match fields.remove("routes") {
+            None => Vec::new(),
+            Some(Value::Array(routes)) => self.routes(routes),
+            Some(other) => {
+                self.errors.push(ConfigError::invalid(
+                    "routes",
+                    format!("expected an array of routes, got {}", kind_of(&other)),
+                ));
+                Vec::new()
+            }
+        };
+
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(PluginConfig {
+            name,
+            routes: RouteTable::new(routes),
+            attributes: self.attributes,
+            debug,
+        })
+    }
+
+    fn note(&mut self, result: Result<(), ConfigError>) {
+        if let Err(error) = result {
+            self.errors.push(error);
+        }
+    }
+
+    /// Checks the names in one policy section and compiles each policy; returns the names defined.
+    fn policy_section(&mut self, kind: PolicyKind, section: Value) -> Vec<String> {
+        let path = kind.section();
+        let Value::Object(policies) = section else {
+            self.errors.push(ConfigError::invalid(
+                path,
+                format!(
+                    "expected an object of named {} policies, got {}",
+                    kind.noun(),
+                    kind_of(&section)
+                ),
+            ));
+            return Vec::new();
+        };
+        let mut names = Vec::with_capacity(policies.len());
+        for (name, _body) in policies {
+            let policy_path = child(path, &name);
+            self.note(check_name(&policy_path, &name));
+            // Each kind's compiler lands with its own capability; until then a policy of that kind
+            // is refused rather than silently ignored.
+            self.errors.push(ConfigError::new(
+                policy_path,
+                Problem::Unsupported { kind: kind.noun() },
+            ));
+            names.push(name);
+        }
+        names
+    }
+
+    fn routes(&mut self, raw_routes: Vec<Value>) -> Vec<Route> {
+        let mut routes: Vec<Route> = Vec::with_capacity(raw_routes.len());
+        for (position, value) in raw_routes.into_iter().enumerate() {
+            let path = index("routes", position);
+            let raw: RawRoute = match deserialize_at(&path, value) {
+                Ok(raw) => raw,
+                Err(error) => {
+                    self.errors.push(error);
+                    continue;
+                }
+            };
+            self.note(check_name(&child(&path, "name"), &raw.name));
+            if routes.iter().any(|r| r.name == raw.name) {
+                self.errors.push(ConfigError::new(
+                    child(&path, "name"),
+                    Problem::Duplicate {
+                        name: raw.name.clone(),
+                    },
+                ));
+            }
+            let conditions = self.conditions(&child(&path, "match"), &raw.matcher);
+            let policies = self.route_policies(&path, &raw);
+            routes.push(Route {
+                name: raw.name,
+                conditions,
+                policies,
+            });
+        }
+        routes
+    }
+
+    fn route_policies(&mut self, path: &str, raw: &RawRoute) -> RoutePolicies {
+        let mut policies = RoutePolicies::default();
+        let single = |name: &Option<String>| name.iter().cloned().collect::<Vec<_>>();
+        let references: [(PolicyKind, &str, Vec<String>, bool); 5] = [
+            (
+                PolicyKind::RateLimit,
+                "rate_limits",
+                raw.rate_limits.clone(),
+                true,
+            ),
+            (
+                PolicyKind::CircuitBreaker,
+                "circuit_breaker",
+                single(&raw.circuit_breaker),
+                false,
+            ),
+            (PolicyKind::Retry, "retry", single(&raw.retry), false),
+            (PolicyKind::Fault, "faults", raw.faults.clone(), true),
+            (
+                PolicyKind::Degradation,
+                "degradation",
+                single(&raw.degradation),
+                false,
+            ),
+        ];
+        for (slot, (kind, field, names, is_list)) in references.into_iter().enumerate() {
+            for (position, name) in names.into_iter().enumerate() {
+                let reference_path = if is_list {
+                    index(&child(path, field), position)
+                } else {
+                    child(path, field)
+                };
+                match self.defined[slot]
+                    .iter()
+                    .position(|defined| *defined == name)
+                {
+                    Some(found) => {
+                        if kind == PolicyKind::RateLimit {
+                            policies.rate_limits.push(found);
+                        }
+                    }
+                    None => self.errors.push(ConfigError::new(
+                        reference_path,
+                        Problem::UnknownPolicy {
+                            kind: kind.noun(),
+                            name,
+                        },
+                    )),
+                }
+            }
+        }
+        policies
+    }
+
+    fn attribute(&mut self, path: &str, attribute: Attribute) -> Option<AttributeId> {
+        match self.attributes.intern(attribute) {
+            Ok(id) => Some(id),
+            Err(error) => {
+                self.errors
+                    .push(ConfigError::invalid(path, error.to_string()));
+                None
+            }
+        }
+    }
+
+    fn conditions(&mut self, path: &str, raw: &RawMatch) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        // Cheap, selective pseudo-header tests first: most requests are rejected by path or method
+        // before any custom header or property is read.
+        if let Some(path_match) = &raw.path {
+            let at = child(path, "path");
+            let (exact, prefix) = (&path_match.exact, &path_match.prefix);
+            match (exact, prefix) {
+                (Some(value), None) | (None, Some(value)) if !value.starts_with('/') => {
+                    self.errors.push(ConfigError::invalid(
+                        child(&at, if exact.is_some() { "exact" } else { "prefix" }),
+                        format!("expected a path starting with '/', got {value:?}"),
+                    ));
+                }
+                (Some(value), None) => {
+                    if let Some(id) = self.attribute(&at, Attribute::path()) {
+                        conditions.push(Condition::PathExact {
+                            path: id,
+                            value: value.as_bytes().to_vec(),
+                        });
+                    }
+                }
+                (None, Some(value)) => {
+                    if let Some(id) = self.attribute(&at, Attribute::path()) {
+                        conditions.push(Condition::PathPrefix {
+                            path: id,
+                            value: value.as_bytes().to_vec(),
+                        });
+                    }
+                }
+                _ => self.errors.push(ConfigError::invalid(
+                    at,
+                    "expected exactly one of \"exact\" or \"prefix\"",
+                )),
+            }
+        }
+
+        if let Some(methods) = &raw.methods {
+            let at = child(path, "methods");
+            if methods.is_empty() {
+                self.errors.push(ConfigError::invalid(
+                    &at,
+                    "expected at least one method (leave \"methods\" out to match any)",
+                ));
+            }
+            let mut allowed = Vec::with_capacity(methods.len());
+            for (position, method) in methods.iter().enumerate() {
+                let is_token = !method.is_empty()
+                    && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
+                if is_token {
+                    allowed.push(method.as_bytes().to_vec());
+                } else {
+                    self.errors.push(ConfigError::invalid(
+                        index(&at, position),
+                        format!("expected an uppercase HTTP method like \"GET\", got {method:?}"),
+                    ));
+                }
+            }
+            if let Some(id) = self.attribute(&at, Attribute::method()) {
+                conditions.push(Condition::MethodIn {
+                    method: id,
+                    methods: allowed,
+                });
+            }
+        }
+
+        if let Some(authority) = &raw.authority {
+            let at = child(path, "authority");
+            if authority.is_empty()
+                || authority
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b == b'/')
+            {
+                self.errors.push(ConfigError::invalid(
+                    &at,
+                    format!("expected a host name, optionally with a port, got {authority:?}"),
+                ));
+            } else if let Some(id) = self.attribute(&at, Attribute::authority()) {
+                let with_port = authority.contains("]:")
+                    || (!authority.starts_with('[') && authority.contains(':'));
+                conditions.push(Condition::Authority {
+                    authority: id,
+                    host: authority.as_bytes().to_vec(),
+                    with_port,
+                });
+            }
+        }
+
+        for (position, header) in raw.headers.iter().enumerate() {
+            let at = index(&child(path, "headers"), position);
+            if let Some(condition) = self.header_condition(&at, header) {
+                conditions.push(condition);
+            }
+        }
+
+        let properties = [
+            ("route_name", &raw.route_name, Attribute::route_name()),
+            ("cluster", &raw.cluster, Attribute::cluster_name()),
+        ];
+        for (field, value, attribute) in properties {
+            if let Some(value) = value {
+                let at = child(path, field);
+                if value.is_empty() {
+                    self.errors
+                        .push(ConfigError::invalid(&at, "expected a non-empty name"));
+                } else if let Some(id) = self.attribute(&at, attribute) {
+                    conditions.push(Condition::Equals {
+                        attribute: id,
+                        value: value.as_bytes().to_vec(),
+                    });
+                }
+            }
+        }
+        conditions
+    }
+
+    fn header_condition(&mut self, at: &str, header: &RawHeaderMatch) -> Option<Condition> {
+        let valid_name = !header.name.is_empty()
+            && header
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !valid_name {
+            self.errors.push(ConfigError::invalid(
+                child(at, "name"),
+                format!("expected an HTTP header name, got {:?}", header.name),
+            ));
+            return None;
+        }
+        let attribute = self.attribute(at, Attribute::header(&header.name))?;
+        match (&header.exact, &header.prefix, header.present) {
+            (Some(value), None, None) => Some(Condition::Equals {
+                attribute,
+                value: value.as_bytes().to_vec(),
+            }),
+            (None, Some(value), None) => Some(Condition::StartsWith {
+                attribute,
+                value: value.as_bytes().to_vec(),
+            }),
+            (None, None, Some(true)) => Some(Condition::Present { attribute }),
+            (None, None, Some(false)) => Some(Condition::Absent { attribute }),
+            _ => {
+                self.errors.push(ConfigError::invalid(
+                    at,
+                    "expected exactly one of \"exact\", \"prefix\" or \"present\"",
+                ));
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The plugin config exactly as the operator writes it, before any validation beyond JSON shape.
+//!
+//! Every struct denies unknown fields, so a typo is an error rather than a silently ignored knob.
+//! These types are deserialized one part at a time (each route, each named policy), so errors in
+//! independent parts are all reported; [`super::compile`] turns them into the validated form.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
+    pub circuit_breaker: Option<String>,
+    pub retry: Option<String>,
+    #[serde(default)]
+    pub faults: Vec<String>,
+    pub degradation: Option<String>,
+}
+
+/// All present conditions must hold; an empty match matches every request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path: Option<RawPathMatch>,
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: Vec<RawHeaderMatch>,
+    pub authority: Option<String>,
+    pub route_name: Option<String>,
+    pub cluster: Option<String>,
+}
+
+/// Exactly one of `exact` and `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPathMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+}
+
+/// A header name and exactly one of `exact`, `prefix` and `present`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: String,
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDebug {
+    /// Adds `x-seawall-route: <route name>` to responses, so operators can see which route matched.
+    #[serde(default)]
+    pub route_header: bool,
+}

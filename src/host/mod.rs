@@ -1,0 +1,252 @@
+//! The proxy-wasm glue: Envoy's callbacks in, the core's decisions out.
+//!
+//! Kept thin on purpose. A root context per worker compiles the plugin config in `on_configure`
+//! (refusing a bad one, so Envoy keeps the previous config) and owns that worker's [`Engine`] and
+//! scratch buffers. An HTTP context per stream reads attributes through [`HostRequest`], asks the
+//! engine, and carries out the answer. Nothing here decides anything.
+
+mod abi;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel as SdkLogLevel};
+
+use crate::clock::Timestamp;
+use crate::config;
+use crate::engine::{Engine, LocalReplies, LocalReply, StreamState, Verdict, ROUTE_HEADER};
+use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
+use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
+use crate::state::{Cas, Lookup, SharedStore, StoreError};
+use crate::wire::ReplyBuffer;
+use abi::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(SdkLogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        abi::log(LogLevel::Critical, &format!("seawall: panic: {info}"));
+    }));
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root::new(context_id))
+    });
+}}
+
+/// Logs with the context id, so lines from several workers and streams can be told apart.
+fn log(level: LogLevel, context_id: u32, message: &str) {
+    abi::log(level, &format!("seawall[{context_id}]: {message}"));
+}
+
+/// What one worker's streams share: the live engine and buffers reused from request to request.
+struct Worker {
+    engine: Option<Rc<Engine>>,
+    scratch: Scratch,
+    reply: ReplyBuffer,
+}
+
+struct Root {
+    context_id: u32,
+    worker: Rc<RefCell<Worker>>,
+}
+
+impl Root {
+    fn new(context_id: u32) -> Self {
+        Root {
+            context_id,
+            worker: Rc::new(RefCell::new(Worker {
+                engine: None,
+                scratch: Scratch::default(),
+                reply: ReplyBuffer::default(),
+            })),
+        }
+    }
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let compiled = match config::compile(&bytes) {
+            Ok(compiled) => compiled,
+            Err(errors) => {
+                log(
+                    LogLevel::Error,
+                    self.context_id,
+                    &format!("plugin config refused: {errors}"),
+                );
+                return false;
+            }
+        };
+        let engine = match Engine::new(compiled, &mut HostMetrics) {
+            Ok(engine) => engine,
+            Err(error) => {
+                log(
+                    LogLevel::Error,
+                    self.context_id,
+                    &format!("plugin config refused: {error}"),
+                );
+                return false;
+            }
+        };
+        let summary = format!(
+            "plugin config \"{}\" loaded: {} routes, {} request attributes",
+            engine.config().name,
+            engine.config().routes.len(),
+            engine.config().attributes.len()
+        );
+        let mut worker = self.worker.borrow_mut();
+        worker.scratch = Scratch::for_plan(&engine.config().attributes);
+        worker.engine = Some(Rc::new(engine));
+        log(LogLevel::Info, self.context_id, &summary);
+        true
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let engine = self.worker.borrow().engine.clone();
+        Some(Box::new(Stream {
+            context_id,
+            worker: Rc::clone(&self.worker),
+            engine,
+            state: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One HTTP stream. It keeps the engine it started with, so a config swap mid-stream does not
+/// mix two configs' decisions.
+struct Stream {
+    context_id: u32,
+    worker: Rc<RefCell<Worker>>,
+    engine: Option<Rc<Engine>>,
+    state: Option<StreamState>,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(engine) = self.engine.clone() else {
+            return Action::Continue;
+        };
+        if engine.is_pass_through() {
+            return Action::Continue;
+        }
+        let now = Timestamp::from_nanos(abi::now_nanos());
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            log(
+                LogLevel::Warn,
+                self.context_id,
+                "worker state busy; request passed through",
+            );
+            return Action::Continue;
+        };
+        let worker = &mut *worker;
+        let mut source = HostRequest;
+        let mut view = RequestView::new(
+            &engine.config().attributes,
+            &mut source,
+            &mut worker.scratch,
+        );
+        let decision = engine.on_request(&mut view, now, &HostMetrics);
+        drop(view);
+        self.state = Some(decision.stream);
+        match decision.verdict {
+            Verdict::Continue => Action::Continue,
+            Verdict::Reply(reply) => {
+                worker.reply.send_local_reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let (Some(engine), Some(state)) = (&self.engine, &self.state) {
+            let decision = engine.on_response(state);
+            if let Some(route) = decision.route_header {
+                abi::add_response_header(ROUTE_HEADER, route.as_bytes());
+            }
+        }
+        Action::Continue
+    }
+}
+
+/// Reads request attributes of the stream Envoy is currently calling back for.
+struct HostRequest;
+
+impl AttributeSource for HostRequest {
+    fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>> {
+        match attribute {
+            Attribute::Header(name) => abi::request_header(name),
+            Attribute::Property(path) => abi::property(path.as_bytes()),
+        }
+    }
+}
+
+/// Envoy's stats through proxy-wasm metrics.
+struct HostMetrics;
+
+impl MetricsRegistry for HostMetrics {
+    fn define(&mut self, kind: MetricKind, name: &str) -> Result<MetricId, MetricsError> {
+        let kind = match kind {
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+        };
+        abi::define_metric(kind, name)
+            .map(MetricId)
+            .map_err(|_| MetricsError {
+                name: name.to_owned(),
+            })
+    }
+}
+
+impl MetricSink for HostMetrics {
+    fn increment(&self, id: MetricId, delta: i64) {
+        abi::increment_metric(id.0, delta);
+    }
+
+    fn set(&self, id: MetricId, value: u64) {
+        abi::record_metric(id.0, value);
+    }
+}
+
+/// Proxy shared data.
+#[allow(dead_code)] // wired in by the first policy that keeps shared state
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str, out: &mut [u8]) -> Result<Lookup, StoreError> {
+        match abi::get_shared(key, out) {
+            abi::SharedRead::Missing => Ok(Lookup::Missing),
+            abi::SharedRead::Found { len, cas } => Ok(Lookup::Found {
+                len,
+                cas: (cas != 0).then_some(Cas(cas)),
+            }),
+            abi::SharedRead::Failed(status) => Err(StoreError::Host(status)),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<Cas>) -> Result<(), StoreError> {
+        match abi::set_shared(key, value, cas.map_or(0, |c| c.0)) {
+            abi::OK => Ok(()),
+            abi::CAS_MISMATCH => Err(StoreError::CasMismatch),
+            status => Err(StoreError::Host(status)),
+        }
+    }
+}
+
+impl LocalReplies for ReplyBuffer {
+    fn send_local_reply(&mut self, reply: &LocalReply<'_>) {
+        let headers = self.serialize(reply);
+        abi::send_local_response(
+            u32::from(reply.status),
+            headers,
+            reply.body,
+            reply.grpc_status,
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The request attributes the config can look at, and a per-request view that reads each one from
+//! the host at most once.
+//!
+//! Every attribute read crosses into Envoy, which calls back into the guest allocator and copies
+//! the value. So the config is compiled into an [`AttributePlan`] (each distinct attribute once,
+//! addressed by a small [`AttributeId`]), and a [`RequestView`] fetches an attribute only when a
+//! matcher or a policy first asks for it, then keeps the host's buffer until the request is done.
+//! The view's slots live in a per-worker [`Scratch`] that is sized at configure time, so the view
+//! itself allocates nothing.
+
+use core::fmt;
+
+/// Something about a request that a route or a policy can look at.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Attribute {
+    /// A request header by lowercase name. The pseudo-headers `:path`, `:method` and `:authority`
+    /// are headers too.
+    Header(String),
+    /// An Envoy property, e.g. `xds.route_name`.
+    Property(PropertyPath),
+}
+
+/// A property path in the proxy-wasm wire form: segments joined by NUL bytes. It is built once at
+/// configure time so that reading a property on the request path builds nothing.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PropertyPath(Vec<u8>);
+
+impl PropertyPath {
+    pub fn new(segments: &[&str]) -> Self {
+        PropertyPath(segments.join("\0").into_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PropertyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dotted: String = self
+            .0
+            .iter()
+            .map(|&b| if b == 0 { '.' } else { char::from(b) })
+            .collect();
+        write!(f, "{dotted}")
+    }
+}
+
+impl Attribute {
+    pub fn header(name: &str) -> Self {
+        Attribute::Header(name.to_ascii_lowercase())
+    }
+
+    pub fn path() -> Self {
+        Attribute::Header(":path".to_owned())
+    }
+
+    pub fn method() -> Self {
+        Attribute::Header(":method".to_owned())
+    }
+
+    pub fn authority() -> Self {
+        Attribute::Header(":authority".to_owned())
+    }
+
+    /// The name of the Envoy route the request matched (`xds.route_name`).
+    pub fn route_name() -> Self {
+        Attribute::Property(PropertyPath::new(&["xds", "route_name"]))
+    }
+
+    /// The upstream cluster Envoy chose for the request (`xds.cluster_name`).
+    pub fn cluster_name() -> Self {
+        Attribute::Property(PropertyPath::new(&["xds", "cluster_name"]))
+    }
+}
+
+/// Index of an attribute in the [`AttributePlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttributeId(u16);
+
+impl AttributeId {
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// The distinct attributes one compiled config reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttributePlan {
+    attributes: Vec<Attribute>,
+}
+
+/// More distinct attributes than an [`AttributeId`] can address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyAttributes;
+
+impl fmt::Display for TooManyAttributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "expected at most {} distinct request attributes",
+            u16::MAX
+        )
+    }
+}
+
+impl AttributePlan {
+    /// Returns the id of `attribute`, adding it if this is the first time it is seen.
+    pub fn intern(&mut self, attribute: Attribute) -> Result<AttributeId, TooManyAttributes> {
+        if let Some(position) = self.attributes.iter().position(|a| *a == attribute) {
+            return u16::try_from(position)
+                .map(AttributeId)
+                .map_err(|_| TooManyAttributes);
+        }
+        let id = u16::try_from(self.attributes.len()).map_err(|_| TooManyAttributes)?;
+        self.attributes.push(attribute);
+        Ok(AttributeId(id))
+    }
+
+    pub fn get(&self, id: AttributeId) -> Option<&Attribute> {
+        self.attributes.get(id.index())
+    }
+
+    pub fn len(&self) -> usize {
+        self.attributes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Attribute> {
+        self.attributes.iter()
+    }
+}
+
+/// Where attribute values come from: Envoy in the plugin, a table in tests.
+pub trait AttributeSource {
+    /// Reads one attribute: one host call. `None` when the request does not have it.
+    fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>>;
+}
+
+#[derive(Debug, Default)]
+enum Slot {
+    #[default]
+    Unread,
+    Absent,
+    Present(Vec<u8>),
+}
+
+/// Per-worker storage for one request's attribute values, reused from request to request.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    slots: Vec<Slot>,
+}
+
+impl Scratch {
+    /// Sized for `plan` at configure time, so that requests never grow it.
+    pub fn for_plan(plan: &AttributePlan) -> Self {
+        let mut slots = Vec::new();
+        slots.resize_with(plan.len(), Slot::default);
+        Scratch { slots }
+    }
+}
+
+/// One request's attributes, read lazily and at most once each.
+pub struct RequestView<'a, S: AttributeSource> {
+    plan: &'a AttributePlan,
+    source: &'a mut S,
+    slots: &'a mut [Slot],
+}
+
+impl<'a, S: AttributeSource> RequestView<'a, S> {
+    /// A scratch sized for another plan (a config swap mid-flight) is resized; that allocation
+    /// happens once per swap, never per request in steady state.
+    pub fn new(plan: &'a AttributePlan, source: &'a mut S, scratch: &'a mut Scratch) -> Self {
+        if scratch.slots.len() != plan.len() {
+            scratch.slots.resize_with(plan.len(), Slot::default);
+        }
+        for slot in scratch.slots.iter_mut() {
+            *slot = Slot::Unread;
+        }
+        RequestView {
+            plan,
+            source,
+            slots: &mut scratch.slots,
+        }
+    }
+
+    /// The attribute's raw bytes, or `None` if the request lacks it (or the id is not in the plan).
+    pub fn get(&mut self, id: AttributeId) -> Option<&[u8]> {
+        let slot = self.slots.get_mut(id.index())?;
+        if matches!(slot, Slot::Unread) {
+            let attribute = self.plan.get(id)?;
+            *slot = match self.source.read(attribute) {
+                Some(value) => Slot::Present(value),
+                None => Slot::Absent,
+            };
+        }
+        match slot {
+            Slot::Present(value) => Some(value.as_slice()),
+            Slot::Absent | Slot::Unread => None,
+        }
+    }
+}
+
+impl<S: AttributeSource> Drop for RequestView<'_, S> {
+    /// Hands the host's buffers back as soon as the request's decisions are made.
+    fn drop(&mut self) {
+        for slot in self.slots.iter_mut() {
+            *slot = Slot::Unread;
+        }
+    }
+}
+
+/// A table of attribute values, for tests. It counts its reads so tests can show that each
+/// attribute crosses the host boundary at most once.
+#[derive(Debug, Default, Clone)]
+pub struct FakeRequest {
+    values: Vec<(Attribute, Vec<u8>)>,
+    pub reads: Vec<Attribute>,
+}
+
+impl FakeRequest {
+    pub fn new() -> Self {
+        FakeRequest::default()
+    }
+
+    pub fn with(mut self, attribute: Attribute, value: impl AsRef<[u8]>) -> Self {
+        self.values.push((attribute, value.as_ref().to_vec()));
+        self
+    }
+
+    /// `:method` and `:path`, as every HTTP request has.
+    pub fn http(method: &str, path: &str) -> Self {
+        FakeRequest::new()
+            .with(Attribute::method(), method)
+            .with(Attribute::path(), path)
+    }
+
+    pub fn header(self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.with(Attribute::header(name), value)
+    }
+}
+
+impl AttributeSource for FakeRequest {
+    fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>> {
+        self.reads.push(attribute.clone());
+        self.values
+            .iter()
+            .find(|(a, _)| a == attribute)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interning_deduplicates() {
+        let mut plan = AttributePlan::default();
+        let a = plan.intern(Attribute::header("X-User")).unwrap();
+        let b = plan.intern(Attribute::path()).unwrap();
+        let c = plan.intern(Attribute::header("x-user")).unwrap();
+        assert_eq!(a, c);
+        assert_ne!(a, b);
+        assert_eq!(plan.len(), 2);
+    }
+
+    #[test]
+    fn each_attribute_is_read_at_most_once() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let tier = plan.intern(Attribute::header("x-tier")).unwrap();
+        let mut source = FakeRequest::new().header("x-user", "alice");
+        let mut scratch = Scratch::for_plan(&plan);
+        {
+            let mut view = RequestView::new(&plan, &mut source, &mut scratch);
+            assert_eq!(view.get(user), Some(&b"alice"[..]));
+            assert_eq!(view.get(user), Some(&b"alice"[..]));
+            assert_eq!(view.get(tier), None);
+            assert_eq!(view.get(tier), None);
+        }
+        assert_eq!(
+            source.reads,
+            vec![Attribute::header("x-user"), Attribute::header("x-tier")]
+        );
+    }
+
+    #[test]
+    fn the_next_request_reads_afresh() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let mut scratch = Scratch::for_plan(&plan);
+        let mut first = FakeRequest::new().header("x-user", "alice");
+        assert_eq!(
+            RequestView::new(&plan, &mut first, &mut scratch).get(user),
+            Some(&b"alice"[..])
+        );
+        let mut second = FakeRequest::new().header("x-user", "bob");
+        assert_eq!(
+            RequestView::new(&plan, &mut second, &mut scratch).get(user),
+            Some(&b"bob"[..])
+        );
+    }
+
+    #[test]
+    fn property_paths_use_the_wire_form() {
+        let Attribute::Property(path) = Attribute::route_name() else {
+            unreachable!("route_name is a property")
+        };
+        assert_eq!(path.as_bytes(), b"xds\0route_name");
+        assert_eq!(format!("{path:?}"), "xds.route_name");
+    }
+}
