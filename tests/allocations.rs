@@ -1,0 +1,131 @@
+//! Proof of DESIGN.md §4 rule 2: the core's request path allocates nothing of its own.
+//!
+//! A counting global allocator wraps the system one. The fake request source allocates exactly
+//! one buffer per attribute it returns (as Envoy's host copies do in the plugin), so any
+//! allocation beyond that count is seawall's own.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use seawall::clock::Timestamp;
+use seawall::config::compile;
+use seawall::engine::{Engine, LocalReply};
+use seawall::metrics::FakeMetrics;
+use seawall::request::{Attribute, AttributeSource, RequestView, Scratch};
+use seawall::wire::ReplyBuffer;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|count| count.set(count.get() + 1));
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|count| count.set(count.get() + 1));
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Returns preset values, counting the buffers it hands out like the host does.
+struct Host {
+    values: Vec<(Attribute, Vec<u8>)>,
+    handed_out: u64,
+}
+
+impl AttributeSource for Host {
+    fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>> {
+        let value = self.values.iter().find(|(a, _)| a == attribute)?;
+        self.handed_out += 1;
+        Some(value.1.clone())
+    }
+}
+
+const CONFIG: &str = r#"{
+    "debug": {"route_header": true},
+    "routes": [
+        {"name": "checkout", "match": {"path": {"prefix": "/api/checkout"}, "methods": ["POST"],
+                                       "headers": [{"name": "x-tier", "exact": "free"}]}},
+        {"name": "by-cluster", "match": {"cluster": "payments", "authority": "shop.example.com"}},
+        {"name": "catch-all"}
+    ]
+}"#;
+
+#[test]
+fn matching_and_deciding_allocate_only_the_host_buffers() {
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let requests = [
+        vec![
+            (Attribute::path(), b"/api/checkout".to_vec()),
+            (Attribute::method(), b"POST".to_vec()),
+            (Attribute::header("x-tier"), b"free".to_vec()),
+        ],
+        vec![
+            (Attribute::path(), b"/other".to_vec()),
+            (Attribute::method(), b"GET".to_vec()),
+            (Attribute::authority(), b"shop.example.com".to_vec()),
+            (Attribute::cluster_name(), b"payments".to_vec()),
+        ],
+        vec![(Attribute::header("x-tier"), vec![0xff; 64 * 1024])],
+        vec![],
+    ];
+    for (round, values) in requests.into_iter().enumerate() {
+        let mut host = Host {
+            values,
+            handed_out: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, Timestamp::from_nanos(1), &metrics)
+        };
+        let response = engine.on_response(&decision.stream);
+        let spent = allocations() - before;
+        assert_eq!(
+            spent, host.handed_out,
+            "request {round}: {spent} allocations, {} from the host",
+            host.handed_out
+        );
+        assert!(response.route_header.is_some());
+    }
+}
+
+#[test]
+fn local_replies_reuse_their_buffer() {
+    let headers = vec![("x-seawall".to_owned(), "rate-limited".to_owned())];
+    let reply = LocalReply {
+        status: 429,
+        body: b"slow down\n",
+        headers: &headers,
+        retry_after: Some(std::time::Duration::from_millis(1200)),
+        grpc_status: None,
+    };
+    let mut buffer = ReplyBuffer::default();
+    let fresh = allocations();
+    let first = buffer.serialize(&reply).len();
+    assert!(
+        allocations() > fresh,
+        "the counter must see the first, growing serialization"
+    );
+    let before = allocations();
+    for _ in 0..100 {
+        assert_eq!(buffer.serialize(&reply).len(), first);
+    }
+    assert_eq!(allocations() - before, 0);
+}

@@ -1,0 +1,309 @@
+//! The config contract end to end: JSON in, compiled config or path-named errors out.
+
+use seawall::config::{compile, ConfigErrors};
+use seawall::request::{Attribute, FakeRequest, RequestView, Scratch};
+
+fn errors(json: &str) -> Vec<String> {
+    match compile(json.as_bytes()) {
+        Ok(_) => panic!("expected {json} to be refused"),
+        Err(ConfigErrors(errors)) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The name of the route `request` matches under `json`.
+fn matched(json: &str, request: FakeRequest) -> Option<String> {
+    let config = compile(json.as_bytes()).unwrap();
+    let mut source = request;
+    let mut scratch = Scratch::for_plan(&config.attributes);
+    let mut view = RequestView::new(&config.attributes, &mut source, &mut scratch);
+    let index = config.routes.find(&mut view)?;
+    Some(config.routes.get(index).unwrap().name.clone())
+}
+
+#[test]
+fn empty_config_is_a_pass_through() {
+    for empty in ["", "  \n", "{}"] {
+        let config = compile(empty.as_bytes()).unwrap();
+        assert!(config.routes.is_empty());
+        assert!(config.attributes.is_empty());
+        assert_eq!(config.name, "seawall");
+    }
+}
+
+#[test]
+fn syntax_errors_say_where() {
+    let found = errors(r#"{"routes": [}"#);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].starts_with("not valid JSON: expected value at line 1 column 13"),
+        "{found:?}"
+    );
+    assert_eq!(errors("[1]"), ["expected a JSON object, got an array"]);
+}
+
+#[test]
+fn unknown_fields_are_errors_everywhere() {
+    assert_eq!(
+        errors(r#"{"rutes": []}"#),
+        ["rutes: unknown field, expected one of name, routes, rate_limits, circuit_breakers, retries, faults, degradation, debug"]
+    );
+    let found = errors(r#"{"routes": [{"name": "a", "matchh": {}}]}"#);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].starts_with("routes[0].matchh: unknown field `matchh`, expected one of"),
+        "{found:?}"
+    );
+    let found = errors(r#"{"routes": [{"name": "a", "match": {"path": {"prefx": "/"}}}]}"#);
+    assert!(
+        found[0].starts_with("routes[0].match.path.prefx: unknown field `prefx`"),
+        "{found:?}"
+    );
+    let found = errors(
+        r#"{"routes": [{"name": "a", "match": {"headers": [{"name": "x", "exact": "1", "regex": "."}]}}]}"#,
+    );
+    assert!(
+        found[0].starts_with("routes[0].match.headers[0].regex: unknown field `regex`"),
+        "{found:?}"
+    );
+    assert!(errors(r#"{"debug": {"route_headers": true}}"#)[0]
+        .starts_with("debug.route_headers: unknown field `route_headers`"));
+}
+
+#[test]
+fn wrong_types_name_the_path() {
+    assert_eq!(
+        errors(r#"{"routes": {}}"#),
+        ["routes: expected an array of routes, got an object"]
+    );
+    let found = errors(r#"{"routes": [{"name": "a", "match": {"methods": "GET"}}]}"#);
+    assert!(
+        found[0].starts_with(
+            "routes[0].match.methods: invalid type: string \"GET\", expected a sequence"
+        ),
+        "{found:?}"
+    );
+    assert_eq!(
+        errors(r#"{"name": 7}"#),
+        ["name: expected a string, got a number"]
+    );
+}
+
+#[test]
+fn several_independent_errors_are_reported_together() {
+    let found = errors(
+        r#"{
+        "name": "bad name",
+        "routes": [
+            {"name": "ok", "match": {"path": {"prefix": "no-slash"}}},
+            {"name": "ok", "match": {"methods": ["get"]}},
+            {"name": "x", "rate_limits": ["missing"], "circuit_breaker": "gone"}
+        ]
+    }"#,
+    );
+    assert_eq!(
+        found,
+        [
+            r#"name: expected a name of 1 to 64 letters, digits, '-' or '_', got "bad name""#,
+            r#"routes[0].match.path.prefix: expected a path starting with '/', got "no-slash""#,
+            r#"routes[1].name: "ok" is defined twice"#,
+            r#"routes[1].match.methods[0]: expected an uppercase HTTP method like "GET", got "get""#,
+            r#"routes[2].rate_limits[0]: expected the name of a defined rate limit, got "missing""#,
+            r#"routes[2].circuit_breaker: expected the name of a defined circuit breaker, got "gone""#,
+        ]
+    );
+    let message = compile(br#"{"routes": [{"name": "a.b"}, {"name": "c", "faults": ["f"]}]}"#)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message,
+        r#"2 problems: routes[0].name: expected a name of 1 to 64 letters, digits, '-' or '_', got "a.b"; routes[1].faults[0]: expected the name of a defined fault, got "f""#
+    );
+}
+
+#[test]
+fn policy_kinds_not_built_yet_are_refused_not_ignored() {
+    let found = errors(
+        r#"{"circuit_breakers": {"payments": {}}, "routes": [{"name": "a", "circuit_breaker": "payments"}]}"#,
+    );
+    assert_eq!(found, ["circuit_breakers.payments: circuit breaker policies are not supported by this build of seawall yet"]);
+    assert_eq!(
+        errors(r#"{"faults": []}"#),
+        ["faults: expected an object of named fault policies, got an array"]
+    );
+}
+
+#[test]
+fn match_fields_need_exactly_one_form() {
+    assert_eq!(
+        errors(r#"{"routes": [{"name": "a", "match": {"path": {"exact": "/a", "prefix": "/"}}}]}"#),
+        [r#"routes[0].match.path: expected exactly one of "exact" or "prefix""#]
+    );
+    assert_eq!(
+        errors(r#"{"routes": [{"name": "a", "match": {"headers": [{"name": "x"}]}}]}"#),
+        [r#"routes[0].match.headers[0]: expected exactly one of "exact", "prefix" or "present""#]
+    );
+    assert_eq!(
+        errors(
+            r#"{"routes": [{"name": "a", "match": {"headers": [{"name": "bad header", "present": true}]}}]}"#
+        ),
+        [r#"routes[0].match.headers[0].name: expected an HTTP header name, got "bad header""#]
+    );
+    assert_eq!(
+        errors(r#"{"routes": [{"name": "a", "match": {"methods": []}}]}"#),
+        [
+            r#"routes[0].match.methods: expected at least one method (leave "methods" out to match any)"#
+        ]
+    );
+}
+
+const ROUTES: &str = r#"{
+    "routes": [
+        {"name": "checkout", "match": {"path": {"prefix": "/api/checkout"}, "methods": ["POST"],
+                                       "headers": [{"name": "X-Tier", "exact": "free"}, {"name": "x-canary", "present": true}]}},
+        {"name": "exact-health", "match": {"path": {"exact": "/healthz"}}},
+        {"name": "shop", "match": {"authority": "shop.example.com"}},
+        {"name": "admin-port", "match": {"authority": "admin.example.com:8443"}},
+        {"name": "by-envoy-route", "match": {"route_name": "envoy-route-7"}},
+        {"name": "by-cluster", "match": {"cluster": "payments"}},
+        {"name": "no-debug", "match": {"path": {"prefix": "/api"}, "headers": [{"name": "x-debug", "present": false}, {"name": "x-ver", "prefix": "v2"}]}},
+        {"name": "catch-all"}
+    ]
+}"#;
+
+#[test]
+fn first_matching_route_wins() {
+    let checkout = FakeRequest::http("POST", "/api/checkout/cart?x=1")
+        .header("x-tier", "free")
+        .header("x-canary", "");
+    assert_eq!(
+        matched(ROUTES, checkout.clone()).as_deref(),
+        Some("checkout")
+    );
+    // Any one condition failing falls through to later routes.
+    let get = FakeRequest::http("GET", "/api/checkout")
+        .header("x-tier", "free")
+        .header("x-canary", "1");
+    assert_eq!(matched(ROUTES, get).as_deref(), Some("catch-all"));
+    let paid = FakeRequest::http("POST", "/api/checkout")
+        .header("x-tier", "paid")
+        .header("x-canary", "1");
+    assert_eq!(matched(ROUTES, paid).as_deref(), Some("catch-all"));
+    let no_canary = FakeRequest::http("POST", "/api/checkout").header("x-tier", "free");
+    assert_eq!(matched(ROUTES, no_canary).as_deref(), Some("catch-all"));
+}
+
+#[test]
+fn paths_match_exactly_or_by_prefix_without_the_query() {
+    assert_eq!(
+        matched(ROUTES, FakeRequest::http("GET", "/healthz?full=1")).as_deref(),
+        Some("exact-health")
+    );
+    assert_eq!(
+        matched(ROUTES, FakeRequest::http("GET", "/healthz/deep")).as_deref(),
+        Some("catch-all")
+    );
+    assert_eq!(
+        matched(ROUTES, FakeRequest::http("GET", "/HEALTHZ")).as_deref(),
+        Some("catch-all")
+    );
+}
+
+#[test]
+fn authority_ignores_case_and_port_unless_a_port_is_configured() {
+    let shop =
+        |authority: &str| FakeRequest::http("GET", "/").with(Attribute::authority(), authority);
+    assert_eq!(
+        matched(ROUTES, shop("Shop.Example.com:8080")).as_deref(),
+        Some("shop")
+    );
+    assert_eq!(
+        matched(ROUTES, shop("shop.example.com")).as_deref(),
+        Some("shop")
+    );
+    assert_eq!(
+        matched(ROUTES, shop("admin.example.com:8443")).as_deref(),
+        Some("admin-port")
+    );
+    assert_eq!(
+        matched(ROUTES, shop("admin.example.com:9000")).as_deref(),
+        Some("catch-all")
+    );
+    assert_eq!(
+        matched(ROUTES, shop("evilshop.example.com")).as_deref(),
+        Some("catch-all")
+    );
+}
+
+#[test]
+fn envoy_route_name_and_cluster_come_from_properties() {
+    let by_route = FakeRequest::http("GET", "/").with(Attribute::route_name(), "envoy-route-7");
+    assert_eq!(matched(ROUTES, by_route).as_deref(), Some("by-envoy-route"));
+    let by_cluster = FakeRequest::http("GET", "/").with(Attribute::cluster_name(), "payments");
+    assert_eq!(matched(ROUTES, by_cluster).as_deref(), Some("by-cluster"));
+}
+
+#[test]
+fn header_absence_and_prefix() {
+    let v2 = FakeRequest::http("GET", "/api/x").header("x-ver", "v2.1");
+    assert_eq!(matched(ROUTES, v2.clone()).as_deref(), Some("no-debug"));
+    assert_eq!(
+        matched(ROUTES, v2.header("x-debug", "1")).as_deref(),
+        Some("catch-all")
+    );
+}
+
+#[test]
+fn no_route_means_no_match() {
+    let json = r#"{"routes": [{"name": "only", "match": {"path": {"prefix": "/only"}}}]}"#;
+    assert_eq!(matched(json, FakeRequest::http("GET", "/other")), None);
+    assert_eq!(
+        matched(json, FakeRequest::new()),
+        None,
+        "a request without :path matches no path route"
+    );
+}
+
+#[test]
+fn hostile_attribute_values_are_just_bytes() {
+    let json = r#"{"routes": [{"name": "tier", "match": {"headers": [{"name": "x-tier", "exact": "free"}]}}, {"name": "rest"}]}"#;
+    let huge = vec![b'a'; 64 * 1024];
+    let not_utf8 = vec![0xff, 0xfe, b'f', 0x80];
+    assert_eq!(
+        matched(json, FakeRequest::http("GET", "/").header("x-tier", &huge)).as_deref(),
+        Some("rest")
+    );
+    assert_eq!(
+        matched(
+            json,
+            FakeRequest::http("GET", "/").header("x-tier", &not_utf8)
+        )
+        .as_deref(),
+        Some("rest")
+    );
+    let path = [b'/', 0xc3, 0x28];
+    assert_eq!(
+        matched(json, FakeRequest::new().with(Attribute::path(), path)).as_deref(),
+        Some("rest")
+    );
+}
+
+#[test]
+fn each_attribute_is_read_once_however_many_routes_test_it() {
+    let config = compile(ROUTES.as_bytes()).unwrap();
+    let mut source = FakeRequest::http("GET", "/nothing");
+    let mut scratch = Scratch::for_plan(&config.attributes);
+    let mut view = RequestView::new(&config.attributes, &mut source, &mut scratch);
+    assert!(config.routes.find(&mut view).is_some());
+    drop(view);
+    // Reads are lazy: a failed path test skips the rest of that route, so the method and the
+    // custom headers of the routes in between are never read for this request.
+    assert_eq!(
+        source.reads,
+        [
+            Attribute::path(),
+            Attribute::authority(),
+            Attribute::route_name(),
+            Attribute::cluster_name()
+        ]
+    );
+}
