@@ -1,22 +1,33 @@
 //! The core's entry points per stream: what to do with a request, and what to add to its response.
 //!
-//! The host calls these with the request's attributes, the time and the metric sink, and carries
-//! out the returned decision. Everything per request is decided here, in plain Rust, so the whole
-//! pipeline runs in native tests against fakes; the host only translates. Metric names are built
-//! once in [`Engine::new`]; the request path bumps ids and allocates nothing.
+//! The host calls these with the request's attributes, the time, the shared store and the metric
+//! sink, and carries out the returned decision. Everything per request is decided here, in plain
+//! Rust, so the whole pipeline runs in native tests against fakes; the host only translates.
+//! Metric names are built once in [`Engine::new`]; the request path bumps ids and allocates
+//! nothing.
 
 use core::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::config::PluginConfig;
+use crate::config::rate_limit::{KeyPart, MAX_KEY_PARTS};
+use crate::config::{PluginConfig, RateLimitPolicy};
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
-use crate::policy::route::RouteIndex;
+use crate::policy::rate_limit::{
+    self, AcquireFailure, Acquired, BucketChoice, FailureMode, Mode, Tat,
+};
+use crate::policy::route::{Route, RouteIndex};
 use crate::request::{AttributeSource, RequestView};
+use crate::state::cas::ensure;
+use crate::state::slots::KeyBuf;
+use crate::state::{SharedStore, StoreError};
 
 /// Adds `x-seawall-route: <name>` to responses when `debug.route_header` is on.
 pub const ROUTE_HEADER: &str = "x-seawall-route";
+
+/// gRPC's RESOURCE_EXHAUSTED, what a rate-limited gRPC call receives.
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
 
 /// A compiled config with its metrics defined: what one worker consults on every request.
 #[derive(Debug)]
@@ -24,6 +35,20 @@ pub struct Engine {
     config: PluginConfig,
     route_requests: Vec<MetricId>,
     unmatched: MetricId,
+    rate_limits: Vec<RateLimitMetrics>,
+}
+
+/// The counters of one rate-limit policy, `seawall.rate_limit.<name>.<counter>`.
+#[derive(Debug, Clone, Copy)]
+struct RateLimitMetrics {
+    allowed: MetricId,
+    limited: MetricId,
+    shadow_limited: MetricId,
+    exempt: MetricId,
+    cas_exhausted: MetricId,
+    cas_retries: MetricId,
+    store_errors: MetricId,
+    failure_mode_applied: MetricId,
 }
 
 /// What the stream carries from its request to its response.
@@ -31,6 +56,30 @@ pub struct Engine {
 pub struct StreamState {
     pub route: Option<RouteIndex>,
     pub started: Timestamp,
+    /// The most restrictive rate limit that applied, for the response's `RateLimit-*` headers.
+    pub rate_limit: Option<RateLimitStatus>,
+}
+
+/// A bucket as the IETF `RateLimit-*` headers describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitStatus {
+    /// `RateLimit-Limit`: the bucket's capacity (its burst).
+    pub limit: u32,
+    /// `RateLimit-Remaining`: requests that would be admitted right now.
+    pub remaining: u32,
+    /// `RateLimit-Reset`: until the bucket is full again.
+    pub reset: Duration,
+}
+
+impl RateLimitStatus {
+    pub fn reset_seconds(&self) -> u64 {
+        ceil_seconds(self.reset)
+    }
+}
+
+/// Whole seconds, rounded up so a client that waits this long is not early.
+fn ceil_seconds(span: Duration) -> u64 {
+    span.as_secs() + u64::from(span.subsec_nanos() > 0)
 }
 
 /// What to do with a request.
@@ -53,19 +102,13 @@ pub struct LocalReply<'a> {
     pub retry_after: Option<Duration>,
     /// For gRPC requests: sent as `grpc-status` instead of relying on the HTTP status.
     pub grpc_status: Option<u32>,
+    /// Sent as `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+    pub rate_limit: Option<RateLimitStatus>,
 }
 
 impl LocalReply<'_> {
-    /// `Retry-After` in whole seconds, rounded up so a client that waits this long is not early.
     pub fn retry_after_seconds(&self) -> Option<u64> {
-        self.retry_after.map(|wait| {
-            let whole = wait.as_secs();
-            if wait.subsec_nanos() > 0 {
-                whole + 1
-            } else {
-                whole
-            }
-        })
+        self.retry_after.map(ceil_seconds)
     }
 }
 
@@ -86,6 +129,7 @@ pub struct RequestDecision<'a> {
 pub struct ResponseDecision<'a> {
     /// `x-seawall-route` value, when debug headers are on and a route matched.
     pub route_header: Option<&'a str>,
+    pub rate_limit: Option<RateLimitStatus>,
 }
 
 impl Engine {
@@ -108,10 +152,30 @@ impl Engine {
             MetricKind::Counter,
             &metric_name("plugin", &config.name, "unmatched_requests"),
         )?;
+        let mut rate_limits = Vec::with_capacity(config.rate_limits.len());
+        for policy in &config.rate_limits {
+            let mut counter = |name: &str| {
+                registry.define(
+                    MetricKind::Counter,
+                    &metric_name("rate_limit", &policy.name, name),
+                )
+            };
+            rate_limits.push(RateLimitMetrics {
+                allowed: counter("allowed")?,
+                limited: counter("limited")?,
+                shadow_limited: counter("shadow_limited")?,
+                exempt: counter("exempt")?,
+                cas_exhausted: counter("cas_exhausted")?,
+                cas_retries: counter("cas_retries")?,
+                store_errors: counter("store_errors")?,
+                failure_mode_applied: counter("failure_mode_applied")?,
+            });
+        }
         Ok(Engine {
             config,
             route_requests,
             unmatched,
+            rate_limits,
         })
     }
 
@@ -125,26 +189,163 @@ impl Engine {
         self.config.routes.is_empty()
     }
 
+    /// Creates every shared-data key the policies can touch, before any request does (see
+    /// `SharedStore` on why inserts race). Existing keys keep their state across reloads. Returns
+    /// how many keys were written.
+    pub fn prepare_state(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for policy in &self.config.rate_limits {
+            policy.buckets.all_keys(|key| {
+                created += usize::from(ensure(store, key, &Tat(0))?);
+                Ok(())
+            })?;
+        }
+        Ok(created)
+    }
+
     pub fn on_request<S: AttributeSource>(
         &self,
         request: &mut RequestView<'_, S>,
         now: Timestamp,
+        store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) -> RequestDecision<'_> {
-        let route = self.config.routes.find(request);
-        let counter = match route {
-            Some(index) => self.route_requests.get(usize::from(index.0)).copied(),
-            None => Some(self.unmatched),
+        let index = self.config.routes.find(request);
+        let mut stream = StreamState {
+            route: index,
+            started: now,
+            rate_limit: None,
         };
-        if let Some(counter) = counter {
+        let Some((index, route)) = index.and_then(|i| Some((i, self.config.routes.get(i)?))) else {
+            metrics.increment(self.unmatched, 1);
+            return RequestDecision {
+                stream,
+                verdict: Verdict::Continue,
+            };
+        };
+        if let Some(&counter) = self.route_requests.get(usize::from(index.0)) {
             metrics.increment(counter, 1);
         }
-        RequestDecision {
-            stream: StreamState {
-                route,
-                started: now,
-            },
-            verdict: Verdict::Continue,
+        let verdict = match self.rate_limit(route, request, now, store, metrics) {
+            Ok(status) => {
+                stream.rate_limit = status;
+                Verdict::Continue
+            }
+            Err(reply) => Verdict::Reply(reply),
+        };
+        RequestDecision { stream, verdict }
+    }
+
+    /// Takes a token from every limit on the route, all or nothing: when one limit refuses, the
+    /// tokens already taken for this request are given back, so a refused request costs the other
+    /// limits nothing. Returns the most restrictive limit's status, or the refusal.
+    fn rate_limit<S: AttributeSource>(
+        &self,
+        route: &Route,
+        request: &mut RequestView<'_, S>,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) -> Result<Option<RateLimitStatus>, LocalReply<'_>> {
+        let mut status: Option<RateLimitStatus> = None;
+        let mut taken = 0u32;
+        for (position, &policy_index) in route.policies.rate_limits.iter().enumerate() {
+            let (Some(policy), Some(counters)) = (
+                self.config.rate_limits.get(policy_index),
+                self.rate_limits.get(policy_index),
+            ) else {
+                continue;
+            };
+            let mut buffer = KeyBuf::default();
+            let BucketChoice::Key(key) = bucket(policy, request, &mut buffer) else {
+                metrics.increment(counters.exempt, 1);
+                continue;
+            };
+            let (acquired, retries) = rate_limit::acquire(&policy.gcra, store, key, now.as_nanos());
+            if retries > 0 {
+                metrics.increment(counters.cas_retries, i64::from(retries));
+            }
+            let (retry_in, full_in) = match acquired {
+                Acquired::Allowed { remaining, full_in } => {
+                    metrics.increment(counters.allowed, 1);
+                    taken |= 1 << position;
+                    let candidate = RateLimitStatus {
+                        limit: policy.gcra.burst(),
+                        remaining,
+                        reset: full_in,
+                    };
+                    if policy.response_headers
+                        && status.is_none_or(|s| candidate.remaining < s.remaining)
+                    {
+                        status = Some(candidate);
+                    }
+                    continue;
+                }
+                Acquired::Limited { retry_in, full_in } => (retry_in, full_in),
+                Acquired::Failed(failure) => {
+                    let counter = match failure {
+                        AcquireFailure::CasExhausted => counters.cas_exhausted,
+                        AcquireFailure::Store(_) => counters.store_errors,
+                    };
+                    metrics.increment(counter, 1);
+                    metrics.increment(counters.failure_mode_applied, 1);
+                    match policy.failure_mode {
+                        FailureMode::Open => continue,
+                        FailureMode::Closed => (policy.gcra.interval(), policy.gcra.interval()),
+                    }
+                }
+            };
+            let limited = RateLimitStatus {
+                limit: policy.gcra.burst(),
+                remaining: 0,
+                reset: full_in,
+            };
+            if policy.mode == Mode::Shadow {
+                metrics.increment(counters.shadow_limited, 1);
+                if policy.response_headers {
+                    status = Some(limited);
+                }
+                continue;
+            }
+            metrics.increment(counters.limited, 1);
+            self.give_back(route, taken, request, store);
+            let grpc = self
+                .config
+                .content_type
+                .and_then(|id| request.get(id))
+                .is_some_and(is_grpc);
+            return Err(LocalReply {
+                status: policy.on_limit.status,
+                body: &policy.on_limit.body,
+                headers: &policy.on_limit.headers,
+                retry_after: Some(retry_in),
+                grpc_status: grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
+                rate_limit: policy.response_headers.then_some(limited),
+            });
+        }
+        Ok(status)
+    }
+
+    /// Refunds the tokens taken (bit set `taken`, by position on the route) for a refused request.
+    fn give_back<S: AttributeSource>(
+        &self,
+        route: &Route,
+        taken: u32,
+        request: &mut RequestView<'_, S>,
+        store: &impl SharedStore,
+    ) {
+        for (position, &policy_index) in route.policies.rate_limits.iter().enumerate() {
+            if taken & (1 << position) == 0 {
+                continue;
+            }
+            let Some(policy) = self.config.rate_limits.get(policy_index) else {
+                continue;
+            };
+            let mut buffer = KeyBuf::default();
+            if let BucketChoice::Key(key) = bucket(policy, request, &mut buffer) {
+                // A refund that fails leaves the limit stricter, never looser.
+                let _ = rate_limit::refund(&policy.gcra, store, key);
+            }
         }
     }
 
@@ -157,8 +358,63 @@ impl Engine {
         } else {
             None
         };
-        ResponseDecision { route_header }
+        ResponseDecision {
+            route_header,
+            rate_limit: stream.rate_limit,
+        }
     }
+}
+
+fn is_grpc(content_type: &[u8]) -> bool {
+    content_type.len() >= 16 && content_type[..16].eq_ignore_ascii_case(b"application/grpc")
+}
+
+/// The bucket this request uses under `policy`. Reads each key part once (the view caches it),
+/// then hashes the parts together from a fixed array: no allocation.
+fn bucket<'k, S: AttributeSource>(
+    policy: &'k RateLimitPolicy,
+    request: &mut RequestView<'_, S>,
+    buffer: &'k mut KeyBuf,
+) -> BucketChoice<'k> {
+    let mut complete = true;
+    for part in &policy.key {
+        let (KeyPart::Raw(id) | KeyPart::ClientIp(id) | KeyPart::Path(id)) = *part;
+        complete &= request.get(id).is_some();
+    }
+    if !complete {
+        return policy.buckets.choose(None, buffer);
+    }
+    let mut parts: [&[u8]; MAX_KEY_PARTS] = [&[]; MAX_KEY_PARTS];
+    for (slot, part) in parts.iter_mut().zip(&policy.key) {
+        *slot = match *part {
+            KeyPart::Raw(id) => request.peek(id).unwrap_or_default(),
+            KeyPart::ClientIp(id) => request.peek(id).map(strip_port).unwrap_or_default(),
+            KeyPart::Path(id) => request.peek(id).map(strip_query).unwrap_or_default(),
+        };
+    }
+    let used = policy.key.len().min(MAX_KEY_PARTS);
+    policy.buckets.choose(Some(&parts[..used]), buffer)
+}
+
+/// `10.0.0.1:5678` -> `10.0.0.1`; `[::1]:5678` -> `::1`; a bare IPv6 address stays as it is.
+fn strip_port(address: &[u8]) -> &[u8] {
+    if address.first() == Some(&b'[') {
+        let close = address
+            .iter()
+            .position(|&b| b == b']')
+            .unwrap_or(address.len());
+        return &address[1..close];
+    }
+    let colons = address.iter().filter(|&&b| b == b':').count();
+    match address.iter().rposition(|&b| b == b':') {
+        Some(colon) if colons == 1 => &address[..colon],
+        _ => address,
+    }
+}
+
+fn strip_query(path: &[u8]) -> &[u8] {
+    let end = path.iter().position(|&b| b == b'?').unwrap_or(path.len());
+    &path[..end]
 }
 
 #[cfg(test)]
@@ -173,6 +429,7 @@ mod tests {
             headers: &[],
             retry_after: wait,
             grpc_status: None,
+            rate_limit: None,
         };
         assert_eq!(
             reply(Some(Duration::from_millis(1200))).retry_after_seconds(),
@@ -187,5 +444,23 @@ mod tests {
             Some(1)
         );
         assert_eq!(reply(None).retry_after_seconds(), None);
+    }
+
+    #[test]
+    fn client_addresses_lose_their_port() {
+        assert_eq!(strip_port(b"10.0.0.1:5678"), b"10.0.0.1");
+        assert_eq!(strip_port(b"[2001:db8::1]:443"), b"2001:db8::1");
+        assert_eq!(strip_port(b"2001:db8::1"), b"2001:db8::1");
+        assert_eq!(strip_port(b"10.0.0.1"), b"10.0.0.1");
+        assert_eq!(strip_port(b"[broken"), b"broken");
+    }
+
+    #[test]
+    fn grpc_is_recognised_by_content_type_prefix() {
+        assert!(is_grpc(b"application/grpc"));
+        assert!(is_grpc(b"application/grpc+proto"));
+        assert!(is_grpc(b"Application/GRPC"));
+        assert!(!is_grpc(b"application/json"));
+        assert!(!is_grpc(b"application/grp"));
     }
 }

@@ -68,6 +68,11 @@ impl Attribute {
         Attribute::Property(PropertyPath::new(&["xds", "route_name"]))
     }
 
+    /// The downstream peer's address with its port (`source.address`).
+    pub fn client_address() -> Self {
+        Attribute::Property(PropertyPath::new(&["source", "address"]))
+    }
+
     /// The upstream cluster Envoy chose for the request (`xds.cluster_name`).
     pub fn cluster_name() -> Self {
         Attribute::Property(PropertyPath::new(&["xds", "cluster_name"]))
@@ -184,6 +189,15 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
             plan,
             source,
             slots: &mut scratch.slots,
+        }
+    }
+
+    /// An attribute already read by [`RequestView::get`], without reading it. Lets a caller hold
+    /// several attributes at once: `get` each, then `peek` them all.
+    pub fn peek(&self, id: AttributeId) -> Option<&[u8]> {
+        match self.slots.get(id.index())? {
+            Slot::Present(value) => Some(value.as_slice()),
+            Slot::Absent | Slot::Unread => None,
         }
     }
 

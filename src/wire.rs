@@ -7,6 +7,11 @@
 
 use crate::engine::LocalReply;
 
+/// The IETF draft's headers, lowercase as HTTP/2 requires.
+pub const RATELIMIT_LIMIT: &str = "ratelimit-limit";
+pub const RATELIMIT_REMAINING: &str = "ratelimit-remaining";
+pub const RATELIMIT_RESET: &str = "ratelimit-reset";
+
 /// A decimal number formatted on the stack.
 #[derive(Debug, Clone, Copy)]
 pub struct Decimal {
@@ -45,11 +50,24 @@ impl ReplyBuffer {
     /// NUL-terminated. Reuses the buffer's capacity, so steady-state replies do not allocate.
     pub fn serialize(&mut self, reply: &LocalReply<'_>) -> &[u8] {
         let retry_after = reply.retry_after_seconds().map(Decimal::new);
-        let mut pairs: [(&[u8], &[u8]); 1] = [(b"", b"")];
+        let rate_limit = reply.rate_limit.map(|status| {
+            (
+                Decimal::new(u64::from(status.limit)),
+                Decimal::new(u64::from(status.remaining)),
+                Decimal::new(status.reset_seconds()),
+            )
+        });
+        let mut pairs: [(&[u8], &[u8]); 4] = [(b"", b""); 4];
         let mut extra = 0;
         if let Some(seconds) = &retry_after {
-            pairs[0] = (b"retry-after", seconds.as_bytes());
-            extra = 1;
+            pairs[extra] = (b"retry-after", seconds.as_bytes());
+            extra += 1;
+        }
+        if let Some((limit, remaining, reset)) = &rate_limit {
+            pairs[extra] = (RATELIMIT_LIMIT.as_bytes(), limit.as_bytes());
+            pairs[extra + 1] = (RATELIMIT_REMAINING.as_bytes(), remaining.as_bytes());
+            pairs[extra + 2] = (RATELIMIT_RESET.as_bytes(), reset.as_bytes());
+            extra += 3;
         }
         let configured = reply
             .headers
@@ -97,6 +115,7 @@ mod tests {
             headers: &headers,
             retry_after: Some(Duration::from_millis(1500)),
             grpc_status: None,
+            rate_limit: None,
         };
         let mut buffer = ReplyBuffer::default();
         let bytes = buffer.serialize(&reply).to_vec();
@@ -117,6 +136,7 @@ mod tests {
             headers: &[],
             retry_after: None,
             grpc_status: None,
+            rate_limit: None,
         };
         assert_eq!(
             ReplyBuffer::default().serialize(&reply),

@@ -12,6 +12,7 @@ use seawall::config::compile;
 use seawall::engine::{Engine, LocalReply};
 use seawall::metrics::FakeMetrics;
 use seawall::request::{Attribute, AttributeSource, RequestView, Scratch};
+use seawall::state::fake::FakeStore;
 use seawall::wire::ReplyBuffer;
 
 struct Counting;
@@ -70,6 +71,7 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
     let mut metrics = FakeMetrics::new();
     let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
     let requests = [
         vec![
             (Attribute::path(), b"/api/checkout".to_vec()),
@@ -93,7 +95,7 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
         let before = allocations();
         let decision = {
             let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, Timestamp::from_nanos(1), &metrics)
+            engine.on_request(&mut view, Timestamp::from_nanos(1), &store, &metrics)
         };
         let response = engine.on_response(&decision.stream);
         let spent = allocations() - before;
@@ -115,6 +117,7 @@ fn local_replies_reuse_their_buffer() {
         headers: &headers,
         retry_after: Some(std::time::Duration::from_millis(1200)),
         grpc_status: None,
+        rate_limit: None,
     };
     let mut buffer = ReplyBuffer::default();
     let fresh = allocations();

@@ -8,6 +8,7 @@
 //! freely; nothing here is on the request path.
 
 pub mod error;
+pub mod rate_limit;
 pub mod raw;
 pub mod units;
 
@@ -17,6 +18,7 @@ use crate::policy::route::{Condition, Route, RoutePolicies, RouteTable};
 use crate::request::{Attribute, AttributeId, AttributePlan};
 use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
+pub use rate_limit::RateLimitPolicy;
 use raw::{RawDebug, RawHeaderMatch, RawMatch, RawRoute};
 
 /// The compiled plugin config.
@@ -25,8 +27,11 @@ pub struct PluginConfig {
     /// Names this plugin instance in metrics and logs.
     pub name: String,
     pub routes: RouteTable,
+    pub rate_limits: Vec<RateLimitPolicy>,
     /// Every request attribute the routes and policies read, each once.
     pub attributes: AttributePlan,
+    /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
+    pub content_type: Option<AttributeId>,
     pub debug: DebugOptions,
 }
 
@@ -41,7 +46,9 @@ impl Default for PluginConfig {
         PluginConfig {
             name: DEFAULT_NAME.to_owned(),
             routes: RouteTable::default(),
+            rate_limits: Vec::new(),
             attributes: AttributePlan::default(),
+            content_type: None,
             debug: DebugOptions::default(),
         }
     }
@@ -151,6 +158,9 @@ struct Compiler {
     attributes: AttributePlan,
     /// Names defined in each policy section, in `PolicyKind::ALL` order.
     defined: [Vec<String>; 5],
+    rate_limits: Vec<RateLimitPolicy>,
+    /// The plugin's name, which scopes its shared-data keys.
+    plugin: String,
 }
 
 impl Compiler {
@@ -189,6 +199,7 @@ impl Compiler {
             }
         };
 
+        self.plugin.clone_from(&name);
         let debug = match fields.remove("debug") {
             None => DebugOptions::default(),
             Some(value) => match deserialize_at::<RawDebug>("debug", value) {
@@ -220,13 +231,20 @@ impl Compiler {
             }
         };
 
+        let content_type = if self.rate_limits.is_empty() {
+            None
+        } else {
+            self.attribute("", Attribute::header("content-type"))
+        };
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }
         Ok(PluginConfig {
             name,
             routes: RouteTable::new(routes),
+            rate_limits: self.rate_limits,
             attributes: self.attributes,
+            content_type,
             debug,
         })
     }
@@ -252,18 +270,35 @@ impl Compiler {
             return Vec::new();
         };
         let mut names = Vec::with_capacity(policies.len());
-        for (name, _body) in policies {
+        for (name, body) in policies {
             let policy_path = child(path, &name);
-            self.note(check_name(&policy_path, &name));
-            // Each kind's compiler lands with its own capability; until then a policy of that kind
-            // is refused rather than silently ignored.
-            self.errors.push(ConfigError::new(
-                policy_path,
-                Problem::Unsupported { kind: kind.noun() },
-            ));
+            if let Err(error) = check_name(&policy_path, &name) {
+                self.errors.push(error);
+            } else if kind == PolicyKind::RateLimit {
+                self.rate_limit(&policy_path, &name, body);
+            } else {
+                // Each kind's compiler lands with its own capability; until then a policy of that
+                // kind is refused rather than silently ignored.
+                self.errors.push(ConfigError::new(
+                    policy_path,
+                    Problem::Unsupported { kind: kind.noun() },
+                ));
+            }
             names.push(name);
         }
         names
+    }
+
+    fn rate_limit(&mut self, path: &str, name: &str, body: Value) {
+        let compiled = deserialize_at(path, body)
+            .map_err(|error| vec![error])
+            .and_then(|raw| {
+                rate_limit::compile(path, &self.plugin, name, raw, &mut self.attributes)
+            });
+        match compiled {
+            Ok(policy) => self.rate_limits.push(policy),
+            Err(errors) => self.errors.extend(errors),
+        }
     }
 
     fn routes(&mut self, raw_routes: Vec<Value>) -> Vec<Route> {
@@ -333,11 +368,19 @@ impl Compiler {
                     .iter()
                     .position(|defined| *defined == name)
                 {
-                    Some(found) => {
-                        if kind == PolicyKind::RateLimit {
+                    Some(_) if kind == PolicyKind::RateLimit => {
+                        // Index among the policies that compiled; a broken one already has its error.
+                        let compiled = self.rate_limits.iter().position(|p| p.name == name);
+                        if policies.rate_limits.iter().any(|&p| Some(p) == compiled) {
+                            self.errors.push(ConfigError::new(
+                                reference_path,
+                                Problem::Duplicate { name },
+                            ));
+                        } else if let Some(found) = compiled {
                             policies.rate_limits.push(found);
                         }
                     }
+                    Some(_) => {}
                     None => self.errors.push(ConfigError::new(
                         reference_path,
                         Problem::UnknownPolicy {
@@ -347,6 +390,16 @@ impl Compiler {
                     )),
                 }
             }
+        }
+        if raw.rate_limits.len() > rate_limit::MAX_LIMITS_PER_ROUTE {
+            self.errors.push(ConfigError::invalid(
+                child(path, "rate_limits"),
+                format!(
+                    "expected at most {} rate limits on one route, got {}",
+                    rate_limit::MAX_LIMITS_PER_ROUTE,
+                    raw.rate_limits.len()
+                ),
+            ));
         }
         policies
     }

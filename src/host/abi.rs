@@ -95,7 +95,6 @@ unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
 /// Envoy log levels as proxy-wasm numbers them.
 #[derive(Debug, Clone, Copy)]
 pub enum LogLevel {
-    Debug = 1,
     Info = 2,
     Warn = 3,
     Error = 4,

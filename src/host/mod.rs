@@ -19,7 +19,7 @@ use crate::engine::{Engine, LocalReplies, LocalReply, StreamState, Verdict, ROUT
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
-use crate::wire::ReplyBuffer;
+use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use abi::LogLevel;
 
 proxy_wasm::main! {{
@@ -89,11 +89,24 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let created = match engine.prepare_state(&HostStore) {
+            Ok(created) => created,
+            Err(error) => {
+                log(
+                    LogLevel::Error,
+                    self.context_id,
+                    &format!("plugin config refused: shared data: {error}"),
+                );
+                return false;
+            }
+        };
         let summary = format!(
-            "plugin config \"{}\" loaded: {} routes, {} request attributes",
+            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} request attributes, {} shared-data keys created",
             engine.config().name,
             engine.config().routes.len(),
-            engine.config().attributes.len()
+            engine.config().rate_limits.len(),
+            engine.config().attributes.len(),
+            created
         );
         let mut worker = self.worker.borrow_mut();
         worker.scratch = Scratch::for_plan(&engine.config().attributes);
@@ -152,7 +165,7 @@ impl HttpContext for Stream {
             &mut source,
             &mut worker.scratch,
         );
-        let decision = engine.on_request(&mut view, now, &HostMetrics);
+        let decision = engine.on_request(&mut view, now, &HostStore, &HostMetrics);
         drop(view);
         self.state = Some(decision.stream);
         match decision.verdict {
@@ -169,6 +182,20 @@ impl HttpContext for Stream {
             let decision = engine.on_response(state);
             if let Some(route) = decision.route_header {
                 abi::add_response_header(ROUTE_HEADER, route.as_bytes());
+            }
+            if let Some(status) = decision.rate_limit {
+                abi::add_response_header(
+                    RATELIMIT_LIMIT,
+                    Decimal::new(u64::from(status.limit)).as_bytes(),
+                );
+                abi::add_response_header(
+                    RATELIMIT_REMAINING,
+                    Decimal::new(u64::from(status.remaining)).as_bytes(),
+                );
+                abi::add_response_header(
+                    RATELIMIT_RESET,
+                    Decimal::new(status.reset_seconds()).as_bytes(),
+                );
             }
         }
         Action::Continue
@@ -215,7 +242,6 @@ impl MetricSink for HostMetrics {
 }
 
 /// Proxy shared data.
-#[allow(dead_code)] // wired in by the first policy that keeps shared state
 struct HostStore;
 
 impl SharedStore for HostStore {

@@ -1,4 +1,5 @@
 //! The policies' pure logic: no proxy-wasm, no clock of its own, no global state. Each takes the
 //! time and the shared store as arguments and returns a decision as data.
 
+pub mod rate_limit;
 pub mod route;

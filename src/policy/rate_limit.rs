@@ -1,0 +1,358 @@
+//! Token-bucket rate limits that hold exactly across all of Envoy's workers.
+//!
+//! A bucket's whole state is one number, its theoretical arrival time (GCRA, as in governor and
+//! Envoy's `AtomicTokenBucketImpl`): the instant at which the bucket would be full again. Admitting
+//! a request pushes it one emission interval later; the request is refused when that would put it
+//! more than `burst` intervals ahead of now. No refill timer, no per-window keys: one 8-byte
+//! record per bucket in shared data, updated by the bounded CAS loop, so every worker sees every
+//! other worker's admissions.
+//!
+//! Buckets are either one per policy or one per client key. Client keys hash into a fixed table of
+//! `max_keys` slots ([`SlotTable`]); two clients in one slot share a bucket, which can only make
+//! the limit stricter for them, never looser. All keys are created at configure time, so the
+//! request path never inserts and shared data never grows with traffic.
+
+use core::time::Duration;
+
+use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::slots::{hash_parts, KeyBuf, SlotTable};
+use crate::state::{SharedStore, StoreError};
+
+/// How many times one decision may lose a CAS race before the failure mode decides. A lost race
+/// means another worker's decision landed, so the system as a whole always makes progress.
+pub const MAX_CAS_ATTEMPTS: u32 = 32;
+
+/// The generic cell rate algorithm for one rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    /// Nanoseconds per token.
+    interval: u64,
+    /// How far ahead of now the theoretical arrival time may run: `burst` intervals.
+    tolerance: u64,
+    burst: u32,
+}
+
+/// A GCRA verdict on one request, with what clients are told about the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcraDecision {
+    Allow {
+        new_tat: u64,
+        /// Requests that could still be admitted right now.
+        remaining: u32,
+        /// Until the bucket is full again.
+        full_in: Duration,
+    },
+    Deny {
+        /// Until one request would be admitted.
+        retry_in: Duration,
+        full_in: Duration,
+    },
+}
+
+impl Gcra {
+    pub fn new(interval: Duration, burst: u32) -> Self {
+        let interval = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let burst = burst.max(1);
+        Gcra {
+            interval,
+            tolerance: interval.saturating_mul(u64::from(burst)),
+            burst,
+        }
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval)
+    }
+
+    /// Decides for a request arriving at `now` (nanoseconds) on a bucket whose theoretical arrival
+    /// time is `tat` (`None`: a fresh, full bucket).
+    pub fn decide(&self, tat: Option<u64>, now: u64) -> GcraDecision {
+        let tat = tat.unwrap_or(0).max(now);
+        let new_tat = tat.saturating_add(self.interval);
+        let ahead = new_tat - now;
+        if ahead <= self.tolerance {
+            let remaining = (self.tolerance - ahead) / self.interval;
+            GcraDecision::Allow {
+                new_tat,
+                remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                full_in: Duration::from_nanos(ahead),
+            }
+        } else {
+            GcraDecision::Deny {
+                retry_in: Duration::from_nanos(ahead - self.tolerance),
+                full_in: Duration::from_nanos(tat - now),
+            }
+        }
+    }
+
+    /// Gives back one token taken at any time: the arrival time moves one interval earlier. A
+    /// bucket that has meanwhile refilled past full stays full.
+    pub fn refund(&self, tat: u64) -> u64 {
+        tat.saturating_sub(self.interval)
+    }
+}
+
+/// A bucket's record in shared data: the theoretical arrival time in nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tat(pub u64);
+
+impl Record<8> for Tat {
+    fn encode(&self) -> [u8; 8] {
+        self.0.to_le_bytes()
+    }
+
+    fn decode(bytes: &[u8; 8]) -> Self {
+        Tat(u64::from_le_bytes(*bytes))
+    }
+}
+
+/// Whether a limit rejects or only reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Counts would-be rejections and adds headers, but lets every request through.
+    Shadow,
+}
+
+/// What to do when the decision cannot be made: the CAS loop ran out, or shared data failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Admit the request: availability over strictness.
+    Open,
+    /// Refuse the request: strictness over availability.
+    Closed,
+}
+
+/// Where a policy keeps its buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Buckets {
+    /// One bucket for every request.
+    Single { key: String },
+    /// One bucket per client key, hashed into `slots`.
+    Keyed {
+        slots: SlotTable,
+        seed: u64,
+        missing: MissingKey,
+    },
+}
+
+/// What a keyed limit does with a request that lacks a key part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingKey {
+    /// The limit does not apply to it.
+    Skip,
+    /// All such requests share one bucket (the default: dropping a header cannot dodge a limit).
+    Shared { key: String },
+}
+
+/// The bucket a request lands in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketChoice<'k> {
+    Key(&'k str),
+    /// The limit does not apply to this request.
+    Exempt,
+}
+
+impl Buckets {
+    /// Picks the bucket for a request whose key parts are `parts` (`None` if one is missing).
+    pub fn choose<'k>(
+        &'k self,
+        parts: Option<&[&[u8]]>,
+        buffer: &'k mut KeyBuf,
+    ) -> BucketChoice<'k> {
+        match (self, parts) {
+            (Buckets::Single { key }, _) => BucketChoice::Key(key),
+            (Buckets::Keyed { slots, seed, .. }, Some(parts)) => {
+                let slot = slots.slot_of(hash_parts(*seed, parts));
+                BucketChoice::Key(slots.key(slot, buffer))
+            }
+            (Buckets::Keyed { missing, .. }, None) => match missing {
+                MissingKey::Skip => BucketChoice::Exempt,
+                MissingKey::Shared { key } => BucketChoice::Key(key),
+            },
+        }
+    }
+
+    /// Every key this policy can ever touch, for creating them at configure time.
+    pub fn all_keys(
+        &self,
+        mut each: impl FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Buckets::Single { key } => each(key),
+            Buckets::Keyed { slots, missing, .. } => {
+                let mut buffer = KeyBuf::default();
+                for slot in 0..slots.slots() {
+                    each(slots.key(slot, &mut buffer))?;
+                }
+                match missing {
+                    MissingKey::Shared { key } => each(key),
+                    MissingKey::Skip => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of taking a token from one bucket in shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    Allowed {
+        remaining: u32,
+        full_in: Duration,
+    },
+    Limited {
+        retry_in: Duration,
+        full_in: Duration,
+    },
+    /// No decision could be made; the failure mode applies.
+    Failed(AcquireFailure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireFailure {
+    CasExhausted,
+    Store(StoreError),
+}
+
+/// Takes one token from the bucket at `key`: one read and one conditional write when uncontended.
+/// Also returns how many CAS races were lost on the way.
+pub fn acquire<S: SharedStore + ?Sized>(
+    gcra: &Gcra,
+    store: &S,
+    key: &str,
+    now: u64,
+) -> (Acquired, u32) {
+    let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| match gcra
+        .decide(tat.map(|t| t.0), now)
+    {
+        GcraDecision::Allow {
+            new_tat,
+            remaining,
+            full_in,
+        } => Step::Write(Tat(new_tat), Acquired::Allowed { remaining, full_in }),
+        GcraDecision::Deny { retry_in, full_in } => {
+            Step::Keep(Acquired::Limited { retry_in, full_in })
+        }
+    });
+    match outcome {
+        Ok(updated) => (updated.value, updated.attempts - 1),
+        Err(UpdateError::Exhausted { attempts }) => {
+            (Acquired::Failed(AcquireFailure::CasExhausted), attempts)
+        }
+        // The attempts before a store failure are not reported; the failure itself is counted.
+        Err(UpdateError::Store(error)) => (Acquired::Failed(AcquireFailure::Store(error)), 0),
+    }
+}
+
+/// Gives back a token taken by [`acquire`] for a request that another limit then refused.
+pub fn refund<S: SharedStore + ?Sized>(
+    gcra: &Gcra,
+    store: &S,
+    key: &str,
+) -> Result<(), UpdateError> {
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| match tat {
+        Some(Tat(tat)) => Step::Write(Tat(gcra.refund(tat)), ()),
+        None => Step::Keep(()),
+    })
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const SECOND: u64 = 1_000_000_000;
+
+    fn allowed(decision: GcraDecision) -> Option<u64> {
+        match decision {
+            GcraDecision::Allow { new_tat, .. } => Some(new_tat),
+            GcraDecision::Deny { .. } => None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_bucket_admits_its_burst_at_once_then_one_per_interval() {
+        let gcra = Gcra::new(Duration::from_millis(10), 10);
+        let now = 1_000 * SECOND;
+        let mut tat = None;
+        for n in 0..10 {
+            let decision = gcra.decide(tat, now);
+            let GcraDecision::Allow {
+                new_tat, remaining, ..
+            } = decision
+            else {
+                unreachable!("request {n} of the burst was refused")
+            };
+            assert_eq!(remaining, 9 - n);
+            tat = Some(new_tat);
+        }
+        let GcraDecision::Deny { retry_in, full_in } = gcra.decide(tat, now) else {
+            unreachable!("the burst is spent")
+        };
+        assert_eq!(retry_in, Duration::from_millis(10));
+        assert_eq!(full_in, Duration::from_millis(100));
+        assert!(allowed(gcra.decide(tat, now + 10 * MS - 1)).is_none());
+        assert!(allowed(gcra.decide(tat, now + 10 * MS)).is_some());
+    }
+
+    #[test]
+    fn a_refund_restores_exactly_one_token() {
+        let gcra = Gcra::new(Duration::from_secs(1), 2);
+        let now = 50 * SECOND;
+        let one = allowed(gcra.decide(None, now)).unwrap();
+        let two = allowed(gcra.decide(Some(one), now)).unwrap();
+        assert!(allowed(gcra.decide(Some(two), now)).is_none());
+        let refunded = gcra.refund(two);
+        assert_eq!(refunded, one);
+        assert!(allowed(gcra.decide(Some(refunded), now)).is_some());
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_does_not_mint_tokens() {
+        let gcra = Gcra::new(Duration::from_secs(1), 1);
+        let tat = allowed(gcra.decide(None, 100 * SECOND)).unwrap();
+        assert!(allowed(gcra.decide(Some(tat), 99 * SECOND)).is_none());
+    }
+
+    #[test]
+    fn extreme_rates_saturate_instead_of_overflowing() {
+        let gcra = Gcra::new(Duration::from_secs(3600), u32::MAX);
+        assert!(allowed(gcra.decide(Some(u64::MAX - 1), u64::MAX - 1)).is_some());
+        let gcra = Gcra::new(Duration::ZERO, 1);
+        assert!(allowed(gcra.decide(None, 0)).is_some());
+    }
+
+    #[test]
+    fn keyed_buckets_hash_into_their_table() {
+        let buckets = Buckets::Keyed {
+            slots: SlotTable::new("sw:p:rl:u:", 4).unwrap(),
+            seed: 1,
+            missing: MissingKey::Skip,
+        };
+        let mut buffer = KeyBuf::default();
+        let BucketChoice::Key(key) = buckets.choose(Some(&[b"alice"]), &mut buffer) else {
+            unreachable!("a keyed request has a bucket")
+        };
+        assert!(key.starts_with("sw:p:rl:u:"));
+        assert_eq!(buckets.choose(None, &mut buffer), BucketChoice::Exempt);
+        let mut all = Vec::new();
+        buckets
+            .all_keys(|key| {
+                all.push(key.to_owned());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            all,
+            ["sw:p:rl:u:0", "sw:p:rl:u:1", "sw:p:rl:u:2", "sw:p:rl:u:3"]
+        );
+    }
+}
