@@ -9,7 +9,7 @@ use std::cell::Cell;
 
 use seawall::clock::Timestamp;
 use seawall::config::compile;
-use seawall::engine::{Engine, LocalReply};
+use seawall::engine::{Engine, LocalReply, Verdict};
 use seawall::metrics::FakeMetrics;
 use seawall::request::{Attribute, AttributeSource, RequestView, Scratch};
 use seawall::state::fake::FakeStore;
@@ -58,9 +58,15 @@ impl AttributeSource for Host {
 
 const CONFIG: &str = r#"{
     "debug": {"route_header": true},
+    "rate_limits": {
+        "global": {"rate": "1000/s", "burst": 1000},
+        "per-user": {"rate": "1/h", "burst": 1, "key": [{"header": "x-user"}, "client_ip"], "max_keys": 64,
+                     "on_limit": {"body": "slow down\n", "headers": {"x-why": "quota"}}}
+    },
     "routes": [
         {"name": "checkout", "match": {"path": {"prefix": "/api/checkout"}, "methods": ["POST"],
                                        "headers": [{"name": "x-tier", "exact": "free"}]}},
+        {"name": "limited", "match": {"path": {"prefix": "/limited"}}, "rate_limits": ["global", "per-user"]},
         {"name": "by-cluster", "match": {"cluster": "payments", "authority": "shop.example.com"}},
         {"name": "catch-all"}
     ]
@@ -72,40 +78,39 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
     let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
+    engine.prepare_state(&store).unwrap();
+    let limited = |user: &[u8]| {
+        vec![
+            (Attribute::path(), b"/limited/x".to_vec()),
+            (Attribute::header("x-user"), user.to_vec()),
+            (Attribute::client_address(), b"10.1.2.3:4567".to_vec()),
+        ]
+    };
     let requests = [
-        vec![
-            (Attribute::path(), b"/api/checkout".to_vec()),
-            (Attribute::method(), b"POST".to_vec()),
-            (Attribute::header("x-tier"), b"free".to_vec()),
-        ],
-        vec![
-            (Attribute::path(), b"/other".to_vec()),
-            (Attribute::method(), b"GET".to_vec()),
-            (Attribute::authority(), b"shop.example.com".to_vec()),
-            (Attribute::cluster_name(), b"payments".to_vec()),
-        ],
-        vec![(Attribute::header("x-tier"), vec![0xff; 64 * 1024])],
-        vec![],
+        (vec![(Attribute::path(), b"/api/checkout".to_vec()), (Attribute::method(), b"POST".to_vec()), (Attribute::header("x-tier"), b"free".to_vec())], true),
+        (vec![(Attribute::path(), b"/other".to_vec()), (Attribute::method(), b"GET".to_vec()), (Attribute::authority(), b"shop.example.com".to_vec()), (Attribute::cluster_name(), b"payments".to_vec())], true),
+        (vec![(Attribute::header("x-tier"), vec![0xff; 64 * 1024])], true),
+        (vec![], true),
+        // Admitted by both limits, then refused by per-user (with a refund of global), then a
+        // request without the key header lands in the shared bucket.
+        (limited(b"alice"), true),
+        (limited(b"alice"), false),
+        (vec![(Attribute::path(), b"/limited".to_vec())], true),
     ];
-    for (round, values) in requests.into_iter().enumerate() {
-        let mut host = Host {
-            values,
-            handed_out: 0,
-        };
+    for (round, (values, admitted)) in requests.into_iter().enumerate() {
+        let mut host = Host { values, handed_out: 0 };
         let before = allocations();
         let decision = {
             let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, Timestamp::from_nanos(1), &store, &metrics)
+            engine.on_request(&mut view, Timestamp::from_nanos(1_800_000_000_000_000_000), &store, &metrics)
         };
         let response = engine.on_response(&decision.stream);
         let spent = allocations() - before;
-        assert_eq!(
-            spent, host.handed_out,
-            "request {round}: {spent} allocations, {} from the host",
-            host.handed_out
-        );
+        assert_eq!(spent, host.handed_out, "request {round}: {spent} allocations, {} from the host", host.handed_out);
+        assert_eq!(matches!(decision.verdict, Verdict::Continue), admitted, "request {round}");
         assert!(response.route_header.is_some());
     }
+    assert_eq!(metrics.value("seawall.rate_limit.per-user.limited"), Some(1));
 }
 
 #[test]
