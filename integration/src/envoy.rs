@@ -1,0 +1,620 @@
+//! Runs the real Envoy binary with seawall: renders a config with free ports, starts Envoy with
+//! `--concurrency N`, waits until it is ready, reads `/stats`, keeps its log, pushes file-based
+//! LDS updates, and kills it when the scenario ends (also when the scenario panics, in which case
+//! Envoy's log is printed and its directory kept).
+//!
+//! Envoy comes from `ENVOY_BIN`, else from the venv `cargo xtask envoy` installs under
+//! `target/envoy-venv`. With `SEAWALL_ENVOY_DOCKER_IMAGE` set it runs in Docker instead (host
+//! network, the work directory and the wasm mounted); this machine has no Docker engine, so that
+//! route is not exercised here.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::client::{send_once, Request};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ has a parent")
+        .to_path_buf()
+}
+
+/// The Envoy binary: `ENVOY_BIN`, or the one inside `target/envoy-venv`.
+pub fn envoy_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let lib = workspace_root().join("target/envoy-venv/lib");
+    if let Ok(entries) = fs::read_dir(&lib) {
+        for entry in entries.flatten() {
+            let candidate = entry.path().join("site-packages/envoy/_bin/envoy");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!("Envoy not found: run `cargo xtask envoy` or set ENVOY_BIN");
+}
+
+/// The plugin: `SEAWALL_WASM`, or the release build.
+pub fn seawall_wasm() -> PathBuf {
+    let path = std::env::var("SEAWALL_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target/wasm32-wasip1/release/seawall.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo xtask build`",
+        path.display()
+    );
+    path
+}
+
+/// One Envoy route.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    pub prefix: String,
+    pub cluster: String,
+    /// Extra YAML under `route:` (retry_policy, timeout), indented by the renderer.
+    pub route_extra: Option<String>,
+}
+
+impl RouteSpec {
+    pub fn prefix(name: &str, prefix: &str, cluster: &str) -> Self {
+        RouteSpec {
+            name: name.into(),
+            prefix: prefix.into(),
+            cluster: cluster.into(),
+            route_extra: None,
+        }
+    }
+}
+
+/// What to run: listeners, routes, clusters, filters.
+#[derive(Debug, Clone)]
+pub struct EnvoyConfig {
+    pub concurrency: u32,
+    pub plugin_config: Option<String>,
+    pub clusters: Vec<(String, SocketAddr)>,
+    pub routes: Vec<RouteSpec>,
+    pub include_attempt_count: bool,
+    pub extra_http_filters: Vec<String>,
+    pub xds_from_files: bool,
+    pub log_level: String,
+    /// Pinned after the first start, so LDS updates keep the same listener address.
+    listener_port: u16,
+}
+
+impl Default for EnvoyConfig {
+    fn default() -> Self {
+        EnvoyConfig {
+            concurrency: 2,
+            plugin_config: None,
+            clusters: Vec::new(),
+            routes: Vec::new(),
+            include_attempt_count: true,
+            extra_http_filters: Vec::new(),
+            xds_from_files: false,
+            log_level: "info".into(),
+            listener_port: 0,
+        }
+    }
+}
+
+impl EnvoyConfig {
+    pub fn new() -> Self {
+        EnvoyConfig::default()
+    }
+
+    pub fn concurrency(mut self, workers: u32) -> Self {
+        self.concurrency = workers;
+        self
+    }
+
+    /// Adds the seawall filter with this plugin config (JSON text).
+    pub fn seawall(mut self, plugin_config: &str) -> Self {
+        self.plugin_config = Some(plugin_config.to_owned());
+        self
+    }
+
+    pub fn cluster(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.clusters.push((name.into(), addr));
+        self
+    }
+
+    pub fn route(mut self, route: RouteSpec) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Everything to one upstream: one cluster `upstream`, one route `default` for `/`.
+    pub fn to_upstream(addr: SocketAddr) -> Self {
+        EnvoyConfig::new()
+            .cluster("upstream", addr)
+            .route(RouteSpec::prefix("default", "/", "upstream"))
+    }
+
+    pub fn http_filter_yaml(mut self, yaml: &str) -> Self {
+        self.extra_http_filters.push(yaml.to_owned());
+        self
+    }
+
+    pub fn xds_from_files(mut self, on: bool) -> Self {
+        self.xds_from_files = on;
+        self
+    }
+
+    fn render_listener(&self, wasm: &Path) -> String {
+        let mut routes = String::new();
+        for route in &self.routes {
+            routes.push_str(&format!(
+                "              - name: {}\n                match: {{prefix: {}}}\n                route:\n                  cluster: {}\n",
+                route.name,
+                serde_json::to_string(&route.prefix).unwrap(),
+                route.cluster
+            ));
+            if let Some(extra) = &route.route_extra {
+                for line in extra.lines() {
+                    routes.push_str(&format!("                  {line}\n"));
+                }
+            }
+        }
+        let mut filters = String::new();
+        for filter in &self.extra_http_filters {
+            for line in filter.lines() {
+                filters.push_str(&format!("          {line}\n"));
+            }
+        }
+        if let Some(plugin) = &self.plugin_config {
+            filters.push_str(&format!(
+                r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: seawall
+                root_id: seawall
+                vm_config:
+                  vm_id: seawall
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {wasm}}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {plugin}
+"#,
+                wasm = serde_json::to_string(&wasm.display().to_string()).unwrap(),
+                plugin = serde_json::to_string(plugin).unwrap(),
+            ));
+        }
+        format!(
+            r#"  name: main
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: ingress
+        route_config:
+          name: local
+          virtual_hosts:
+          - name: all
+            domains: ["*"]
+            include_attempt_count_in_response: {attempts}
+            routes:
+{routes}        http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+            port = self.listener_port,
+            attempts = self.include_attempt_count,
+        )
+    }
+
+    fn render_clusters(&self) -> String {
+        let mut clusters = String::new();
+        for (name, addr) in &self.clusters {
+            clusters.push_str(&format!(
+                r#"- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: {name}
+  type: STATIC
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: {name}
+    endpoints:
+    - lb_endpoints:
+      - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
+"#,
+                ip = addr.ip(),
+                port = addr.port()
+            ));
+        }
+        clusters
+    }
+
+    fn render_bootstrap(&self, dir: &Path, wasm: &Path) -> String {
+        let admin = "admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}\n";
+        let node = "node: {id: seawall-test, cluster: seawall-test}\n";
+        if self.xds_from_files {
+            format!(
+                "{node}{admin}dynamic_resources:\n  lds_config:\n    path_config_source:\n      path: {lds}\n      watched_directory: {{path: {dir}}}\n  cds_config:\n    path_config_source:\n      path: {cds}\n      watched_directory: {{path: {dir}}}\n",
+                lds = dir.join("lds.yaml").display(),
+                cds = dir.join("cds.yaml").display(),
+                dir = dir.display()
+            )
+        } else {
+            let listener = self
+                .render_listener(wasm)
+                .replacen("  name: main", "- name: main", 1);
+            let clusters: String = self
+                .render_clusters()
+                .lines()
+                .map(|l| format!("  {l}\n"))
+                .collect::<String>()
+                .replace(
+                    "  - \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n    name:",
+                    "  - name:",
+                );
+            format!(
+                "{node}{admin}static_resources:\n  listeners:\n{}\n  clusters:\n{clusters}",
+                indent(&listener, 2)
+            )
+        }
+    }
+
+    fn lds_document(&self, wasm: &Path) -> String {
+        format!(
+            "resources:\n- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n{}",
+            self.render_listener(wasm)
+        )
+    }
+}
+
+fn indent(text: &str, spaces: usize) -> String {
+    let pad = " ".repeat(spaces);
+    text.lines().map(|line| format!("{pad}{line}\n")).collect()
+}
+
+/// Envoy's counters and gauges by name.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub values: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.values.get(name).copied()
+    }
+
+    /// A seawall metric, as Envoy names custom wasm metrics (`wasmcustom.` + our name).
+    pub fn seawall(&self, name: &str) -> u64 {
+        self.get(&format!("wasmcustom.{name}")).unwrap_or(0)
+    }
+
+    pub fn sum_prefix(&self, prefix: &str) -> u64 {
+        self.values
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Whether Envoy took a pushed listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LdsOutcome {
+    Accepted,
+    Rejected,
+}
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// A running Envoy; killed on drop.
+pub struct Envoy {
+    child: Child,
+    dir: PathBuf,
+    admin: SocketAddr,
+    listener: SocketAddr,
+    config: EnvoyConfig,
+    wasm: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until it is ready; panics with Envoy's log if it does not get there.
+    pub fn start(config: EnvoyConfig) -> Envoy {
+        Envoy::try_start(config)
+            .unwrap_or_else(|(message, log)| panic!("{message}\n--- envoy log ---\n{log}"))
+    }
+
+    /// Starts Envoy; `Err((why, log))` if it exits or never becomes ready.
+    pub fn try_start(mut config: EnvoyConfig) -> Result<Envoy, (String, String)> {
+        let instance = INSTANCE.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("seawall-envoy-{}-{instance}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create Envoy's work directory");
+        let wasm = if config.plugin_config.is_some() {
+            seawall_wasm()
+        } else {
+            PathBuf::new()
+        };
+        if config.xds_from_files {
+            write_atomically(
+                &dir,
+                "cds.yaml",
+                &format!("resources:\n{}", config.render_clusters()),
+            );
+            write_atomically(&dir, "lds.yaml", &config.lds_document(&wasm));
+        }
+        fs::write(
+            dir.join("bootstrap.yaml"),
+            config.render_bootstrap(&dir, &wasm),
+        )
+        .expect("write bootstrap");
+        let log = fs::File::create(dir.join("envoy.log")).expect("create envoy.log");
+        let args = [
+            "-c".to_owned(),
+            dir.join("bootstrap.yaml").display().to_string(),
+            "--concurrency".to_owned(),
+            config.concurrency.to_string(),
+            "--log-level".to_owned(),
+            config.log_level.clone(),
+            "--admin-address-path".to_owned(),
+            dir.join("admin.txt").display().to_string(),
+            "--use-dynamic-base-id".to_owned(),
+            "--disable-hot-restart".to_owned(),
+        ];
+        let mut command = match std::env::var("SEAWALL_ENVOY_DOCKER_IMAGE") {
+            Ok(image) => {
+                let mut docker = Command::new("docker");
+                docker
+                    .args(["run", "--rm", "--network", "host", "-v"])
+                    .arg(format!("{0}:{0}", dir.display()));
+                if !wasm.as_os_str().is_empty() {
+                    docker.arg("-v").arg(format!("{0}:{0}:ro", wasm.display()));
+                }
+                docker.arg(image).arg("envoy");
+                docker
+            }
+            Err(_) => Command::new(envoy_binary()),
+        };
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .map_err(|error| (format!("could not start Envoy: {error}"), String::new()))?;
+        let mut envoy = Envoy {
+            child,
+            dir,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            listener: "127.0.0.1:0".parse().unwrap(),
+            config: EnvoyConfig::default(),
+            wasm,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let fail = |envoy: &mut Envoy, why: &str| {
+            let log = envoy.log();
+            let _ = envoy.child.kill();
+            let _ = envoy.child.wait();
+            Err((why.to_owned(), log))
+        };
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return fail(
+                    &mut envoy,
+                    &format!("Envoy exited during startup ({status})"),
+                );
+            }
+            if Instant::now() > deadline {
+                return fail(&mut envoy, "Envoy was not ready within 30 s");
+            }
+            if let Some(admin) = fs::read_to_string(envoy.dir.join("admin.txt"))
+                .ok()
+                .and_then(|a| a.trim().parse().ok())
+            {
+                envoy.admin = admin;
+                let ready = envoy
+                    .admin_get("/ready")
+                    .is_ok_and(|(status, body)| status == 200 && body.trim() == "LIVE");
+                if ready {
+                    if let Some(port) = envoy.listener_port() {
+                        envoy.listener = SocketAddr::from(([127, 0, 0, 1], port));
+                        break;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        config.listener_port = envoy.listener.port();
+        // One line per start, so a test log shows what ran: version, workers, ports.
+        let version = envoy
+            .admin_get("/server_info")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|info| info["version"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        eprintln!(
+            "[harness] envoy {version} ready: --concurrency {}, listener {}, admin {}, seawall {}",
+            config.concurrency,
+            envoy.listener,
+            envoy.admin,
+            if config.plugin_config.is_some() {
+                envoy.wasm.display().to_string()
+            } else {
+                "off".to_owned()
+            }
+        );
+        envoy.config = config;
+        Ok(envoy)
+    }
+
+    fn listener_port(&self) -> Option<u16> {
+        let (status, body) = self.admin_get("/listeners?format=json").ok()?;
+        if status != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let listener = json["listener_statuses"]
+            .as_array()?
+            .iter()
+            .find(|l| l["name"] == "main")?;
+        let port = listener["local_address"]["socket_address"]["port_value"].as_u64()?;
+        u16::try_from(port).ok().filter(|&p| p != 0)
+    }
+
+    pub fn listener_addr(&self) -> SocketAddr {
+        self.listener
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let response = send_once(self.admin, &Request::get(path))?;
+        Ok((response.status, response.text()))
+    }
+
+    pub fn admin_post(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let response = send_once(self.admin, &Request::post(path))?;
+        Ok((response.status, response.text()))
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (_, body) = self.admin_get("/stats?format=json").expect("read /stats");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("/stats is JSON");
+        let mut values = BTreeMap::new();
+        for stat in json["stats"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(value)) = (stat["name"].as_str(), stat["value"].as_u64()) {
+                values.insert(name.to_owned(), value);
+            }
+        }
+        Stats { values }
+    }
+
+    pub fn prometheus(&self) -> String {
+        self.admin_get("/stats/prometheus")
+            .expect("read /stats/prometheus")
+            .1
+    }
+
+    /// Waits (bounded) until `name` satisfies `done`, and returns its last value.
+    pub fn wait_for_stat(&self, name: &str, timeout: Duration, done: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.stats().get(name).unwrap_or(0);
+            if done(value) || Instant::now() > deadline {
+                return value;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The config this Envoy runs, with its listener port pinned: change it and push it.
+    pub fn config(&self) -> EnvoyConfig {
+        self.config.clone()
+    }
+
+    /// Pushes a new listener through file-based LDS and waits (bounded) for Envoy's verdict.
+    pub fn push_listener(&mut self, config: &EnvoyConfig) -> LdsOutcome {
+        assert!(
+            self.config.xds_from_files,
+            "push_listener needs EnvoyConfig::xds_from_files(true)"
+        );
+        let mut config = config.clone();
+        config.listener_port = self.listener.port();
+        let before = self.stats();
+        let success = before
+            .get("listener_manager.lds.update_success")
+            .unwrap_or(0);
+        let rejected = before
+            .get("listener_manager.lds.update_rejected")
+            .unwrap_or(0);
+        write_atomically(&self.dir, "lds.yaml", &config.lds_document(&self.wasm));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stats = self.stats();
+            if stats
+                .get("listener_manager.lds.update_success")
+                .unwrap_or(0)
+                > success
+            {
+                self.config = config;
+                return LdsOutcome::Accepted;
+            }
+            if stats
+                .get("listener_manager.lds.update_rejected")
+                .unwrap_or(0)
+                > rejected
+            {
+                return LdsOutcome::Rejected;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy neither accepted nor rejected the LDS push within 15 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Envoy's file watcher reacts to moves, so write beside and rename into place.
+fn write_atomically(dir: &Path, name: &str, contents: &str) {
+    let temporary = dir.join(format!(".{name}.tmp"));
+    fs::write(&temporary, contents).expect("write xDS file");
+    fs::rename(&temporary, dir.join(name)).expect("move xDS file into place");
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            let log = self.log();
+            // The extension inventory Envoy prints at startup is long and never the clue.
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("server.cc:467"))
+                .rev()
+                .take(200)
+                .collect();
+            eprintln!(
+                "--- last lines of Envoy's log ({}) ---",
+                self.dir.join("envoy.log").display()
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("envoy| {line}");
+            }
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
