@@ -2,6 +2,9 @@
 //! runner): `cargo bench -p seawall --bench core [--target wasm32-wasip1 --no-default-features]`.
 //! A plain timing loop, not criterion, so the same file runs on both targets with no extra crates.
 
+// A test crate: a failed unwrap is how it reports a failed expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -4,6 +4,9 @@
 //! one buffer per attribute it returns (as Envoy's host copies do in the plugin), so any
 //! allocation beyond that count is seawall's own.
 
+// A test crate: a failed unwrap is how it reports a failed expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -87,9 +90,27 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
         ]
     };
     let requests = [
-        (vec![(Attribute::path(), b"/api/checkout".to_vec()), (Attribute::method(), b"POST".to_vec()), (Attribute::header("x-tier"), b"free".to_vec())], true),
-        (vec![(Attribute::path(), b"/other".to_vec()), (Attribute::method(), b"GET".to_vec()), (Attribute::authority(), b"shop.example.com".to_vec()), (Attribute::cluster_name(), b"payments".to_vec())], true),
-        (vec![(Attribute::header("x-tier"), vec![0xff; 64 * 1024])], true),
+        (
+            vec![
+                (Attribute::path(), b"/api/checkout".to_vec()),
+                (Attribute::method(), b"POST".to_vec()),
+                (Attribute::header("x-tier"), b"free".to_vec()),
+            ],
+            true,
+        ),
+        (
+            vec![
+                (Attribute::path(), b"/other".to_vec()),
+                (Attribute::method(), b"GET".to_vec()),
+                (Attribute::authority(), b"shop.example.com".to_vec()),
+                (Attribute::cluster_name(), b"payments".to_vec()),
+            ],
+            true,
+        ),
+        (
+            vec![(Attribute::header("x-tier"), vec![0xff; 64 * 1024])],
+            true,
+        ),
         (vec![], true),
         // Admitted by both limits, then refused by per-user (with a refund of global), then a
         // request without the key header lands in the shared bucket.
@@ -98,19 +119,38 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
         (vec![(Attribute::path(), b"/limited".to_vec())], true),
     ];
     for (round, (values, admitted)) in requests.into_iter().enumerate() {
-        let mut host = Host { values, handed_out: 0 };
+        let mut host = Host {
+            values,
+            handed_out: 0,
+        };
         let before = allocations();
         let decision = {
             let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, Timestamp::from_nanos(1_800_000_000_000_000_000), &store, &metrics)
+            engine.on_request(
+                &mut view,
+                Timestamp::from_nanos(1_800_000_000_000_000_000),
+                &store,
+                &metrics,
+            )
         };
         let response = engine.on_response(&decision.stream);
         let spent = allocations() - before;
-        assert_eq!(spent, host.handed_out, "request {round}: {spent} allocations, {} from the host", host.handed_out);
-        assert_eq!(matches!(decision.verdict, Verdict::Continue), admitted, "request {round}");
+        assert_eq!(
+            spent, host.handed_out,
+            "request {round}: {spent} allocations, {} from the host",
+            host.handed_out
+        );
+        assert_eq!(
+            matches!(decision.verdict, Verdict::Continue),
+            admitted,
+            "request {round}"
+        );
         assert!(response.route_header.is_some());
     }
-    assert_eq!(metrics.value("seawall.rate_limit.per-user.limited"), Some(1));
+    assert_eq!(
+        metrics.value("seawall.rate_limit.per-user.limited"),
+        Some(1)
+    );
 }
 
 #[test]

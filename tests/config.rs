@@ -1,5 +1,8 @@
 //! The config contract end to end: JSON in, compiled config or path-named errors out.
 
+// A test crate: a failed unwrap is how it reports a failed expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use seawall::config::{compile, ConfigErrors};
 use seawall::request::{Attribute, FakeRequest, RequestView, Scratch};
 

