@@ -190,6 +190,9 @@ fn test() -> Result<(), String> {
                 "--",
                 "--test-threads",
                 "2",
+                // The log then shows each Envoy's version and worker count, and the measured
+                // figures the scenarios print.
+                "--nocapture",
             ])
             .env("ENVOY_BIN", &envoy)
             .env("SEAWALL_WASM", &wasm),
