@@ -17,7 +17,7 @@ use crate::metrics::{
 use crate::policy::rate_limit::{
     self, AcquireFailure, Acquired, BucketChoice, FailureMode, Mode, Tat,
 };
-use crate::policy::route::{Route, RouteIndex};
+use crate::policy::route::{without_query, Route, RouteIndex};
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::ensure;
 use crate::state::slots::KeyBuf;
@@ -389,7 +389,7 @@ fn bucket<'k, S: AttributeSource>(
         *slot = match *part {
             KeyPart::Raw(id) => request.peek(id).unwrap_or_default(),
             KeyPart::ClientIp(id) => request.peek(id).map(strip_port).unwrap_or_default(),
-            KeyPart::Path(id) => request.peek(id).map(strip_query).unwrap_or_default(),
+            KeyPart::Path(id) => request.peek(id).map(without_query).unwrap_or_default(),
         };
     }
     let used = policy.key.len().min(MAX_KEY_PARTS);
@@ -410,11 +410,6 @@ fn strip_port(address: &[u8]) -> &[u8] {
         Some(colon) if colons == 1 => &address[..colon],
         _ => address,
     }
-}
-
-fn strip_query(path: &[u8]) -> &[u8] {
-    let end = path.iter().position(|&b| b == b'?').unwrap_or(path.len());
-    &path[..end]
 }
 
 #[cfg(test)]

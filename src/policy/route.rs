@@ -93,7 +93,8 @@ impl Condition {
     }
 }
 
-fn without_query(path: &[u8]) -> &[u8] {
+/// The path proper: without its query string or fragment.
+pub(crate) fn without_query(path: &[u8]) -> &[u8] {
     match path.iter().position(|&b| b == b'?' || b == b'#') {
         Some(end) => &path[..end],
         None => path,

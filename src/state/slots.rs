@@ -88,18 +88,8 @@ impl KeyBuf {
         self.len += taken;
     }
 
-    fn push_decimal(&mut self, mut value: u32) {
-        let mut digits = [0u8; 10];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (value % 10) as u8;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
-        self.push(&digits[start..]);
+    fn push_decimal(&mut self, value: u32) {
+        self.push(crate::wire::Decimal::new(u64::from(value)).as_bytes());
     }
 
     fn as_str(&self) -> &str {
