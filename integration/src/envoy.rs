@@ -218,20 +218,17 @@ impl EnvoyConfig {
         )
     }
 
-    fn render_clusters(&self) -> String {
+    /// The clusters as a YAML list: bare for `static_resources`, typed for a CDS file.
+    fn render_clusters(&self, typed: bool) -> String {
+        let head = if typed {
+            "- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name:"
+        } else {
+            "- name:"
+        };
         let mut clusters = String::new();
         for (name, addr) in &self.clusters {
             clusters.push_str(&format!(
-                r#"- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: {name}
-  type: STATIC
-  connect_timeout: 1s
-  load_assignment:
-    cluster_name: {name}
-    endpoints:
-    - lb_endpoints:
-      - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
-"#,
+                "{head} {name}\n  type: STATIC\n  connect_timeout: 1s\n  load_assignment:\n    cluster_name: {name}\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}\n",
                 ip = addr.ip(),
                 port = addr.port()
             ));
@@ -253,18 +250,10 @@ impl EnvoyConfig {
             let listener = self
                 .render_listener(wasm)
                 .replacen("  name: main", "- name: main", 1);
-            let clusters: String = self
-                .render_clusters()
-                .lines()
-                .map(|l| format!("  {l}\n"))
-                .collect::<String>()
-                .replace(
-                    "  - \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n    name:",
-                    "  - name:",
-                );
             format!(
-                "{node}{admin}static_resources:\n  listeners:\n{}\n  clusters:\n{clusters}",
-                indent(&listener, 2)
+                "{node}{admin}static_resources:\n  listeners:\n{}  clusters:\n{}",
+                indent(&listener, 2),
+                indent(&self.render_clusters(false), 2)
             )
         }
     }
@@ -349,7 +338,7 @@ impl Envoy {
             write_atomically(
                 &dir,
                 "cds.yaml",
-                &format!("resources:\n{}", config.render_clusters()),
+                &format!("resources:\n{}", config.render_clusters(true)),
             );
             write_atomically(&dir, "lds.yaml", &config.lds_document(&wasm));
         }
