@@ -14,6 +14,7 @@ use seawall::clock::Timestamp;
 use seawall::config::compile;
 use seawall::engine::{Engine, LocalReply, Verdict};
 use seawall::metrics::FakeMetrics;
+use seawall::policy::circuit_breaker::ResponseFacts;
 use seawall::request::{Attribute, AttributeSource, RequestView, Scratch};
 use seawall::state::fake::FakeStore;
 use seawall::wire::ReplyBuffer;
@@ -133,7 +134,11 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
                 &metrics,
             )
         };
-        let response = engine.on_response(&decision.stream);
+        let mut stream = decision.stream;
+        let response = engine.on_response(
+            &mut stream,
+            Timestamp::from_nanos(1_800_000_000_000_000_000),
+        );
         let spent = allocations() - before;
         assert_eq!(
             spent, host.handed_out,
@@ -149,6 +154,130 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
     }
     assert_eq!(
         metrics.value("seawall.rate_limit.per-user.limited"),
+        Some(1)
+    );
+}
+
+/// A finished stream's facts. Like the host, each read hands out one 8-byte buffer.
+struct Finished {
+    status: Option<u16>,
+    flags: u64,
+    reads: u64,
+}
+
+impl Finished {
+    fn host_read(&mut self) {
+        self.reads += 1;
+        std::hint::black_box(vec![0u8; 8]);
+    }
+}
+
+impl ResponseFacts for Finished {
+    fn status(&mut self) -> Option<u16> {
+        self.host_read();
+        self.status
+    }
+    fn flags(&mut self) -> u64 {
+        self.host_read();
+        self.flags
+    }
+    fn grpc_status(&mut self) -> Option<u32> {
+        self.host_read();
+        Some(0)
+    }
+}
+
+const BREAKER_CONFIG: &str = r#"{
+    "circuit_breakers": {
+        "by-cluster": {"open_when": {"consecutive_failures": 2}, "open_for": "1s", "max_keys": 16},
+        "by-route": {"key": "route", "failure": {"slow_call": "100ms"},
+                     "open_when": {"failure_rate": 50, "slow_call_rate": 50, "min_requests": 2},
+                     "on_open": {"body": "try later\n", "headers": {"x-why": "breaker"}}}
+    },
+    "routes": [
+        {"name": "clustered", "match": {"path": {"prefix": "/c"}}, "circuit_breaker": "by-cluster"},
+        {"name": "routed", "circuit_breaker": "by-route"}
+    ]
+}"#;
+
+#[test]
+fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buffers() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(BREAKER_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store).unwrap();
+    let start = 1_800_000_000 * SECOND;
+    // (path, time offset, response status, admitted): two failures open the clustered breaker,
+    // the next request is refused, a second later a probe goes through and closes it; the routed
+    // breaker sees a slow call and a failure and opens on its rates.
+    let steps: [(&[u8], u64, u16, bool); 8] = [
+        (b"/c/1", 0, 503, true),
+        (b"/c/2", 1, 500, true),
+        (b"/c/3", 2, 200, false),
+        (b"/c/4", SECOND + 2, 200, true),
+        (b"/c/5", SECOND + 3, 200, true),
+        (b"/r/1", 0, 200, true),
+        (b"/r/2", 1, 502, true),
+        (b"/r/3", 2, 200, false),
+    ];
+    for (round, (path, offset, status, admitted)) in steps.into_iter().enumerate() {
+        let mut host = Host {
+            values: vec![
+                (Attribute::path(), path.to_vec()),
+                (Attribute::cluster_name(), b"payments".to_vec()),
+            ],
+            handed_out: 0,
+        };
+        let now = Timestamp::from_nanos(start + offset);
+        let mut facts = Finished {
+            status: Some(status),
+            flags: 0,
+            reads: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let mut stream = decision.stream;
+        if matches!(decision.verdict, Verdict::Continue) {
+            // The routed call that must be slow answers 200 ms late.
+            let answered = if round == 5 { 200_000_000 } else { 1 };
+            engine.on_response(
+                &mut stream,
+                Timestamp::from_nanos(now.as_nanos() + answered),
+            );
+            engine.on_stream_end(&stream, &mut facts, now, &store, &metrics);
+        }
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + facts.reads,
+            "step {round}: {spent} allocations, {} host buffers",
+            host.handed_out + facts.reads
+        );
+        assert_eq!(
+            matches!(decision.verdict, Verdict::Continue),
+            admitted,
+            "step {round}"
+        );
+    }
+    assert_eq!(
+        metrics.value("seawall.circuit_breaker.by-cluster.opened"),
+        Some(1)
+    );
+    assert_eq!(
+        metrics.value("seawall.circuit_breaker.by-cluster.closed"),
+        Some(1)
+    );
+    assert_eq!(
+        metrics.value("seawall.circuit_breaker.by-route.opened"),
+        Some(1)
+    );
+    assert_eq!(
+        metrics.value("seawall.circuit_breaker.by-route.rejected"),
         Some(1)
     );
 }

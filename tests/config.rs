@@ -125,10 +125,12 @@ fn several_independent_errors_are_reported_together() {
 
 #[test]
 fn policy_kinds_not_built_yet_are_refused_not_ignored() {
-    let found = errors(
-        r#"{"circuit_breakers": {"payments": {}}, "routes": [{"name": "a", "circuit_breaker": "payments"}]}"#,
+    let found =
+        errors(r#"{"faults": {"chaos": {}}, "routes": [{"name": "a", "faults": ["chaos"]}]}"#);
+    assert_eq!(
+        found,
+        ["faults.chaos: fault policies are not supported by this build of seawall yet"]
     );
-    assert_eq!(found, ["circuit_breakers.payments: circuit breaker policies are not supported by this build of seawall yet"]);
     assert_eq!(
         errors(r#"{"faults": []}"#),
         ["faults: expected an object of named fault policies, got an array"]
@@ -309,4 +311,119 @@ fn each_attribute_is_read_once_however_many_routes_test_it() {
             Attribute::cluster_name()
         ]
     );
+}
+
+#[test]
+fn circuit_breaker_errors_name_their_paths() {
+    let found = errors(
+        r#"{"circuit_breakers": {
+            "a": {"open_when": {}},
+            "b": {"open_when": {"failure_rate": 0, "slow_call_rate": 50, "min_requests": 0, "window": "5ms"},
+                  "open_for": "10s", "max_open_for": "5s", "half_open_probes": 0},
+            "c": {"key": "path", "open_when": {"consecutive_failures": 3}},
+            "d": {"key": "route", "max_keys": 10, "open_when": {"consecutive_failures": 0},
+                  "on_open": {"status": 99, "headers": {"bad header": "x"}}},
+            "e": {"open_when": {"consecutive_failures": 1},
+                  "failure": {"statuses": ["6xx", 503], "grpc_statuses": ["unavailable", "ok", 17]}},
+            "f": {"open_when": {"consecutive_failures": 1}, "mode": "sometimes"}
+        }}"#,
+    );
+    assert_eq!(
+        found,
+        [
+            r#"circuit_breakers.a.open_when: expected at least one of "consecutive_failures", "failure_rate" or "slow_call_rate""#,
+            "circuit_breakers.b.open_when.failure_rate: expected a percentage above 0 (0 would open on the first request), got 0",
+            r#"circuit_breakers.b.open_when.slow_call_rate: expected "failure.slow_call" too: it says which calls are slow"#,
+            "circuit_breakers.b.open_when.min_requests: expected at least 1, got 0",
+            "circuit_breakers.b.open_when.window: expected a window of at least 10ms, got 5ms",
+            r#"circuit_breakers.b.max_open_for: expected at least "open_for" (10s), got 5s"#,
+            "circuit_breakers.b.half_open_probes: expected from 1 to 1000 probes, got 0",
+            r#"circuit_breakers.c.key: expected "cluster", "route" or {"header": "<name>"}, got "path""#,
+            "circuit_breakers.d.open_when.consecutive_failures: expected at least 1, got 0",
+            r#"circuit_breakers.d.max_keys: expected no "max_keys" with "key": "route": each route has its own record"#,
+            "circuit_breakers.d.on_open.status: expected an HTTP status from 200 to 599, got 99",
+            r#"circuit_breakers.d.on_open.headers.bad header: expected an HTTP header name, got "bad header""#,
+            // serde stops at a struct's first error, in key order.
+            r#"circuit_breakers.e.failure.grpc_statuses[2]: expected a gRPC status code from 0 to 16 or a name like "unavailable", got 17"#,
+            "circuit_breakers.f.mode: unknown variant `sometimes`, expected one of `enforce`, `shadow`, `forced_open`, `disabled`",
+        ]
+    );
+    let found = errors(
+        r#"{"circuit_breakers": {"e": {"open_when": {"consecutive_failures": 1},
+            "failure": {"grpc_statuses": ["unavailable", "ok"]}}}}"#,
+    );
+    assert_eq!(
+        found,
+        ["circuit_breakers.e.failure.grpc_statuses[1]: expected a failing gRPC status, got OK (0)"]
+    );
+    let found = errors(
+        r#"{"circuit_breakers": {"e": {"open_when": {"consecutive_failures": 1},
+            "failure": {"grpc_statuses": [17]}}}}"#,
+    );
+    assert_eq!(
+        found,
+        [
+            r#"circuit_breakers.e.failure.grpc_statuses[0]: expected a gRPC status code from 0 to 16 or a name like "unavailable", got 17"#
+        ]
+    );
+}
+
+#[test]
+fn circuit_breaker_defaults_are_what_operators_expect() {
+    use seawall::config::circuit_breaker::{BreakerKey, BreakerMode};
+    use std::time::Duration;
+    let config = compile(
+        br#"{"circuit_breakers": {"payments": {"open_when": {"failure_rate": 50}}},
+             "routes": [{"name": "pay", "circuit_breaker": "payments"}]}"#,
+    )
+    .unwrap();
+    let policy = &config.circuit_breakers[0];
+    assert!(matches!(policy.key, BreakerKey::Cluster(_)));
+    assert_eq!(policy.table.as_ref().map(|t| t.slots()), Some(100));
+    assert_eq!(policy.mode, BreakerMode::Enforce);
+    assert_eq!(policy.breaker.open_for, Duration::from_secs(5));
+    assert_eq!(policy.breaker.max_open_for, Duration::from_secs(60));
+    assert_eq!(policy.breaker.half_open_probes, 1);
+    assert_eq!(policy.breaker.rules.min_requests, 20);
+    assert_eq!(policy.breaker.rules.failure_rate_ppm, Some(500_000));
+    assert_eq!(policy.breaker.rules.bucket_nanos, 1_000_000_000);
+    assert!(policy.classifier.statuses.contains(500) && policy.classifier.statuses.contains(599));
+    assert!(!policy.classifier.statuses.contains(429));
+    assert_eq!(
+        policy.classifier.grpc_codes,
+        (1 << 4) | (1 << 13) | (1 << 14) | (1 << 15)
+    );
+    assert_eq!(policy.on_open.status, 503);
+    let route = &config.routes.routes()[0];
+    assert_eq!(
+        route.policies.circuit_breaker.as_ref().map(|b| b.policy),
+        Some(0)
+    );
+    assert!(config
+        .attributes
+        .iter()
+        .any(|a| *a == Attribute::cluster_name()));
+
+    let config = compile(
+        br#"{"circuit_breakers": {"per-route": {"key": "route", "open_when": {"consecutive_failures": 3},
+             "failure": {"statuses": [429, "5xx"], "grpc_statuses": ["UNAVAILABLE", "resource_exhausted"]}}},
+             "routes": [{"name": "one", "circuit_breaker": "per-route"}, {"name": "two", "circuit_breaker": "per-route"}]}"#,
+    )
+    .unwrap();
+    let records: Vec<_> = config
+        .routes
+        .routes()
+        .iter()
+        .map(|r| r.policies.circuit_breaker.clone().unwrap().record.unwrap())
+        .collect();
+    assert_eq!(
+        records,
+        [
+            "sw:seawall:cb:per-route:route:one",
+            "sw:seawall:cb:per-route:route:two"
+        ]
+    );
+    let classifier = config.circuit_breakers[0].classifier;
+    assert!(classifier.statuses.contains(429) && classifier.statuses.contains(503));
+    assert_eq!(classifier.grpc_codes, (1 << 14) | (1 << 8));
 }

@@ -7,6 +7,7 @@
 //! comparisons over an [`AttributePlan`]. This runs only in `on_configure`, so it may allocate
 //! freely; nothing here is on the request path.
 
+pub mod circuit_breaker;
 pub mod error;
 pub mod rate_limit;
 pub mod raw;
@@ -14,8 +15,9 @@ pub mod units;
 
 use serde_json::{Map, Value};
 
-use crate::policy::route::{Condition, Route, RoutePolicies, RouteTable};
+use crate::policy::route::{Condition, Route, RouteBreaker, RoutePolicies, RouteTable};
 use crate::request::{Attribute, AttributeId, AttributePlan};
+pub use circuit_breaker::CircuitBreakerPolicy;
 use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
 pub use rate_limit::RateLimitPolicy;
@@ -28,6 +30,7 @@ pub struct PluginConfig {
     pub name: String,
     pub routes: RouteTable,
     pub rate_limits: Vec<RateLimitPolicy>,
+    pub circuit_breakers: Vec<CircuitBreakerPolicy>,
     /// Every request attribute the routes and policies read, each once.
     pub attributes: AttributePlan,
     /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
@@ -47,6 +50,7 @@ impl Default for PluginConfig {
             name: DEFAULT_NAME.to_owned(),
             routes: RouteTable::default(),
             rate_limits: Vec::new(),
+            circuit_breakers: Vec::new(),
             attributes: AttributePlan::default(),
             content_type: None,
             debug: DebugOptions::default(),
@@ -159,6 +163,7 @@ struct Compiler {
     /// Names defined in each policy section, in `PolicyKind::ALL` order.
     defined: [Vec<String>; 5],
     rate_limits: Vec<RateLimitPolicy>,
+    circuit_breakers: Vec<CircuitBreakerPolicy>,
     /// The plugin's name, which scopes its shared-data keys.
     plugin: String,
 }
@@ -231,7 +236,7 @@ impl Compiler {
             }
         };
 
-        let content_type = if self.rate_limits.is_empty() {
+        let content_type = if self.rate_limits.is_empty() && self.circuit_breakers.is_empty() {
             None
         } else {
             self.attribute("", Attribute::header("content-type"))
@@ -243,6 +248,7 @@ impl Compiler {
             name,
             routes: RouteTable::new(routes),
             rate_limits: self.rate_limits,
+            circuit_breakers: self.circuit_breakers,
             attributes: self.attributes,
             content_type,
             debug,
@@ -276,6 +282,8 @@ impl Compiler {
                 self.errors.push(error);
             } else if kind == PolicyKind::RateLimit {
                 self.rate_limit(&policy_path, &name, body);
+            } else if kind == PolicyKind::CircuitBreaker {
+                self.circuit_breaker(&policy_path, &name, body);
             } else {
                 // Each kind's compiler lands with its own capability; until then a policy of that
                 // kind is refused rather than silently ignored.
@@ -297,6 +305,18 @@ impl Compiler {
             });
         match compiled {
             Ok(policy) => self.rate_limits.push(policy),
+            Err(errors) => self.errors.extend(errors),
+        }
+    }
+
+    fn circuit_breaker(&mut self, path: &str, name: &str, body: Value) {
+        let compiled = deserialize_at(path, body)
+            .map_err(|error| vec![error])
+            .and_then(|raw| {
+                circuit_breaker::compile(path, &self.plugin, name, raw, &mut self.attributes)
+            });
+        match compiled {
+            Ok(policy) => self.circuit_breakers.push(policy),
             Err(errors) => self.errors.extend(errors),
         }
     }
@@ -378,6 +398,14 @@ impl Compiler {
                             ));
                         } else if let Some(found) = compiled {
                             policies.rate_limits.push(found);
+                        }
+                    }
+                    Some(_) if kind == PolicyKind::CircuitBreaker => {
+                        if let Some(policy) =
+                            self.circuit_breakers.iter().position(|p| p.name == name)
+                        {
+                            let record = self.circuit_breakers[policy].route_record(&raw.name);
+                            policies.circuit_breaker = Some(RouteBreaker { policy, record });
                         }
                     }
                     Some(_) => {}

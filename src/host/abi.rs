@@ -156,6 +156,13 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// An integer property (Envoy serializes them as 8 little-endian bytes).
+pub fn property_int(path: &[u8]) -> Option<i64> {
+    let bytes = property(path)?;
+    let array: [u8; 8] = bytes.as_slice().try_into().ok()?;
+    Some(i64::from_le_bytes(array))
+}
+
 pub enum SharedRead {
     Missing,
     Found { len: usize, cas: u32 },

@@ -17,6 +17,7 @@ use crate::clock::Timestamp;
 use crate::config;
 use crate::engine::{Engine, LocalReplies, LocalReply, StreamState, Verdict, ROUTE_HEADER};
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
+use crate::policy::circuit_breaker::ResponseFacts;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
 use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
@@ -101,10 +102,11 @@ impl RootContext for Root {
             }
         };
         let summary = format!(
-            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} request attributes, {} shared-data keys created",
+            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} request attributes, {} shared-data keys created",
             engine.config().name,
             engine.config().routes.len(),
             engine.config().rate_limits.len(),
+            engine.config().circuit_breakers.len(),
             engine.config().attributes.len(),
             created
         );
@@ -178,8 +180,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let (Some(engine), Some(state)) = (&self.engine, &self.state) {
-            let decision = engine.on_response(state);
+        if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
+            let now = Timestamp::from_nanos(abi::now_nanos());
+            let decision = engine.on_response(state, now);
             if let Some(route) = decision.route_header {
                 abi::add_response_header(ROUTE_HEADER, route.as_bytes());
             }
@@ -199,6 +202,39 @@ impl HttpContext for Stream {
             }
         }
         Action::Continue
+    }
+
+    /// The stream is done, answered or not: the one place every admitted request reports its
+    /// outcome, so a probe whose client went away still gives back its slot.
+    fn on_log(&mut self) {
+        let (Some(engine), Some(state)) = (&self.engine, &self.state) else {
+            return;
+        };
+        if engine.wants_outcome(state) {
+            let now = Timestamp::from_nanos(abi::now_nanos());
+            engine.on_stream_end(state, &mut HostResponse, now, &HostStore, &HostMetrics);
+        }
+    }
+}
+
+/// Envoy's record of how the stream ended.
+struct HostResponse;
+
+const RESPONSE_CODE: &[u8] = b"response\0code";
+const RESPONSE_FLAGS: &[u8] = b"response\0flags";
+const RESPONSE_GRPC_STATUS: &[u8] = b"response\0grpc_status";
+
+impl ResponseFacts for HostResponse {
+    fn status(&mut self) -> Option<u16> {
+        abi::property_int(RESPONSE_CODE).and_then(|code| u16::try_from(code).ok())
+    }
+
+    fn flags(&mut self) -> u64 {
+        abi::property_int(RESPONSE_FLAGS).map_or(0, |flags| flags as u64)
+    }
+
+    fn grpc_status(&mut self) -> Option<u32> {
+        abi::property_int(RESPONSE_GRPC_STATUS).and_then(|code| u32::try_from(code).ok())
     }
 }
 

@@ -24,6 +24,14 @@ pub struct Route {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutePolicies {
     pub rate_limits: Vec<usize>,
+    pub circuit_breaker: Option<RouteBreaker>,
+}
+
+/// The breaker a route applies, with the route's own record when the breaker is keyed by route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteBreaker {
+    pub policy: usize,
+    pub record: Option<String>,
 }
 
 /// One test against one attribute.

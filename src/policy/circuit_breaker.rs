@@ -1,0 +1,946 @@
+//! Circuit breakers that open on failure rate, slow-call rate or consecutive failures, fail fast
+//! while open, and probe their way back through half-open, with one state for all workers.
+//!
+//! A breaker's whole state is one fixed-size record in shared data ([`BreakerState`]): which key
+//! owns it, the circuit ([`Circuit`], an enum that carries each state's data), how many times in a
+//! row it tripped (for the back-off of the open period) and a generation number that changes on
+//! every transition, so a probe's outcome is only ever applied to the half-open episode that
+//! admitted it. Closed circuits keep a rolling window of [`WINDOW_BUCKETS`] buckets, each counting
+//! requests, failures and slow calls, so rates are computed without a timer or per-window keys.
+//!
+//! The request path reads the record once: closed passes, open rejects with the time left, and
+//! only the request that turns open into half-open, or takes a probe slot, writes. Outcomes are
+//! recorded when the stream ends, with one read and one conditional write. Everything here is a
+//! pure function of the record, the time and the outcome; the bounded CAS loop of
+//! [`crate::state::cas`] applies it.
+
+use core::time::Duration;
+
+use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::slots::{KeyBuf, SlotTable};
+use crate::state::SharedStore;
+
+/// Buckets in the rolling window: rates are exact to a tenth of the window.
+pub const WINDOW_BUCKETS: usize = 10;
+
+/// How many slots a hashed key may try before it gives up: a key whose slot another key holds
+/// moves on to the next one, so two clusters never share a breaker unless the table is full.
+pub const PROBE_LIMIT: u32 = 4;
+
+/// How many lost CAS races one decision tolerates; then the breaker fails open (admits, untracked).
+pub const MAX_CAS_ATTEMPTS: u32 = 32;
+
+/// What a rejected request is told to wait while the breaker is half-open and its probes are out.
+pub const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Requests, failures and slow calls in one bucket of the window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub requests: u32,
+    pub failures: u32,
+    pub slow: u32,
+}
+
+/// The rolling window of a closed circuit. `epoch` numbers the newest bucket (time divided by the
+/// bucket span); the bucket for epoch `e` sits at `e % WINDOW_BUCKETS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub epoch: u64,
+    pub buckets: [Tally; WINDOW_BUCKETS],
+}
+
+impl Window {
+    pub fn starting(epoch: u64) -> Self {
+        Window {
+            epoch,
+            buckets: [Tally::default(); WINDOW_BUCKETS],
+        }
+    }
+
+    /// Moves the newest bucket to `epoch`, emptying the buckets that fell out. A clock that steps
+    /// back keeps counting into the newest bucket.
+    pub fn advance(&mut self, epoch: u64) {
+        if epoch <= self.epoch {
+            return;
+        }
+        let gap = epoch - self.epoch;
+        if gap >= WINDOW_BUCKETS as u64 {
+            self.buckets = [Tally::default(); WINDOW_BUCKETS];
+        } else {
+            for step in 1..=gap {
+                self.buckets[bucket_index(self.epoch + step)] = Tally::default();
+            }
+        }
+        self.epoch = epoch;
+    }
+
+    fn newest(&mut self) -> &mut Tally {
+        &mut self.buckets[bucket_index(self.epoch)]
+    }
+
+    pub fn totals(&self) -> Tally {
+        self.buckets.iter().fold(Tally::default(), |sum, b| Tally {
+            requests: sum.requests.saturating_add(b.requests),
+            failures: sum.failures.saturating_add(b.failures),
+            slow: sum.slow.saturating_add(b.slow),
+        })
+    }
+
+    /// Whether every bucket has expired by `epoch`: the window remembers nothing.
+    pub fn is_expired_at(&self, epoch: u64) -> bool {
+        epoch >= self.epoch.saturating_add(WINDOW_BUCKETS as u64)
+    }
+}
+
+fn bucket_index(epoch: u64) -> usize {
+    (epoch % WINDOW_BUCKETS as u64) as usize
+}
+
+/// The three states, each with what it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    /// Requests flow and their outcomes are counted.
+    Closed {
+        /// When it last closed (or was created): trips long after a close start the back-off over.
+        since: u64,
+        consecutive_failures: u32,
+        window: Window,
+    },
+    /// Requests are refused until `until`.
+    Open { until: u64 },
+    /// Up to `half_open_probes` requests at once test the upstream.
+    HalfOpen {
+        since: u64,
+        in_flight: u16,
+        successes: u16,
+    },
+}
+
+/// One breaker's record in shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerState {
+    /// Fingerprint of the key that holds this record; 0 when none does yet.
+    pub owner: u64,
+    /// Changes on every transition, so stale probe outcomes are recognised.
+    pub generation: u32,
+    /// Trips in a row without a lasting close; the open period doubles with each.
+    pub trips: u8,
+    pub circuit: Circuit,
+}
+
+impl BreakerState {
+    pub const fn fresh() -> Self {
+        BreakerState {
+            owner: 0,
+            generation: 0,
+            trips: 0,
+            circuit: Circuit::Closed {
+                since: 0,
+                consecutive_failures: 0,
+                window: Window {
+                    epoch: 0,
+                    buckets: [Tally {
+                        requests: 0,
+                        failures: 0,
+                        slow: 0,
+                    }; WINDOW_BUCKETS],
+                },
+            },
+        }
+    }
+}
+
+/// The record's size in shared data.
+pub const RECORD_LEN: usize = 40 + WINDOW_BUCKETS * 12;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+impl Record<RECORD_LEN> for BreakerState {
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut out = [0u8; RECORD_LEN];
+        out[1] = self.trips;
+        out[12..16].copy_from_slice(&self.generation.to_le_bytes());
+        out[16..24].copy_from_slice(&self.owner.to_le_bytes());
+        match self.circuit {
+            Circuit::Closed {
+                since,
+                consecutive_failures,
+                window,
+            } => {
+                out[0] = CLOSED;
+                out[8..12].copy_from_slice(&consecutive_failures.to_le_bytes());
+                out[24..32].copy_from_slice(&since.to_le_bytes());
+                out[32..40].copy_from_slice(&window.epoch.to_le_bytes());
+                for (bucket, chunk) in window.buckets.iter().zip(out[40..].chunks_exact_mut(12)) {
+                    chunk[0..4].copy_from_slice(&bucket.requests.to_le_bytes());
+                    chunk[4..8].copy_from_slice(&bucket.failures.to_le_bytes());
+                    chunk[8..12].copy_from_slice(&bucket.slow.to_le_bytes());
+                }
+            }
+            Circuit::Open { until } => {
+                out[0] = OPEN;
+                out[24..32].copy_from_slice(&until.to_le_bytes());
+            }
+            Circuit::HalfOpen {
+                since,
+                in_flight,
+                successes,
+            } => {
+                out[0] = HALF_OPEN;
+                out[2..4].copy_from_slice(&in_flight.to_le_bytes());
+                out[4..6].copy_from_slice(&successes.to_le_bytes());
+                out[24..32].copy_from_slice(&since.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// An unknown state tag reads as a fresh closed circuit: a foreign value never wedges a breaker.
+    fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
+        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
+        let circuit = match bytes[0] {
+            OPEN => Circuit::Open { until: u64_at(24) },
+            HALF_OPEN => Circuit::HalfOpen {
+                since: u64_at(24),
+                in_flight: u16_at(2),
+                successes: u16_at(4),
+            },
+            _ => {
+                let mut window = Window::starting(u64_at(32));
+                for (index, bucket) in window.buckets.iter_mut().enumerate() {
+                    let at = 40 + index * 12;
+                    *bucket = Tally {
+                        requests: u32_at(at),
+                        failures: u32_at(at + 4),
+                        slow: u32_at(at + 8),
+                    };
+                }
+                Circuit::Closed {
+                    since: u64_at(24),
+                    consecutive_failures: u32_at(8),
+                    window,
+                }
+            }
+        };
+        BreakerState {
+            owner: u64_at(16),
+            generation: u32_at(12),
+            trips: bytes[1],
+            circuit,
+        }
+    }
+}
+
+/// When a closed breaker opens. At least one rule is set (the config checks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TripRules {
+    pub consecutive_failures: Option<u32>,
+    /// Failure share of the window, in parts per million.
+    pub failure_rate_ppm: Option<u32>,
+    /// Slow-call share of the window, in parts per million.
+    pub slow_call_rate_ppm: Option<u32>,
+    /// The rates are judged only once the window holds this many requests.
+    pub min_requests: u32,
+    /// Nanoseconds per bucket: the window divided by [`WINDOW_BUCKETS`].
+    pub bucket_nanos: u64,
+}
+
+/// A breaker's compiled thresholds and timings: the pure state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    pub rules: TripRules,
+    pub open_for: Duration,
+    pub max_open_for: Duration,
+    pub half_open_probes: u16,
+}
+
+/// What the request path decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: the request goes through and its outcome is counted.
+    Pass,
+    /// Half-open: the request is one of the probes of episode `generation`.
+    Probe { generation: u32 },
+    /// Open, or half-open with every probe slot taken.
+    Reject {
+        retry_after: Duration,
+        half_open: bool,
+    },
+}
+
+/// A change of state, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Closed to open: a rule tripped.
+    Opened,
+    /// Open to half-open: the open period ended and a request became the first probe.
+    HalfOpened,
+    /// Half-open to open: a probe failed.
+    Reopened,
+    /// Half-open to closed: every probe succeeded.
+    Closed,
+    /// Half-open to half-open: probes went missing (their workers never reported) and probing
+    /// started over.
+    ProbesRestarted,
+}
+
+/// How a finished call went, as the breaker counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered (or failed to): `failed` by the policy's classification, `slow` when
+    /// the answer took longer than `slow_call`.
+    Completed { failed: bool, slow: bool },
+    /// The stream ended with nothing that says anything about the upstream, e.g. the client left.
+    Abandoned,
+}
+
+/// A request's part in the breaker, carried from its admission to its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Counted,
+    Probe { generation: u32 },
+}
+
+/// What the state machine wants done with the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub state: BreakerState,
+    pub transition: Option<Transition>,
+}
+
+impl Breaker {
+    fn epoch(&self, now: u64) -> u64 {
+        now / self.rules.bucket_nanos.max(1)
+    }
+
+    /// Decides for a request at `now`. Returns the admission and, when the record must change, the
+    /// new record.
+    pub fn admit(&self, state: &BreakerState, now: u64) -> (Admission, Option<Change>) {
+        match state.circuit {
+            Circuit::Closed { .. } => (Admission::Pass, None),
+            Circuit::Open { until } if now < until => (
+                Admission::Reject {
+                    retry_after: Duration::from_nanos(until - now),
+                    half_open: false,
+                },
+                None,
+            ),
+            Circuit::Open { .. } => self.start_probing(state, now, Transition::HalfOpened),
+            Circuit::HalfOpen {
+                since,
+                in_flight,
+                successes,
+            } => {
+                if in_flight < self.half_open_probes {
+                    let generation = state.generation;
+                    let next = BreakerState {
+                        circuit: Circuit::HalfOpen {
+                            since,
+                            in_flight: in_flight + 1,
+                            successes,
+                        },
+                        ..*state
+                    };
+                    (
+                        Admission::Probe { generation },
+                        Some(Change {
+                            state: next,
+                            transition: None,
+                        }),
+                    )
+                } else if now.saturating_sub(since) > nanos(self.probe_deadline()) {
+                    self.start_probing(state, now, Transition::ProbesRestarted)
+                } else {
+                    (
+                        Admission::Reject {
+                            retry_after: HALF_OPEN_RETRY_AFTER,
+                            half_open: true,
+                        },
+                        None,
+                    )
+                }
+            }
+        }
+    }
+
+    /// How long a half-open episode may wait for its probes before it assumes they are lost (a
+    /// worker that went away never reports): the longest open period.
+    pub fn probe_deadline(&self) -> Duration {
+        self.max_open_for
+    }
+
+    fn start_probing(
+        &self,
+        state: &BreakerState,
+        now: u64,
+        transition: Transition,
+    ) -> (Admission, Option<Change>) {
+        let generation = state.generation.wrapping_add(1);
+        let next = BreakerState {
+            generation,
+            circuit: Circuit::HalfOpen {
+                since: now,
+                in_flight: 1,
+                successes: 0,
+            },
+            ..*state
+        };
+        (
+            Admission::Probe { generation },
+            Some(Change {
+                state: next,
+                transition: Some(transition),
+            }),
+        )
+    }
+
+    /// Applies a finished call's outcome. `None`: the record stays as it is (a late outcome from
+    /// before a transition, or an abandoned counted call).
+    pub fn record(
+        &self,
+        state: &BreakerState,
+        role: Role,
+        outcome: Outcome,
+        now: u64,
+    ) -> Option<Change> {
+        match (role, state.circuit) {
+            (
+                Role::Counted,
+                Circuit::Closed {
+                    since,
+                    consecutive_failures,
+                    mut window,
+                },
+            ) => {
+                let Outcome::Completed { failed, slow } = outcome else {
+                    return None;
+                };
+                window.advance(self.epoch(now));
+                let newest = window.newest();
+                newest.requests = newest.requests.saturating_add(1);
+                newest.failures = newest.failures.saturating_add(u32::from(failed));
+                newest.slow = newest.slow.saturating_add(u32::from(slow));
+                let consecutive_failures = if failed {
+                    consecutive_failures.saturating_add(1)
+                } else {
+                    0
+                };
+                if self.trips(consecutive_failures, &window.totals()) {
+                    return Some(self.open(state, now, Transition::Opened));
+                }
+                Some(Change {
+                    state: BreakerState {
+                        circuit: Circuit::Closed {
+                            since,
+                            consecutive_failures,
+                            window,
+                        },
+                        ..*state
+                    },
+                    transition: None,
+                })
+            }
+            (
+                Role::Probe { generation },
+                Circuit::HalfOpen {
+                    since,
+                    in_flight,
+                    successes,
+                },
+            ) if generation == state.generation => {
+                let in_flight = in_flight.saturating_sub(1);
+                let healthy = match outcome {
+                    Outcome::Abandoned => {
+                        return Some(Change {
+                            state: BreakerState {
+                                circuit: Circuit::HalfOpen {
+                                    since,
+                                    in_flight,
+                                    successes,
+                                },
+                                ..*state
+                            },
+                            transition: None,
+                        })
+                    }
+                    Outcome::Completed { failed, slow } => {
+                        // A slow probe fails it only when slowness can trip the breaker.
+                        let too_slow = slow && self.rules.slow_call_rate_ppm.is_some();
+                        !(failed || too_slow)
+                    }
+                };
+                if !healthy {
+                    return Some(self.open(state, now, Transition::Reopened));
+                }
+                let successes = successes.saturating_add(1);
+                if successes >= self.half_open_probes {
+                    return Some(Change {
+                        state: BreakerState {
+                            generation: state.generation.wrapping_add(1),
+                            circuit: Circuit::Closed {
+                                since: now,
+                                consecutive_failures: 0,
+                                window: Window::starting(self.epoch(now)),
+                            },
+                            ..*state
+                        },
+                        transition: Some(Transition::Closed),
+                    });
+                }
+                Some(Change {
+                    state: BreakerState {
+                        circuit: Circuit::HalfOpen {
+                            since,
+                            in_flight,
+                            successes,
+                        },
+                        ..*state
+                    },
+                    transition: None,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn trips(&self, consecutive_failures: u32, totals: &Tally) -> bool {
+        let rules = &self.rules;
+        if rules
+            .consecutive_failures
+            .is_some_and(|limit| consecutive_failures >= limit)
+        {
+            return true;
+        }
+        if totals.requests < rules.min_requests.max(1) {
+            return false;
+        }
+        let at_least = |count: u32, ppm: Option<u32>| {
+            ppm.is_some_and(|ppm| {
+                u64::from(count) * 1_000_000 >= u64::from(ppm) * u64::from(totals.requests)
+            })
+        };
+        at_least(totals.failures, rules.failure_rate_ppm)
+            || at_least(totals.slow, rules.slow_call_rate_ppm)
+    }
+
+    /// Opens the circuit. A trip soon after the last close (within the longest open period), or a
+    /// failed probe, counts as a repeat and doubles the open period, up to `max_open_for`.
+    fn open(&self, state: &BreakerState, now: u64, transition: Transition) -> Change {
+        let repeat = match state.circuit {
+            Circuit::Closed { since, .. } => {
+                state.trips > 0 && now.saturating_sub(since) <= nanos(self.max_open_for)
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => true,
+        };
+        let trips = if repeat {
+            state.trips.saturating_add(1)
+        } else {
+            1
+        };
+        Change {
+            state: BreakerState {
+                generation: state.generation.wrapping_add(1),
+                trips,
+                circuit: Circuit::Open {
+                    until: now.saturating_add(nanos(self.open_period(trips))),
+                },
+                ..*state
+            },
+            transition: Some(transition),
+        }
+    }
+
+    /// `open_for` doubled for each trip after the first, capped by `max_open_for`.
+    pub fn open_period(&self, trips: u8) -> Duration {
+        let doublings = u32::from(trips.saturating_sub(1)).min(32);
+        let scaled = nanos(self.open_for).saturating_mul(1u64 << doublings);
+        Duration::from_nanos(scaled).min(self.max_open_for.max(self.open_for))
+    }
+}
+
+fn nanos(span: Duration) -> u64 {
+    u64::try_from(span.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether a key may take this record: nobody holds it, or its holder left it closed and has had
+/// no traffic for a whole window, so the record remembers nothing worth keeping.
+fn is_free_for(state: &BreakerState, owner: u64, epoch: u64) -> bool {
+    if state.owner == 0 {
+        return true;
+    }
+    match state.circuit {
+        Circuit::Closed { window, .. } => state.owner != owner && window.is_expired_at(epoch),
+        Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
+    }
+}
+
+/// Where a breaker's records are.
+#[derive(Debug, Clone, Copy)]
+pub enum Records<'a> {
+    /// One record, named ahead (per route).
+    One(&'a str),
+    /// A table of records; the key's fingerprint picks the first slot to try.
+    Table(&'a SlotTable),
+}
+
+/// Where one key's record was found, for recording the outcome later without a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    /// The slot in the table (0 for a single record).
+    pub slot: u32,
+    pub owner: u64,
+}
+
+/// The request path's answer, with the record it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    Decided {
+        admission: Admission,
+        at: Located,
+        transition: Option<Transition>,
+    },
+    /// Every slot the key may use is held by other keys: the request passes untracked.
+    NoRecord,
+    /// The CAS loop ran out or shared data failed: the breaker fails open, untracked.
+    Failed(UpdateError),
+}
+
+/// A slot's name in a table, or the single record's name.
+fn record_key<'b>(records: Records<'b>, slot: u32, buffer: &'b mut KeyBuf) -> &'b str {
+    match records {
+        Records::One(key) => key,
+        Records::Table(table) => table.key(slot, buffer),
+    }
+}
+
+/// Admits a request of the key with fingerprint `owner` (never 0): reads its record once, and
+/// writes only to claim a free record, to start probing or to take a probe slot. Returns the
+/// decision and the CAS races lost.
+pub fn admit<S: SharedStore + ?Sized>(
+    breaker: &Breaker,
+    store: &S,
+    records: Records<'_>,
+    owner: u64,
+    now: u64,
+) -> (Admitted, u32) {
+    let (first, tries) = match records {
+        Records::One(_) => (0, 1),
+        Records::Table(table) => (table.slot_of(owner), PROBE_LIMIT.min(table.slots())),
+    };
+    let slots = match records {
+        Records::One(_) => 1,
+        Records::Table(table) => table.slots(),
+    };
+    let epoch = breaker.epoch(now);
+    let mut races = 0;
+    for attempt in 0..tries {
+        let slot = (first + attempt) % slots.max(1);
+        let mut buffer = KeyBuf::default();
+        let key = record_key(records, slot, &mut buffer);
+        let outcome = cas::update(
+            store,
+            key,
+            MAX_CAS_ATTEMPTS,
+            |state: Option<BreakerState>| {
+                let state = state.unwrap_or(BreakerState::fresh());
+                if state.owner != owner {
+                    if !is_free_for(&state, owner, epoch) {
+                        return Step::Keep(None);
+                    }
+                    let claimed = BreakerState {
+                        owner,
+                        generation: state.generation.wrapping_add(1),
+                        trips: 0,
+                        circuit: Circuit::Closed {
+                            since: now,
+                            consecutive_failures: 0,
+                            window: Window::starting(epoch),
+                        },
+                    };
+                    return Step::Write(claimed, Some((Admission::Pass, None)));
+                }
+                match breaker.admit(&state, now) {
+                    (admission, None) => Step::Keep(Some((admission, None))),
+                    (admission, Some(change)) => {
+                        Step::Write(change.state, Some((admission, change.transition)))
+                    }
+                }
+            },
+        );
+        match outcome {
+            Ok(updated) => {
+                races += updated.attempts - 1;
+                if let Some((admission, transition)) = updated.value {
+                    return (
+                        Admitted::Decided {
+                            admission,
+                            at: Located { slot, owner },
+                            transition,
+                        },
+                        races,
+                    );
+                }
+            }
+            Err(error) => {
+                if let UpdateError::Exhausted { attempts } = error {
+                    races += attempts;
+                }
+                return (Admitted::Failed(error), races);
+            }
+        }
+    }
+    (Admitted::NoRecord, races)
+}
+
+/// What recording an outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Applied(Option<Transition>),
+    /// The record moved on (another transition, or another key took it): nothing to apply.
+    Stale,
+    Failed(UpdateError),
+}
+
+/// Records a finished call's outcome on the record it was admitted from: one read and one
+/// conditional write. Returns what happened and the CAS races lost.
+pub fn record<S: SharedStore + ?Sized>(
+    breaker: &Breaker,
+    store: &S,
+    records: Records<'_>,
+    at: Located,
+    role: Role,
+    outcome: Outcome,
+    now: u64,
+) -> (Recorded, u32) {
+    let mut buffer = KeyBuf::default();
+    let key = record_key(records, at.slot, &mut buffer);
+    let result = cas::update(
+        store,
+        key,
+        MAX_CAS_ATTEMPTS,
+        |state: Option<BreakerState>| {
+            let Some(state) = state.filter(|s| s.owner == at.owner) else {
+                return Step::Keep(None);
+            };
+            match breaker.record(&state, role, outcome, now) {
+                Some(change) => Step::Write(change.state, Some(change.transition)),
+                None => Step::Keep(None),
+            }
+        },
+    );
+    match result {
+        Ok(updated) => {
+            let recorded = match updated.value {
+                Some(transition) => Recorded::Applied(transition),
+                None => Recorded::Stale,
+            };
+            (recorded, updated.attempts - 1)
+        }
+        Err(error) => {
+            let races = match error {
+                UpdateError::Exhausted { attempts } => attempts,
+                UpdateError::Store(_) => 0,
+            };
+            (Recorded::Failed(error), races)
+        }
+    }
+}
+
+/// Envoy's response flags (the `response.flags` property) that say the upstream failed a call.
+pub mod flags {
+    pub const NO_HEALTHY_UPSTREAM: u64 = 1 << 1;
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 1 << 2;
+    pub const UPSTREAM_REMOTE_RESET: u64 = 1 << 4;
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5;
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6;
+    pub const UPSTREAM_MAX_STREAM_DURATION_REACHED: u64 = 1 << 19;
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 1 << 23;
+    pub const DNS_RESOLUTION_FAILED: u64 = 1 << 26;
+
+    pub const RESETS: u64 =
+        UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION | UPSTREAM_PROTOCOL_ERROR;
+    pub const TIMEOUTS: u64 = UPSTREAM_REQUEST_TIMEOUT | UPSTREAM_MAX_STREAM_DURATION_REACHED;
+    pub const CONNECT_FAILURES: u64 =
+        UPSTREAM_CONNECTION_FAILURE | NO_HEALTHY_UPSTREAM | DNS_RESOLUTION_FAILED;
+}
+
+/// A set of HTTP statuses from 100 to 611 as a bit set: membership without allocation or search.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusSet {
+    bits: [u64; 8],
+}
+
+impl StatusSet {
+    pub fn insert(&mut self, status: u16) {
+        if let Some(offset) = status.checked_sub(100).filter(|&o| o < 512) {
+            self.bits[usize::from(offset / 64)] |= 1 << (offset % 64);
+        }
+    }
+
+    pub fn insert_class(&mut self, class: u16) {
+        for status in class * 100..class * 100 + 100 {
+            self.insert(status);
+        }
+    }
+
+    pub fn contains(&self, status: u16) -> bool {
+        status
+            .checked_sub(100)
+            .filter(|&o| o < 512)
+            .is_some_and(|o| self.bits[usize::from(o / 64)] & (1 << (o % 64)) != 0)
+    }
+}
+
+/// What Envoy knows about a finished stream, read lazily: each read is a host call.
+pub trait ResponseFacts {
+    /// The HTTP status sent downstream; `None` when no response was sent.
+    fn status(&mut self) -> Option<u16>;
+    /// Envoy's response flags.
+    fn flags(&mut self) -> u64;
+    /// The gRPC status, from the `grpc-status` header or trailer.
+    fn grpc_status(&mut self) -> Option<u32>;
+}
+
+/// Which finished calls count as failures and which as slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classifier {
+    pub statuses: StatusSet,
+    /// Response flags that make a call a failure, whatever its status.
+    pub flags: u64,
+    /// gRPC status codes (bit n for code n) that make a call a failure.
+    pub grpc_codes: u32,
+    pub slow_call: Option<Duration>,
+}
+
+impl Classifier {
+    /// Classifies a finished call; `elapsed` is the time from the request to the response headers
+    /// (`None` when none came).
+    pub fn outcome(&self, facts: &mut impl ResponseFacts, elapsed: Option<Duration>) -> Outcome {
+        let Some(status) = facts.status().filter(|&s| s != 0) else {
+            return if facts.flags() & self.flags != 0 {
+                Outcome::Completed {
+                    failed: true,
+                    slow: false,
+                }
+            } else {
+                Outcome::Abandoned
+            };
+        };
+        // Each fact is a host call, so the cheapest test goes first and the rest only if needed.
+        // A gRPC status is only looked for on HTTP 200, the status every gRPC response carries
+        // (Envoy infers one from any other status, which the status rules already judge).
+        let failed = self.statuses.contains(status)
+            || facts.flags() & self.flags != 0
+            || (status == 200
+                && self.grpc_codes != 0
+                && facts
+                    .grpc_status()
+                    .is_some_and(|code| code < 32 && self.grpc_codes & (1 << code) != 0));
+        let slow = self
+            .slow_call
+            .zip(elapsed)
+            .is_some_and(|(limit, elapsed)| elapsed >= limit);
+        Outcome::Completed { failed, slow }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const SECOND: u64 = 1_000 * MS;
+
+    fn breaker() -> Breaker {
+        Breaker {
+            rules: TripRules {
+                consecutive_failures: Some(3),
+                failure_rate_ppm: Some(500_000),
+                slow_call_rate_ppm: None,
+                min_requests: 10,
+                bucket_nanos: SECOND,
+            },
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(60),
+            half_open_probes: 2,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_their_bytes() {
+        let mut window = Window::starting(77);
+        window.buckets[3] = Tally {
+            requests: 9,
+            failures: 4,
+            slow: 1,
+        };
+        let states = [
+            BreakerState::fresh(),
+            BreakerState {
+                owner: u64::MAX - 3,
+                generation: 41,
+                trips: 3,
+                circuit: Circuit::Closed {
+                    since: 12 * SECOND,
+                    consecutive_failures: 2,
+                    window,
+                },
+            },
+            BreakerState {
+                owner: 5,
+                generation: 1,
+                trips: 1,
+                circuit: Circuit::Open { until: u64::MAX },
+            },
+            BreakerState {
+                owner: 5,
+                generation: 2,
+                trips: 1,
+                circuit: Circuit::HalfOpen {
+                    since: 3,
+                    in_flight: 2,
+                    successes: 1,
+                },
+            },
+        ];
+        for state in states {
+            assert_eq!(BreakerState::decode(&state.encode()), state);
+        }
+    }
+
+    #[test]
+    fn the_window_forgets_buckets_older_than_itself() {
+        let mut window = Window::starting(100);
+        window.newest().requests = 5;
+        window.advance(105);
+        window.newest().requests = 1;
+        assert_eq!(window.totals().requests, 6);
+        window.advance(110);
+        assert_eq!(window.totals().requests, 1, "epoch 100 fell out");
+        window.advance(109);
+        assert_eq!(
+            window.epoch, 110,
+            "a clock stepping back keeps the newest bucket"
+        );
+        window.advance(500);
+        assert_eq!(window.totals().requests, 0);
+        assert!(window.is_expired_at(510));
+        assert!(!window.is_expired_at(509));
+    }
+
+    #[test]
+    fn open_periods_double_up_to_the_cap() {
+        let breaker = breaker();
+        let periods: Vec<u64> = (1..=6)
+            .map(|trips| breaker.open_period(trips).as_secs())
+            .collect();
+        assert_eq!(periods, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(breaker.open_period(255).as_secs(), 60);
+    }
+}
