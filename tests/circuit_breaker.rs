@@ -1,0 +1,666 @@
+//! Circuit breakers through the whole core: config, engine, shared store, with a fake clock.
+//! Other workers are simulated by interleaving their decisions between this worker's read and its
+//! write, or by real threads.
+
+// A test crate: a failed unwrap is how it reports a failed expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use seawall::clock::Timestamp;
+use seawall::config::compile;
+use seawall::engine::{Engine, RequestDecision, StreamState, Verdict, GRPC_UNAVAILABLE};
+use seawall::metrics::FakeMetrics;
+use seawall::policy::circuit_breaker::{flags, Classifier, Outcome, ResponseFacts, StatusSet};
+use seawall::request::{FakeRequest, RequestView, Scratch};
+use seawall::state::fake::FakeStore;
+
+const MS: u64 = 1_000_000;
+const SECOND: u64 = 1_000 * MS;
+const T0: u64 = 1_800_000_000 * SECOND;
+
+/// How a stream ended, as Envoy would report it.
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    status: Option<u16>,
+    flags: u64,
+    grpc: Option<u32>,
+}
+
+impl Ended {
+    fn status(status: u16) -> Self {
+        Ended {
+            status: Some(status),
+            flags: 0,
+            grpc: None,
+        }
+    }
+
+    /// The client went away before any response.
+    fn abandoned() -> Self {
+        Ended {
+            status: None,
+            flags: 0,
+            grpc: None,
+        }
+    }
+}
+
+impl ResponseFacts for Ended {
+    fn status(&mut self) -> Option<u16> {
+        self.status
+    }
+    fn flags(&mut self) -> u64 {
+        self.flags
+    }
+    fn grpc_status(&mut self) -> Option<u32> {
+        self.grpc
+    }
+}
+
+struct Worker {
+    engine: Engine,
+    metrics: FakeMetrics,
+    scratch: Scratch,
+}
+
+/// What the client saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Upstream,
+    Refused {
+        status: u16,
+        retry_after: Option<u64>,
+        circuit: String,
+    },
+}
+
+impl Worker {
+    fn new(json: &str, store: &FakeStore) -> Worker {
+        let mut metrics = FakeMetrics::new();
+        let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
+        engine.prepare_state(store).unwrap();
+        let scratch = Scratch::for_plan(&engine.config().attributes);
+        Worker {
+            engine,
+            metrics,
+            scratch,
+        }
+    }
+
+    fn send(
+        &mut self,
+        mut request: FakeRequest,
+        now: u64,
+        store: &FakeStore,
+    ) -> RequestDecision<'_> {
+        let mut view = RequestView::new(
+            &self.engine.config().attributes,
+            &mut request,
+            &mut self.scratch,
+        );
+        self.engine
+            .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
+    }
+
+    /// Sends a request; when it is let through, returns its stream for a later [`Worker::end`].
+    fn start(
+        &mut self,
+        request: FakeRequest,
+        now: u64,
+        store: &FakeStore,
+    ) -> Result<StreamState, Seen> {
+        let decision = self.send(request, now, store);
+        match decision.verdict {
+            Verdict::Continue => Ok(decision.stream),
+            Verdict::Reply(reply) => Err(Seen::Refused {
+                status: reply.status,
+                retry_after: reply.retry_after_seconds(),
+                circuit: reply
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name == "x-seawall-circuit")
+                    .map(|(_, value)| value.clone())
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// The upstream answers after `took`, and the stream ends.
+    fn end(
+        &mut self,
+        mut stream: StreamState,
+        took: u64,
+        mut ended: Ended,
+        now: u64,
+        store: &FakeStore,
+    ) {
+        if ended.status.is_some() {
+            self.engine
+                .on_response(&mut stream, Timestamp::from_nanos(now + took));
+        }
+        self.engine.on_stream_end(
+            &stream,
+            &mut ended,
+            Timestamp::from_nanos(now + took),
+            store,
+            &self.metrics,
+        );
+    }
+
+    /// A whole call that the upstream answers at once with `status`.
+    fn call(&mut self, request: FakeRequest, now: u64, store: &FakeStore, status: u16) -> Seen {
+        match self.start(request, now, store) {
+            Ok(stream) => {
+                self.end(stream, 0, Ended::status(status), now, store);
+                Seen::Upstream
+            }
+            Err(seen) => seen,
+        }
+    }
+
+    fn metric(&self, name: &str) -> i64 {
+        self.metrics
+            .value(&format!("seawall.circuit_breaker.{name}"))
+            .unwrap_or_else(|| panic!("metric {name} is not defined"))
+    }
+}
+
+fn get(path: &str) -> FakeRequest {
+    FakeRequest::http("GET", path)
+}
+
+fn refused(retry_after: u64, circuit: &str) -> Seen {
+    Seen::Refused {
+        status: 503,
+        retry_after: Some(retry_after),
+        circuit: circuit.to_owned(),
+    }
+}
+
+const CONSECUTIVE: &str = r#"{
+    "circuit_breakers": {"upstream": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                      "open_for": "5s", "max_open_for": "40s", "half_open_probes": 2}},
+    "routes": [{"name": "all", "circuit_breaker": "upstream"}]
+}"#;
+
+/// Trips the breaker of `worker` at `now` with three failures: it is open until `now` + 5 s.
+fn trip(worker: &mut Worker, store: &FakeStore, now: u64) {
+    for _ in 0..3 {
+        assert_eq!(worker.call(get("/"), now, store, 503), Seen::Upstream);
+    }
+}
+
+#[test]
+fn consecutive_failures_open_the_breaker_and_it_fails_fast_with_the_time_left() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    for n in 0..2 {
+        worker.call(get("/"), T0 + n, &store, 503);
+    }
+    // A success in between starts the count over.
+    assert_eq!(worker.call(get("/"), T0 + 2, &store, 200), Seen::Upstream);
+    for n in 3..5 {
+        worker.call(get("/"), T0 + n, &store, 500);
+    }
+    assert_eq!(worker.metric("upstream.opened"), 0);
+    worker.call(get("/"), T0 + 5, &store, 502);
+    assert_eq!(worker.metric("upstream.opened"), 1);
+    assert_eq!(worker.metric("upstream.open"), 1);
+    assert_eq!(worker.metric("upstream.failures"), 5);
+    assert_eq!(worker.metric("upstream.successes"), 1);
+
+    let before = store.counts();
+    assert_eq!(
+        worker.call(get("/"), T0 + 2 * SECOND + 5, &store, 200),
+        refused(3, "open"),
+        "5 s open, 2 s gone: retry after 3 s"
+    );
+    let after = store.counts();
+    assert_eq!(
+        (after.gets - before.gets, after.sets - before.sets),
+        (1, 0),
+        "a refusal reads once and writes nothing"
+    );
+    assert_eq!(worker.metric("upstream.rejected"), 1);
+}
+
+#[test]
+fn half_open_admits_exactly_the_probes_and_their_successes_close_it() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    trip(&mut worker, &store, T0);
+    let later = T0 + 5 * SECOND;
+    let first = worker.start(get("/"), later, &store).unwrap();
+    assert_eq!(worker.metric("upstream.half_opened"), 1);
+    assert_eq!(
+        (
+            worker.metric("upstream.open"),
+            worker.metric("upstream.half_open")
+        ),
+        (0, 1)
+    );
+    let second = worker.start(get("/"), later + 1, &store).unwrap();
+    assert_eq!(
+        worker.start(get("/"), later + 2, &store).unwrap_err(),
+        refused(1, "half-open")
+    );
+    assert_eq!(worker.metric("upstream.probes"), 2);
+    worker.end(first, 10 * MS, Ended::status(200), later, &store);
+    assert_eq!(worker.metric("upstream.closed"), 0, "one success of two");
+    // The finished probe's slot is free again, but the breaker still needs its second success.
+    let third = worker.start(get("/"), later + 20 * MS, &store).unwrap();
+    assert_eq!(worker.metric("upstream.probes"), 3);
+    worker.end(second, 30 * MS, Ended::status(204), later, &store);
+    assert_eq!(worker.metric("upstream.closed"), 1);
+    assert_eq!(
+        (
+            worker.metric("upstream.open"),
+            worker.metric("upstream.half_open")
+        ),
+        (0, 0)
+    );
+    // The third probe reports after the close: its episode is over, so it changes nothing.
+    worker.end(third, 40 * MS, Ended::status(500), later, &store);
+    assert_eq!(worker.metric("upstream.opened"), 1);
+    assert_eq!(
+        worker.call(get("/"), later + SECOND, &store, 200),
+        Seen::Upstream
+    );
+}
+
+#[test]
+fn failed_probes_reopen_for_longer_each_time_up_to_the_cap() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    trip(&mut worker, &store, T0);
+    let mut now = T0;
+    let mut periods = Vec::new();
+    for _ in 0..5 {
+        let Err(Seen::Refused { retry_after, .. }) = worker.start(get("/"), now + 1, &store) else {
+            panic!("the breaker is open");
+        };
+        let open_for = retry_after.unwrap();
+        periods.push(open_for);
+        now += open_for * SECOND;
+        let probe = worker.start(get("/"), now, &store).unwrap();
+        worker.end(probe, 0, Ended::status(503), now, &store);
+    }
+    assert_eq!(periods, [5, 10, 20, 40, 40]);
+    assert_eq!(worker.metric("upstream.reopened"), 5);
+
+    // Two good probes close it; a trip soon after the close counts as a repeat ...
+    let Err(Seen::Refused { retry_after, .. }) = worker.start(get("/"), now + 1, &store) else {
+        panic!("the breaker is open");
+    };
+    now += retry_after.unwrap() * SECOND;
+    for n in 0..2 {
+        let probe = worker.start(get("/"), now + n, &store).unwrap();
+        worker.end(probe, 0, Ended::status(200), now + n, &store);
+    }
+    assert_eq!(worker.metric("upstream.closed"), 1);
+    trip(&mut worker, &store, now + 10 * SECOND);
+    assert_eq!(
+        worker
+            .start(get("/"), now + 10 * SECOND + 3, &store)
+            .unwrap_err(),
+        refused(40, "open")
+    );
+    // ... while a trip long after a lasting close starts the back-off over.
+    now += 10 * SECOND + 40 * SECOND;
+    for n in 0..2 {
+        let probe = worker.start(get("/"), now + n, &store).unwrap();
+        worker.end(probe, 0, Ended::status(200), now + n, &store);
+    }
+    now += 41 * SECOND;
+    trip(&mut worker, &store, now);
+    assert_eq!(
+        worker.start(get("/"), now + 3, &store).unwrap_err(),
+        refused(5, "open")
+    );
+}
+
+const RATES: &str = r#"{
+    "circuit_breakers": {"upstream": {"key": "route",
+        "failure": {"slow_call": "100ms"},
+        "open_when": {"failure_rate": 50, "slow_call_rate": 50, "min_requests": 10, "window": "10s"}}},
+    "routes": [{"name": "all", "circuit_breaker": "upstream"}]
+}"#;
+
+#[test]
+fn failure_rate_waits_for_min_requests_and_forgets_what_left_the_window() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATES, &store);
+    for n in 0..9 {
+        worker.call(get("/"), T0 + n, &store, 503);
+    }
+    assert_eq!(
+        worker.metric("upstream.opened"),
+        0,
+        "9 failures, fewer than min_requests"
+    );
+    // Eleven seconds on, those nine have left the window.
+    let later = T0 + 11 * SECOND;
+    for n in 0..5 {
+        worker.call(get("/"), later + n, &store, 200);
+    }
+    for n in 0..4 {
+        worker.call(get("/"), later + 10 + n, &store, 500);
+    }
+    assert_eq!(worker.metric("upstream.opened"), 0, "4 of 9 in the window");
+    worker.call(get("/"), later + 20, &store, 500);
+    assert_eq!(worker.metric("upstream.opened"), 1, "5 of 10 is 50%");
+}
+
+#[test]
+fn slow_calls_trip_the_slow_call_rule_and_a_slow_probe_reopens() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATES, &store);
+    for n in 0..10 {
+        let stream = worker.start(get("/"), T0 + n, &store).unwrap();
+        let took = if n % 2 == 0 { 250 * MS } else { 5 * MS };
+        worker.end(stream, took, Ended::status(200), T0 + n, &store);
+    }
+    assert_eq!(worker.metric("upstream.slow_calls"), 5);
+    assert_eq!(worker.metric("upstream.failures"), 0);
+    assert_eq!(worker.metric("upstream.opened"), 1);
+    let probe = worker.start(get("/"), T0 + 6 * SECOND, &store).unwrap();
+    worker.end(probe, 150 * MS, Ended::status(200), T0 + 6 * SECOND, &store);
+    assert_eq!(worker.metric("upstream.reopened"), 1);
+    assert_eq!(
+        worker
+            .start(get("/"), T0 + 6 * SECOND + 150 * MS, &store)
+            .unwrap_err(),
+        refused(10, "open"),
+        "a repeated trip doubles the open period"
+    );
+}
+
+const ONE_PROBE: &str = r#"{
+    "rate_limits": {"tiny": {"rate": "1/h", "burst": 1, "key": [{"header": "x-user"}], "on_missing_key": "skip"}},
+    "circuit_breakers": {"upstream": {"key": "route", "open_when": {"consecutive_failures": 1},
+                                      "open_for": "1s", "max_open_for": "1s"}},
+    "routes": [{"name": "all", "circuit_breaker": "upstream", "rate_limits": ["tiny"]}]
+}"#;
+
+#[test]
+fn a_probe_that_never_reaches_the_upstream_gives_back_its_slot() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(ONE_PROBE, &store);
+    worker.call(get("/"), T0, &store, 503);
+    let now = T0 + SECOND;
+    // The client leaves before any response.
+    let probe = worker.start(get("/"), now, &store).unwrap();
+    worker.end(probe, MS, Ended::abandoned(), now, &store);
+    assert_eq!(worker.metric("upstream.reopened"), 0);
+    // The rate limit refuses the next probe after the breaker admitted it.
+    worker.call(get("/").header("x-user", "u"), now + 2 * MS, &store, 200);
+    let refused_by_limit = worker.start(get("/").header("x-user", "u"), now + 3 * MS, &store);
+    assert!(
+        matches!(refused_by_limit, Err(Seen::Refused { status: 429, .. })),
+        "{refused_by_limit:?}"
+    );
+    // The slot came back both times: this request is a probe, and its success closes the breaker.
+    assert_eq!(
+        worker.call(get("/"), now + 4 * MS, &store, 200),
+        Seen::Upstream
+    );
+    assert_eq!(worker.metric("upstream.closed"), 1);
+    assert_eq!(worker.metric("upstream.half_open"), 0);
+}
+
+#[test]
+fn probes_that_never_report_are_replaced_after_the_longest_open_period() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(ONE_PROBE, &store);
+    worker.call(get("/"), T0, &store, 503);
+    let lost = worker.start(get("/"), T0 + SECOND, &store).unwrap();
+    assert_eq!(
+        worker.start(get("/"), T0 + 2 * SECOND, &store).unwrap_err(),
+        refused(1, "half-open")
+    );
+    let probe = worker.start(get("/"), T0 + 2 * SECOND + 1, &store).unwrap();
+    assert_eq!(worker.metric("upstream.probes_restarted"), 1);
+    // The lost probe turns up after all: its episode is over, so it is ignored.
+    worker.end(lost, 0, Ended::status(503), T0 + 2 * SECOND + 2, &store);
+    assert_eq!(worker.metric("upstream.reopened"), 0);
+    worker.end(probe, 0, Ended::status(200), T0 + 2 * SECOND + 3, &store);
+    assert_eq!(worker.metric("upstream.closed"), 1);
+}
+
+const BY_TENANT: &str = r#"{
+    "circuit_breakers": {"tenant": {"key": {"header": "x-tenant"}, "max_keys": 2,
+                                    "open_when": {"consecutive_failures": 1}, "open_for": "30s"}},
+    "routes": [{"name": "all", "circuit_breaker": "tenant"}]
+}"#;
+
+fn tenant(name: &str) -> FakeRequest {
+    get("/").header("x-tenant", name)
+}
+
+#[test]
+fn keys_never_share_a_record_and_idle_records_are_reused() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(BY_TENANT, &store);
+    assert_eq!(store.keys_with_prefix("sw:seawall:cb:tenant:"), 2);
+    assert_eq!(worker.call(tenant("a"), T0, &store, 200), Seen::Upstream);
+    assert_eq!(
+        worker.call(tenant("b"), T0 + 1, &store, 200),
+        Seen::Upstream
+    );
+    // Both records are held: a third key is let through untracked, whatever it does.
+    for n in 0..3 {
+        assert_eq!(
+            worker.call(tenant("c"), T0 + 2 + n, &store, 503),
+            Seen::Upstream
+        );
+    }
+    assert_eq!(worker.metric("tenant.untracked"), 3);
+    assert_eq!(worker.metric("tenant.opened"), 0);
+    // One tenant's failure opens its breaker only.
+    worker.call(tenant("a"), T0 + 10, &store, 503);
+    assert_eq!(
+        worker.start(tenant("a"), T0 + 11, &store).unwrap_err(),
+        refused(30, "open")
+    );
+    assert_eq!(
+        worker.call(tenant("b"), T0 + 12, &store, 200),
+        Seen::Upstream
+    );
+    // After a whole window without traffic, b's closed record is free for c; a's open one is not.
+    let later = T0 + 11 * SECOND;
+    worker.call(tenant("c"), later, &store, 503);
+    assert_eq!(worker.metric("tenant.opened"), 2);
+    assert!(worker.start(tenant("c"), later + 1, &store).is_err());
+    assert!(worker.start(tenant("a"), later + 2, &store).is_err());
+    assert_eq!(
+        store.keys_with_prefix("sw:seawall:cb:tenant:"),
+        2,
+        "no key was created"
+    );
+}
+
+#[test]
+fn the_common_path_reads_once_and_records_with_one_write() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    worker.call(get("/"), T0, &store, 200);
+    let before = store.counts();
+    let stream = worker.start(get("/"), T0 + 1, &store).unwrap();
+    let admitted = store.counts();
+    assert_eq!(
+        (admitted.gets - before.gets, admitted.sets - before.sets),
+        (1, 0),
+        "admission while closed"
+    );
+    worker.end(stream, MS, Ended::status(200), T0 + 1, &store);
+    let recorded = store.counts();
+    assert_eq!(
+        (recorded.gets - admitted.gets, recorded.sets - admitted.sets),
+        (1, 1),
+        "recording the outcome"
+    );
+}
+
+#[test]
+fn shadow_mode_runs_the_state_machine_but_refuses_nothing() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        &CONSECUTIVE.replace("\"open_for\"", "\"mode\": \"shadow\", \"open_for\""),
+        &store,
+    );
+    trip(&mut worker, &store, T0);
+    assert_eq!(worker.metric("upstream.opened"), 1);
+    for n in 0..4 {
+        assert_eq!(
+            worker.call(get("/"), T0 + SECOND + n, &store, 200),
+            Seen::Upstream
+        );
+    }
+    assert_eq!(worker.metric("upstream.shadow_rejected"), 4);
+    assert_eq!(worker.metric("upstream.rejected"), 0);
+    // It still probes and closes, exactly as it would in enforce mode.
+    for n in 0..2 {
+        worker.call(get("/"), T0 + 6 * SECOND + n, &store, 200);
+    }
+    assert_eq!(worker.metric("upstream.closed"), 1);
+}
+
+#[test]
+fn forced_open_and_disabled_touch_no_state() {
+    for (mode, expected) in [
+        ("forced_open", refused(5, "open")),
+        ("disabled", Seen::Upstream),
+    ] {
+        let store = FakeStore::new();
+        let json = CONSECUTIVE.replace(
+            "\"open_for\"",
+            &format!("\"mode\": \"{mode}\", \"open_for\""),
+        );
+        let mut worker = Worker::new(&json, &store);
+        let before = store.counts();
+        for n in 0..5 {
+            assert_eq!(
+                worker.call(get("/"), T0 + n, &store, 503),
+                expected,
+                "{mode}"
+            );
+        }
+        assert_eq!(store.counts().gets, before.gets, "{mode} reads nothing");
+        assert_eq!(worker.metric("upstream.opened"), 0, "{mode}");
+    }
+}
+
+#[test]
+fn grpc_callers_are_told_unavailable() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    trip(&mut worker, &store, T0);
+    let decision = worker.send(
+        get("/svc/Method").header("content-type", "application/grpc"),
+        T0 + SECOND,
+        &store,
+    );
+    let Verdict::Reply(reply) = decision.verdict else {
+        panic!("the breaker is open");
+    };
+    assert_eq!(reply.grpc_status, Some(GRPC_UNAVAILABLE));
+}
+
+#[test]
+fn outcomes_are_classified_from_status_flags_and_grpc_status() {
+    let mut statuses = StatusSet::default();
+    statuses.insert_class(5);
+    statuses.insert(429);
+    let classifier = Classifier {
+        statuses,
+        flags: flags::RESETS | flags::TIMEOUTS,
+        grpc_codes: 1 << 14,
+        slow_call: Some(Duration::from_millis(100)),
+    };
+    let outcome = |status, flags, grpc, elapsed_ms: Option<u64>| {
+        let mut ended = Ended {
+            status,
+            flags,
+            grpc,
+        };
+        classifier.outcome(&mut ended, elapsed_ms.map(Duration::from_millis))
+    };
+    let done = |failed, slow| Outcome::Completed { failed, slow };
+    assert_eq!(outcome(Some(200), 0, Some(0), Some(5)), done(false, false));
+    assert_eq!(outcome(Some(503), 0, None, Some(5)), done(true, false));
+    assert_eq!(outcome(Some(429), 0, None, Some(500)), done(true, true));
+    assert_eq!(outcome(Some(404), 0, None, Some(100)), done(false, true));
+    // A reset after the headers went out: the status says 200, the flags say otherwise.
+    assert_eq!(
+        outcome(Some(200), flags::UPSTREAM_REMOTE_RESET, None, Some(5)),
+        done(true, false)
+    );
+    assert_eq!(outcome(Some(200), 0, Some(14), Some(5)), done(true, false));
+    assert_eq!(outcome(Some(200), 0, Some(5), Some(5)), done(false, false));
+    // No response: a timeout is the upstream's failure, a client leaving is nobody's.
+    assert_eq!(
+        outcome(None, flags::UPSTREAM_REQUEST_TIMEOUT, None, None),
+        done(true, false)
+    );
+    assert_eq!(outcome(None, 1 << 14, None, None), Outcome::Abandoned);
+    assert_eq!(outcome(Some(0), 0, None, None), Outcome::Abandoned);
+}
+
+/// Half-open probes must be exact across workers: another worker takes a probe slot between
+/// this worker's read and its write, every time, and still no more than `half_open_probes`
+/// requests are admitted.
+#[test]
+fn interleaved_workers_admit_exactly_the_probe_count() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    trip(&mut worker, &store, T0);
+    let now = T0 + 5 * SECOND;
+    let admitted_elsewhere = Arc::new(Mutex::new(0u32));
+    let mut other = Worker::new(CONSECUTIVE, &store);
+    let counter = Arc::clone(&admitted_elsewhere);
+    let mut turns = 0;
+    store.interfere(move |store| {
+        turns += 1;
+        if turns <= 6 && other.start(get("/"), now, store).is_ok() {
+            *counter.lock().unwrap() += 1;
+        }
+    });
+    let mut admitted_here = 0;
+    for n in 0..6 {
+        if worker.start(get("/"), now + n, &store).is_ok() {
+            admitted_here += 1;
+        }
+    }
+    store.stop_interfering();
+    let elsewhere = *admitted_elsewhere.lock().unwrap();
+    assert_eq!(
+        admitted_here + elsewhere,
+        2,
+        "here {admitted_here}, elsewhere {elsewhere}"
+    );
+    assert!(store.counts().cas_mismatches > 0, "the workers did race");
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn threads_hammering_a_half_open_breaker_admit_exactly_the_probe_count() {
+    let store = Arc::new(FakeStore::new());
+    let mut worker = Worker::new(CONSECUTIVE, &store);
+    trip(&mut worker, &store, T0);
+    let now = T0 + 5 * SECOND;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut worker = Worker::new(CONSECUTIVE, &store);
+                (0..500)
+                    .filter(|&n| worker.start(get("/"), now + n, &store).is_ok())
+                    .count()
+            })
+        })
+        .collect();
+    let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(admitted, 2);
+}
