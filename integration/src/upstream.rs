@@ -18,6 +18,8 @@ pub struct Behaviour {
     pub headers: Vec<(String, String)>,
     /// Fails exactly `ratio` of the requests (error diffusion, not chance) with `status`.
     pub failure: Option<(f64, u16)>,
+    /// Closes the connection instead of answering (after `delay`).
+    pub reset: bool,
 }
 
 impl Behaviour {
@@ -28,6 +30,7 @@ impl Behaviour {
             body: b"ok\n".to_vec(),
             headers: Vec::new(),
             failure: None,
+            reset: false,
         }
     }
 
@@ -53,6 +56,12 @@ impl Behaviour {
 
     pub fn failing(mut self, ratio: f64, status: u16) -> Self {
         self.failure = Some((ratio, status));
+        self
+    }
+
+    /// Drops the connection without a response: Envoy sees an upstream reset.
+    pub fn resetting(mut self) -> Self {
+        self.reset = true;
         self
     }
 }
@@ -322,6 +331,17 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
         let (behaviour, status) = choose(&shared, &bare, &headers);
         if !behaviour.delay.is_zero() {
             thread::sleep(behaviour.delay);
+        }
+        if behaviour.reset {
+            let mut record = shared.record.lock().unwrap();
+            record.in_flight = record.in_flight.saturating_sub(1);
+            for prefix in &tracked {
+                if let Some(entry) = record.in_flight_by_prefix.get_mut(prefix) {
+                    entry.0 = entry.0.saturating_sub(1);
+                }
+            }
+            let _ = writer.shutdown(Shutdown::Both);
+            break;
         }
         let mut response = format!(
             "HTTP/1.1 {status} {}\r\ncontent-length: {}\r\nx-upstream-path: {path}\r\nx-upstream-method: {method}\r\nx-upstream-request-id: {sequence}\r\n",

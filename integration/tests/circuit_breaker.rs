@@ -1,0 +1,240 @@
+//! Circuit breakers in real Envoy with four workers: the breaker opens at its threshold and then
+//! shields the upstream (its own counter proves it), fails fast, lets exactly `half_open_probes`
+//! probes through at once across all workers, closes when they succeed, trips on slow calls with
+//! a growing open period, counts resets from Envoy's response flags, and frees the slot of a probe
+//! whose client went away.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use seawall_integration::client::{load, Client, LoadSpec, Request};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Upstream};
+
+fn guarded(upstream: &Upstream, plugin: &str) -> Envoy {
+    Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(4)
+            .seawall(plugin),
+    )
+}
+
+const CB: &str = "seawall.circuit_breaker.payments";
+
+/// Waits (bounded) until the breaker's `counter` reaches `at_least`.
+fn wait_for(envoy: &Envoy, counter: &str, at_least: u64) -> u64 {
+    envoy.wait_for_stat(
+        &format!("wasmcustom.{CB}.{counter}"),
+        Duration::from_secs(10),
+        |value| value >= at_least,
+    )
+}
+
+#[test]
+fn an_open_breaker_shields_the_upstream_then_exactly_the_probes_go_through_and_close_it() {
+    let upstream = Upstream::start();
+    let envoy = guarded(
+        &upstream,
+        r#"{"circuit_breakers": {"payments": {
+              "open_when": {"consecutive_failures": 5, "failure_rate": 50, "min_requests": 20, "window": "10s"},
+              "open_for": "3s", "max_open_for": "30s", "half_open_probes": 3}},
+            "routes": [{"name": "pay", "circuit_breaker": "payments"}]}"#,
+    );
+    let addr = envoy.listener_addr();
+    let mut client = Client::connect(addr);
+    for _ in 0..20 {
+        assert_eq!(client.send(&Request::get("/pay")).unwrap().status, 200);
+    }
+
+    // The upstream goes down: 8 connections flood for 2 s, less than the open period.
+    upstream.set_behaviour(Behaviour::ok().status(503));
+    upstream.reset_counters();
+    let flood = load(
+        addr,
+        LoadSpec::new(8, Duration::from_secs(2), |_| Request::get("/pay")),
+    );
+    let reached = upstream.total();
+    let stats = envoy.stats();
+    let rejected = stats.seawall(&format!("{CB}.rejected"));
+    eprintln!(
+        "[breaker] flood of {} requests while the upstream fails: upstream saw {reached}, {rejected} rejected fast; latency p50 {:?} p99 {:?}",
+        flood.sent(),
+        flood.percentile(50.0),
+        flood.percentile(99.0)
+    );
+    assert_eq!(flood.errors, 0);
+    assert_eq!(flood.count(503), flood.sent(), "{:?}", flood.statuses);
+    assert!(
+        flood.sent() > 200,
+        "the flood must be a flood: {}",
+        flood.sent()
+    );
+    assert_eq!(stats.seawall(&format!("{CB}.opened")), 1);
+    // Five failures open it; at most the other connections' requests in flight at that moment
+    // also reach the upstream. After that, nothing does until the open period ends.
+    assert!(
+        (5..=5 + 8).contains(&reached),
+        "the upstream saw {reached} requests"
+    );
+    assert_eq!(rejected + reached, flood.sent());
+    assert_eq!(stats.seawall(&format!("{CB}.open")), 1);
+    let mut fresh = Client::connect(addr);
+    let refused = fresh.send(&Request::get("/pay")).unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("x-seawall-circuit"), Some("open"));
+    let retry_after = refused.header_u64("retry-after").unwrap();
+    assert!((1..=3).contains(&retry_after), "retry-after {retry_after}");
+    assert_eq!(
+        upstream.total(),
+        reached,
+        "a refusal never reaches the upstream"
+    );
+
+    // The upstream heals but answers slowly, so the probes are all out at once. After the open
+    // period, 8 connections flood for 600 ms: only three requests may reach the upstream.
+    upstream.set_behaviour(Behaviour::ok().delay(Duration::from_millis(1500)));
+    upstream.reset_counters();
+    std::thread::sleep(Duration::from_secs(retry_after) + Duration::from_millis(200));
+    let probing = load(
+        addr,
+        LoadSpec::new(8, Duration::from_millis(600), |_| Request::get("/pay")),
+    );
+    let stats = envoy.stats();
+    eprintln!(
+        "[breaker] half-open flood: {} requests, upstream saw {} (peak {} in flight), statuses {:?}",
+        probing.sent(),
+        upstream.total(),
+        upstream.peak_in_flight(),
+        probing.statuses
+    );
+    assert_eq!(upstream.total(), 3, "exactly half_open_probes requests");
+    assert_eq!(upstream.peak_in_flight(), 3);
+    assert_eq!(probing.count(200), 3);
+    assert_eq!(stats.seawall(&format!("{CB}.probes")), 3);
+    assert_eq!(stats.seawall(&format!("{CB}.half_opened")), 1);
+    assert_eq!(
+        wait_for(&envoy, "closed", 1),
+        1,
+        "three good probes close it"
+    );
+    let stats = envoy.stats();
+    assert_eq!(stats.seawall(&format!("{CB}.open")), 0);
+    assert_eq!(stats.seawall(&format!("{CB}.half_open")), 0);
+    assert_eq!(stats.seawall(&format!("{CB}.reopened")), 0);
+
+    upstream.set_behaviour(Behaviour::ok());
+    for _ in 0..10 {
+        assert_eq!(fresh.send(&Request::get("/pay")).unwrap().status, 200);
+    }
+    assert_eq!(stats.seawall(&format!("{CB}.cas_exhausted")), 0);
+}
+
+#[test]
+fn a_slow_upstream_trips_the_slow_call_rule_and_each_failed_probe_doubles_the_open_period() {
+    let upstream = Upstream::start();
+    upstream.set_behaviour(Behaviour::ok().delay(Duration::from_millis(250)));
+    let envoy = guarded(
+        &upstream,
+        r#"{"circuit_breakers": {"payments": {"key": "route",
+              "failure": {"slow_call": "100ms"},
+              "open_when": {"slow_call_rate": 50, "min_requests": 4, "window": "10s"},
+              "open_for": "1s", "max_open_for": "8s"}},
+            "routes": [{"name": "pay", "circuit_breaker": "payments"}]}"#,
+    );
+    let addr = envoy.listener_addr();
+    let slow = load(addr, {
+        let mut spec = LoadSpec::new(4, Duration::from_secs(5), |_| Request::get("/pay"));
+        spec.total = Some(8);
+        spec
+    });
+    assert_eq!(slow.count(200), upstream.total(), "{:?}", slow.statuses);
+    assert_eq!(wait_for(&envoy, "opened", 1), 1);
+    let stats = envoy.stats();
+    assert!(stats.seawall(&format!("{CB}.slow_calls")) >= 4);
+    assert_eq!(stats.seawall(&format!("{CB}.failures")), 0);
+
+    // Each probe is slow again, so the breaker reopens, for twice as long each time.
+    let mut client = Client::connect(addr);
+    let mut periods = Vec::new();
+    for _ in 0..4 {
+        let before = upstream.total();
+        let refused = client.send(&Request::get("/pay")).unwrap();
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.header("x-seawall-circuit"), Some("open"));
+        assert_eq!(
+            upstream.total(),
+            before,
+            "nothing reaches the upstream while open"
+        );
+        let wait = refused.header_u64("retry-after").unwrap();
+        periods.push(wait);
+        std::thread::sleep(Duration::from_secs(wait));
+        let probe = client.send(&Request::get("/pay")).unwrap();
+        assert_eq!(probe.status, 200, "the probe reaches the upstream");
+        assert_eq!(upstream.total(), before + 1);
+    }
+    eprintln!("[breaker] open periods after repeated slow probes: {periods:?} s");
+    assert_eq!(periods, [1, 2, 4, 8]);
+    assert_eq!(wait_for(&envoy, "reopened", 4), 4);
+}
+
+#[test]
+fn resets_count_from_envoys_flags_and_a_probe_whose_client_leaves_frees_its_slot() {
+    let upstream = Upstream::start();
+    upstream.set_behaviour(Behaviour::ok().resetting());
+    // Statuses count nothing here, so only the response flags can open the breaker.
+    let envoy = guarded(
+        &upstream,
+        r#"{"circuit_breakers": {"payments": {"key": "route",
+              "failure": {"statuses": [], "resets": true},
+              "open_when": {"consecutive_failures": 3}, "open_for": "1s", "max_open_for": "1s"}},
+            "routes": [{"name": "pay", "circuit_breaker": "payments"}]}"#,
+    );
+    let addr = envoy.listener_addr();
+    let mut client = Client::connect(addr);
+    for _ in 0..3 {
+        let reset = client.send(&Request::get("/pay")).unwrap();
+        assert_eq!(reset.status, 503, "Envoy answers a reset upstream with 503");
+    }
+    assert_eq!(wait_for(&envoy, "opened", 1), 1);
+    assert_eq!(envoy.stats().seawall(&format!("{CB}.failures")), 3);
+    let refused = client.send(&Request::get("/pay")).unwrap();
+    assert_eq!(refused.header("x-seawall-circuit"), Some("open"));
+
+    // The probe's client hangs up while the upstream is still thinking.
+    upstream.set_behaviour(Behaviour::ok().delay(Duration::from_secs(3)));
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = upstream.total();
+    {
+        let mut probe = TcpStream::connect(addr).unwrap();
+        probe
+            .write_all(b"GET /pay HTTP/1.1\r\nhost: seawall.test\r\n\r\n")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream.total() == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            upstream.total(),
+            before + 1,
+            "the probe reached the upstream"
+        );
+    }
+    assert_eq!(wait_for(&envoy, "probes", 1), 1);
+    // Its slot comes back when Envoy ends the stream, so the next request is a probe, not a 503.
+    upstream.set_behaviour(Behaviour::ok());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        last = client.send(&Request::get("/pay")).unwrap().status;
+        if last == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(last, 200, "the abandoned probe's slot was given back");
+    let stats = envoy.stats();
+    assert_eq!(stats.seawall(&format!("{CB}.probes")), 2);
+    assert_eq!(stats.seawall(&format!("{CB}.reopened")), 0);
+    assert_eq!(wait_for(&envoy, "closed", 1), 1);
+}
