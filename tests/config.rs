@@ -427,3 +427,18 @@ fn circuit_breaker_defaults_are_what_operators_expect() {
     assert!(classifier.statuses.contains(429) && classifier.statuses.contains(503));
     assert_eq!(classifier.grpc_codes, (1 << 14) | (1 << 8));
 }
+
+/// The README's config example is the one operators copy: it must compile as written.
+#[test]
+fn the_readme_example_compiles() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```json\n")
+        .expect("a json block in the README")
+        + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let config = compile(readme[start..end].as_bytes()).unwrap();
+    assert_eq!(config.name, "edge");
+    assert_eq!(config.circuit_breakers.len(), 1);
+    assert_eq!(config.rate_limits.len(), 2);
+}

@@ -527,8 +527,11 @@ impl Envoy {
             self.config.xds_from_files,
             "push_listener needs EnvoyConfig::xds_from_files(true)"
         );
+        // Keep the address exactly as first rendered (`port_value: 0`): Envoy then updates the
+        // listener in place and keeps its socket. Pinning the port it picked would change the
+        // address, so Envoy would replace the listener and reset connections under load.
         let mut config = config.clone();
-        config.listener_port = self.listener.port();
+        config.listener_port = 0;
         let before = self.stats();
         let success = before
             .get("listener_manager.lds.update_success")
@@ -545,6 +548,7 @@ impl Envoy {
                 .unwrap_or(0)
                 > success
             {
+                config.listener_port = self.listener.port();
                 self.config = config;
                 return LdsOutcome::Accepted;
             }

@@ -182,11 +182,29 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
         .unwrap();
     assert_eq!(response.header("x-seawall-route"), Some("checkout"));
 
-    // A good push after the bad one takes effect.
+    // A good push after the bad one takes effect, under load too, without a failed request.
+    let background = std::thread::spawn(move || {
+        load(
+            addr,
+            LoadSpec::new(4, Duration::from_secs(3), |_| Request::get("/")),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let renamed = envoy
         .config()
         .seawall(r#"{"debug": {"route_header": true}, "routes": [{"name": "renamed"}]}"#);
     assert_eq!(envoy.push_listener(&renamed), LdsOutcome::Accepted);
+    let report = background.join().unwrap();
+    assert_eq!(report.errors, 0, "{:?}", report.statuses);
+    assert_eq!(report.count(200), report.sent(), "{:?}", report.statuses);
+    assert!(report.sent() > 50, "the load ran: {}", report.sent());
+    assert_eq!(
+        envoy
+            .stats()
+            .get("listener_manager.listener_in_place_updated"),
+        Some(1),
+        "Envoy updated the listener in place"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let response = Client::connect(addr).send(&Request::get("/")).unwrap();
