@@ -437,7 +437,7 @@ fn the_readme_example_compiles() {
         .expect("a json block in the README")
         + 8;
     let end = start + readme[start..].find("```").unwrap();
-    let config = compile(readme[start..end].as_bytes()).unwrap();
+    let config = compile(&readme.as_bytes()[start..end]).unwrap();
     assert_eq!(config.name, "edge");
     assert_eq!(config.circuit_breakers.len(), 1);
     assert_eq!(config.rate_limits.len(), 2);

@@ -122,11 +122,26 @@ fn an_open_breaker_shields_the_upstream_then_exactly_the_probes_go_through_and_c
     assert_eq!(stats.seawall(&format!("{CB}.half_open")), 0);
     assert_eq!(stats.seawall(&format!("{CB}.reopened")), 0);
 
+    // Closed again: a healthy flood records every outcome on the one shared record.
     upstream.set_behaviour(Behaviour::ok());
-    for _ in 0..10 {
-        assert_eq!(fresh.send(&Request::get("/pay")).unwrap().status, 200);
-    }
+    upstream.reset_counters();
+    let before = envoy.stats().seawall(&format!("{CB}.cas_retries"));
+    let healthy = load(
+        addr,
+        LoadSpec::new(8, Duration::from_secs(2), |_| Request::get("/pay")),
+    );
+    let stats = envoy.stats();
+    let retries = stats.seawall(&format!("{CB}.cas_retries")) - before;
+    eprintln!(
+        "[breaker] healthy flood: {} requests, all to the upstream; {retries} CAS retries ({:.4} per request)",
+        healthy.sent(),
+        retries as f64 / healthy.sent() as f64
+    );
+    assert_eq!(healthy.count(200), healthy.sent(), "{:?}", healthy.statuses);
+    assert_eq!(upstream.total(), healthy.sent());
     assert_eq!(stats.seawall(&format!("{CB}.cas_exhausted")), 0);
+    assert_eq!(stats.seawall(&format!("{CB}.untracked")), 0);
+    assert_eq!(stats.seawall(&format!("{CB}.opened")), 1);
 }
 
 #[test]
