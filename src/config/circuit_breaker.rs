@@ -4,12 +4,11 @@
 //! connect failures are failures; a breaker is keyed by the upstream cluster; it opens for 5 s,
 //! doubling on repeated trips up to 60 s, and closes after one good probe.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use super::error::{child, index, ConfigError};
-use super::rate_limit::{is_header_name, LimitReply};
+use super::rate_limit::is_header_name;
+use super::reply::{RawReply, Reply};
 use super::units::{Percent, TimeSpan};
 use crate::policy::circuit_breaker::{
     flags, Breaker, Classifier, StatusSet, TripRules, WINDOW_BUCKETS,
@@ -40,7 +39,7 @@ pub struct RawCircuitBreaker {
     #[serde(default)]
     pub mode: RawBreakerMode,
     #[serde(default)]
-    pub on_open: RawOnOpen,
+    pub on_open: RawReply<503>,
 }
 
 fn default_open_for() -> TimeSpan {
@@ -241,31 +240,6 @@ pub enum RawBreakerMode {
     Disabled,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawOnOpen {
-    #[serde(default = "default_status")]
-    pub status: u16,
-    #[serde(default)]
-    pub body: String,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Default for RawOnOpen {
-    fn default() -> Self {
-        RawOnOpen {
-            status: default_status(),
-            body: String::new(),
-            headers: BTreeMap::new(),
-        }
-    }
-}
-
-fn default_status() -> u16 {
-    503
-}
-
 /// What a breaker keeps separate state for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BreakerKey {
@@ -303,7 +277,7 @@ pub struct CircuitBreakerPolicy {
     /// Prefix of the per-route records' keys.
     pub route_prefix: String,
     pub mode: BreakerMode,
-    pub on_open: LimitReply,
+    pub on_open: Reply,
 }
 
 impl CircuitBreakerPolicy {
@@ -445,24 +419,7 @@ pub fn compile(
             format!("expected a number of keys from 1 to {MAX_KEYS_LIMIT}, got {max_keys}"),
         ));
     }
-    let on_open_path = child(path, "on_open");
-    if !(200..=599).contains(&raw.on_open.status) {
-        errors.push(ConfigError::invalid(
-            child(&on_open_path, "status"),
-            format!(
-                "expected an HTTP status from 200 to 599, got {}",
-                raw.on_open.status
-            ),
-        ));
-    }
-    for header in raw.on_open.headers.keys() {
-        if !is_header_name(header) {
-            errors.push(ConfigError::invalid(
-                child(&child(&on_open_path, "headers"), header),
-                format!("expected an HTTP header name, got {header:?}"),
-            ));
-        }
-    }
+    let on_open = raw.on_open.compile(&child(path, "on_open"), &mut errors);
     let mut statuses = StatusSet::default();
     for status in &raw.failure.statuses {
         match *status {
@@ -535,15 +492,6 @@ pub fn compile(
             RawBreakerMode::ForcedOpen => BreakerMode::ForcedOpen,
             RawBreakerMode::Disabled => BreakerMode::Disabled,
         },
-        on_open: LimitReply {
-            status: raw.on_open.status,
-            body: raw.on_open.body.into_bytes(),
-            headers: raw
-                .on_open
-                .headers
-                .iter()
-                .map(|(name, value)| (name.to_ascii_lowercase(), value.clone()))
-                .collect(),
-        },
+        on_open,
     })
 }

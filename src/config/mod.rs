@@ -11,6 +11,7 @@ pub mod circuit_breaker;
 pub mod error;
 pub mod rate_limit;
 pub mod raw;
+pub mod reply;
 pub mod units;
 
 use serde_json::{Map, Value};

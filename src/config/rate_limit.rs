@@ -3,11 +3,10 @@
 //! Validation that belongs to one policy lives here; the cross-references (routes naming
 //! policies) stay with the compiler in `config/mod.rs`.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use super::error::{child, index, ConfigError};
+use super::reply::{RawReply, Reply};
 use super::units::Rate;
 use crate::policy::rate_limit::{Buckets, FailureMode, Gcra, MissingKey, Mode};
 use crate::request::{Attribute, AttributeId, AttributePlan};
@@ -37,7 +36,7 @@ pub struct RawRateLimit {
     #[serde(default = "default_true")]
     pub response_headers: bool,
     #[serde(default)]
-    pub on_limit: RawOnLimit,
+    pub on_limit: RawReply<429>,
 }
 
 fn default_true() -> bool {
@@ -112,31 +111,6 @@ pub enum RawFailureMode {
     Closed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawOnLimit {
-    #[serde(default = "default_status")]
-    pub status: u16,
-    #[serde(default)]
-    pub body: String,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Default for RawOnLimit {
-    fn default() -> Self {
-        RawOnLimit {
-            status: default_status(),
-            body: String::new(),
-            headers: BTreeMap::new(),
-        }
-    }
-}
-
-fn default_status() -> u16 {
-    429
-}
-
 /// One part of a client key, and how to read it from its attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyPart {
@@ -146,14 +120,6 @@ pub enum KeyPart {
     ClientIp(AttributeId),
     /// `:path` without its query string.
     Path(AttributeId),
-}
-
-/// The response a refused request gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitReply {
-    pub status: u16,
-    pub body: Vec<u8>,
-    pub headers: Vec<(String, String)>,
 }
 
 /// A compiled rate-limit policy.
@@ -167,7 +133,7 @@ pub struct RateLimitPolicy {
     pub mode: Mode,
     pub failure_mode: FailureMode,
     pub response_headers: bool,
-    pub on_limit: LimitReply,
+    pub on_limit: Reply,
 }
 
 pub(crate) fn is_header_name(name: &str) -> bool {
@@ -252,24 +218,7 @@ pub fn compile(
             format!("expected a number of keys from 1 to {MAX_KEYS_LIMIT}, got {max_keys}"),
         ));
     }
-    let on_limit = &raw.on_limit;
-    if !(200..=599).contains(&on_limit.status) {
-        errors.push(ConfigError::invalid(
-            child(&child(path, "on_limit"), "status"),
-            format!(
-                "expected an HTTP status from 200 to 599, got {}",
-                on_limit.status
-            ),
-        ));
-    }
-    for header in on_limit.headers.keys() {
-        if !is_header_name(header) {
-            errors.push(ConfigError::invalid(
-                child(&child(&child(path, "on_limit"), "headers"), header),
-                format!("expected an HTTP header name, got {header:?}"),
-            ));
-        }
-    }
+    let on_limit = raw.on_limit.compile(&child(path, "on_limit"), &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -309,14 +258,6 @@ pub fn compile(
             RawFailureMode::Closed => FailureMode::Closed,
         },
         response_headers: raw.response_headers,
-        on_limit: LimitReply {
-            status: on_limit.status,
-            body: on_limit.body.clone().into_bytes(),
-            headers: on_limit
-                .headers
-                .iter()
-                .map(|(name, value)| (name.to_ascii_lowercase(), value.clone()))
-                .collect(),
-        },
+        on_limit,
     })
 }
