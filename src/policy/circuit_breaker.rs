@@ -454,55 +454,42 @@ impl Breaker {
                     successes,
                 },
             ) if generation == state.generation => {
-                let in_flight = in_flight.saturating_sub(1);
-                let healthy = match outcome {
-                    Outcome::Abandoned => {
-                        return Some(Change {
-                            state: BreakerState {
-                                circuit: Circuit::HalfOpen {
-                                    since,
-                                    in_flight,
-                                    successes,
-                                },
-                                ..*state
-                            },
-                            transition: None,
-                        })
-                    }
-                    Outcome::Completed { failed, slow } => {
-                        // A slow probe fails it only when slowness can trip the breaker.
-                        let too_slow = slow && self.rules.slow_call_rate_ppm.is_some();
-                        !(failed || too_slow)
-                    }
-                };
-                if !healthy {
-                    return Some(self.open(state, now, Transition::Reopened));
-                }
-                let successes = successes.saturating_add(1);
-                if successes >= self.half_open_probes {
-                    return Some(Change {
+                // The probe's slot is free again, whatever it reports.
+                let still_probing = |successes| {
+                    Some(Change {
                         state: BreakerState {
-                            generation: state.generation.wrapping_add(1),
-                            circuit: Circuit::Closed {
-                                since: now,
-                                consecutive_failures: 0,
-                                window: Window::starting(self.epoch(now)),
+                            circuit: Circuit::HalfOpen {
+                                since,
+                                in_flight: in_flight.saturating_sub(1),
+                                successes,
                             },
                             ..*state
                         },
-                        transition: Some(Transition::Closed),
-                    });
+                        transition: None,
+                    })
+                };
+                let Outcome::Completed { failed, slow } = outcome else {
+                    return still_probing(successes);
+                };
+                // A slow probe fails only when slowness can trip the breaker.
+                if failed || (slow && self.rules.slow_call_rate_ppm.is_some()) {
+                    return Some(self.open(state, now, Transition::Reopened));
+                }
+                let successes = successes.saturating_add(1);
+                if successes < self.half_open_probes {
+                    return still_probing(successes);
                 }
                 Some(Change {
                     state: BreakerState {
-                        circuit: Circuit::HalfOpen {
-                            since,
-                            in_flight,
-                            successes,
+                        generation: state.generation.wrapping_add(1),
+                        circuit: Circuit::Closed {
+                            since: now,
+                            consecutive_failures: 0,
+                            window: Window::starting(self.epoch(now)),
                         },
                         ..*state
                     },
-                    transition: None,
+                    transition: Some(Transition::Closed),
                 })
             }
             _ => None,
