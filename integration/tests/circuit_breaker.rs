@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Upstream};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, RouteSpec, Upstream};
 
 fn guarded(upstream: &Upstream, plugin: &str) -> Envoy {
     Envoy::start(
@@ -252,4 +252,39 @@ fn resets_count_from_envoys_flags_and_a_probe_whose_client_leaves_frees_its_slot
     assert_eq!(stats.seawall(&format!("{CB}.probes")), 2);
     assert_eq!(stats.seawall(&format!("{CB}.reopened")), 0);
     assert_eq!(wait_for(&envoy, "closed", 1), 1);
+}
+
+#[test]
+fn each_upstream_cluster_has_its_own_breaker() {
+    let payments = Upstream::start();
+    let catalog = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .cluster("payments", payments.addr())
+            .cluster("catalog", catalog.addr())
+            .route(RouteSpec::prefix("to-payments", "/pay", "payments"))
+            .route(RouteSpec::prefix("to-catalog", "/", "catalog"))
+            .concurrency(2)
+            .seawall(
+                r#"{"circuit_breakers": {"payments": {"open_when": {"consecutive_failures": 3}, "open_for": "30s"}},
+                    "routes": [{"name": "all", "circuit_breaker": "payments"}]}"#,
+            ),
+    );
+    payments.set_behaviour(Behaviour::ok().status(503));
+    let mut client = Client::connect(envoy.listener_addr());
+    for _ in 0..3 {
+        assert_eq!(client.send(&Request::get("/pay")).unwrap().status, 503);
+    }
+    assert_eq!(wait_for(&envoy, "opened", 1), 1);
+    let refused = client.send(&Request::get("/pay")).unwrap();
+    assert_eq!(refused.header("x-seawall-circuit"), Some("open"));
+    assert_eq!(payments.total(), 3);
+    // The same breaker policy keeps a separate, closed record for the other cluster.
+    for _ in 0..5 {
+        assert_eq!(client.send(&Request::get("/items")).unwrap().status, 200);
+    }
+    assert_eq!(catalog.total(), 5);
+    let stats = envoy.stats();
+    assert_eq!(stats.seawall(&format!("{CB}.open")), 1);
+    assert_eq!(stats.seawall(&format!("{CB}.successes")), 5);
 }
