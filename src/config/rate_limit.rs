@@ -143,36 +143,26 @@ pub(crate) fn is_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// Compiles one policy; `prefix` is the shared-data key prefix for this plugin.
-pub fn compile(
+/// Compiles a client key (at most [`MAX_KEY_PARTS`] parts) into the attributes it reads; problems
+/// go to `errors` under `path` (the `key` field).
+pub fn compile_key(
     path: &str,
-    plugin: &str,
-    name: &str,
-    raw: RawRateLimit,
+    parts: &[RawKeyPart],
     attributes: &mut AttributePlan,
-) -> Result<RateLimitPolicy, Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    let burst = raw
-        .burst
-        .unwrap_or_else(|| u32::try_from(raw.rate.count()).unwrap_or(u32::MAX));
-    if burst == 0 {
+    errors: &mut Vec<ConfigError>,
+) -> Vec<KeyPart> {
+    if parts.len() > MAX_KEY_PARTS {
         errors.push(ConfigError::invalid(
-            child(path, "burst"),
-            "expected a burst of at least 1, got 0",
-        ));
-    }
-    if raw.key.len() > MAX_KEY_PARTS {
-        errors.push(ConfigError::invalid(
-            child(path, "key"),
+            path,
             format!(
                 "expected at most {MAX_KEY_PARTS} key parts, got {}",
-                raw.key.len()
+                parts.len()
             ),
         ));
     }
-    let mut key = Vec::with_capacity(raw.key.len());
-    for (position, part) in raw.key.iter().enumerate() {
-        let at = index(&child(path, "key"), position);
+    let mut key = Vec::with_capacity(parts.len());
+    for (position, part) in parts.iter().enumerate() {
+        let at = index(path, position);
         let compiled = match part {
             RawKeyPart::Header { header } if !is_header_name(header) => {
                 errors.push(ConfigError::invalid(
@@ -205,6 +195,28 @@ pub fn compile(
             Err(error) => errors.push(ConfigError::invalid(at, error.to_string())),
         }
     }
+    key
+}
+
+/// Compiles one policy; `prefix` is the shared-data key prefix for this plugin.
+pub fn compile(
+    path: &str,
+    plugin: &str,
+    name: &str,
+    raw: RawRateLimit,
+    attributes: &mut AttributePlan,
+) -> Result<RateLimitPolicy, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let burst = raw
+        .burst
+        .unwrap_or_else(|| u32::try_from(raw.rate.count()).unwrap_or(u32::MAX));
+    if burst == 0 {
+        errors.push(ConfigError::invalid(
+            child(path, "burst"),
+            "expected a burst of at least 1, got 0",
+        ));
+    }
+    let key = compile_key(&child(path, "key"), &raw.key, attributes, &mut errors);
     if raw.max_keys.is_some() && raw.key.is_empty() {
         errors.push(ConfigError::invalid(
             child(path, "max_keys"),

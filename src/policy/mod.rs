@@ -2,5 +2,6 @@
 //! time and the shared store as arguments and returns a decision as data.
 
 pub mod circuit_breaker;
+pub mod fault;
 pub mod rate_limit;
 pub mod route;
