@@ -6,10 +6,12 @@
 //! Metric names are built once in [`Engine::new`]; the request path bumps ids and allocates
 //! nothing.
 
+use core::cell::Cell;
 use core::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
+use crate::config::fault::FaultPolicy;
 use crate::config::rate_limit::{KeyPart, MAX_KEY_PARTS};
 use crate::config::{CircuitBreakerPolicy, PluginConfig, RateLimitPolicy};
 use crate::metrics::{
@@ -18,6 +20,10 @@ use crate::metrics::{
 use crate::policy::circuit_breaker::{
     self, Admission, Admitted, BreakerState, Located, Outcome, Recorded, Records, ResponseFacts,
     Role, Transition,
+};
+use crate::policy::fault::{
+    self as chaos, parse_decimal, parse_percent, secret_matches, Active, Draw, Random, Slot,
+    SALT_ABORT, SALT_COHORT, SALT_DELAY, SALT_RESPONSE,
 };
 use crate::policy::rate_limit::{
     self, AcquireFailure, Acquired, BucketChoice, FailureMode, Mode, Tat,
@@ -42,6 +48,9 @@ pub const GRPC_UNAVAILABLE: u32 = 14;
 /// tell a breaker's refusal from the upstream's own 503.
 pub const CIRCUIT_HEADER: &str = "x-seawall-circuit";
 
+/// Added to every injected abort, so an experiment's errors are never mistaken for real ones.
+pub const FAULT_HEADER: &str = "x-seawall-fault";
+
 /// A compiled config with its metrics defined: what one worker consults on every request.
 #[derive(Debug)]
 pub struct Engine {
@@ -50,6 +59,32 @@ pub struct Engine {
     unmatched: MetricId,
     rate_limits: Vec<RateLimitMetrics>,
     circuit_breakers: Vec<BreakerRuntime>,
+    faults: Vec<FaultRuntime>,
+    /// This worker's draws for fault percentages; seeded by the host.
+    random: Cell<Random>,
+}
+
+/// A fault policy's metrics and ready-made abort headers.
+#[derive(Debug)]
+struct FaultRuntime {
+    metrics: FaultMetrics,
+    abort_headers: Vec<(String, String)>,
+}
+
+/// `seawall.fault.<name>.<counter>`; `active` is a gauge.
+#[derive(Debug, Clone, Copy)]
+struct FaultMetrics {
+    aborts: MetricId,
+    delays: MetricId,
+    response_faults: MetricId,
+    active: MetricId,
+    overflow: MetricId,
+    inactive: MetricId,
+    header_control_applied: MetricId,
+    header_control_rejected: MetricId,
+    cas_retries: MetricId,
+    cas_exhausted: MetricId,
+    store_errors: MetricId,
 }
 
 /// What a breaker needs beyond its policy: its metrics and its ready-made reply headers.
@@ -106,6 +141,20 @@ pub struct StreamState {
     pub breaker: Option<BreakerTicket>,
     /// When the response headers came, to tell slow calls.
     pub responded: Option<Timestamp>,
+    pub faults: FaultState,
+}
+
+/// The faults injected into one stream, by position in its route's `faults`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultState {
+    /// Positions holding an active-fault slot (and the `active` gauge) until the stream ends.
+    pub holding: u8,
+    /// An abort to send when the delay is over (or at once without one): position and status.
+    pub abort: Option<(u8, u16)>,
+    /// The position whose response fault replaces the upstream's answer.
+    pub response: Option<u8>,
+    /// Whether the request is gRPC, for the abort's `grpc-status`.
+    pub grpc: bool,
 }
 
 /// A request's place in its route's breaker: which record, and whether it is a probe.
@@ -142,6 +191,8 @@ fn ceil_seconds(span: Duration) -> u64 {
 pub enum Verdict<'a> {
     /// Let it through to the upstream.
     Continue,
+    /// Hold it until `until`, then ask [`Engine::on_resume`].
+    Pause { until: Timestamp },
     /// Answer it locally; the upstream never sees it.
     Reply(LocalReply<'a>),
 }
@@ -177,6 +228,8 @@ pub trait LocalReplies {
 pub struct RequestDecision<'a> {
     pub stream: StreamState,
     pub verdict: Verdict<'a>,
+    /// Request headers to remove before the request goes on (fault-control headers).
+    pub strip_headers: &'a [String],
 }
 
 /// What to add to a response.
@@ -185,6 +238,14 @@ pub struct ResponseDecision<'a> {
     /// `x-seawall-route` value, when debug headers are on and a route matched.
     pub route_header: Option<&'a str>,
     pub rate_limit: Option<RateLimitStatus>,
+    /// A response fault: the status (and body) that replace the upstream's.
+    pub fault: Option<FaultedResponse<'a>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultedResponse<'a> {
+    pub status: u16,
+    pub body: Option<&'a [u8]>,
 }
 
 impl Engine {
@@ -262,17 +323,69 @@ impl Engine {
                 half_open_headers: with_state("half-open"),
             });
         }
+        let mut faults = Vec::with_capacity(config.faults.len());
+        for policy in &config.faults {
+            let mut define = |kind: MetricKind, name: &str| {
+                registry.define(kind, &metric_name("fault", &policy.name, name))
+            };
+            let mut counter = |name: &str| define(MetricKind::Counter, name);
+            let metrics = FaultMetrics {
+                aborts: counter("aborts")?,
+                delays: counter("delays")?,
+                response_faults: counter("response_faults")?,
+                overflow: counter("overflow")?,
+                inactive: counter("inactive")?,
+                header_control_applied: counter("header_control_applied")?,
+                header_control_rejected: counter("header_control_rejected")?,
+                cas_retries: counter("cas_retries")?,
+                cas_exhausted: counter("cas_exhausted")?,
+                store_errors: counter("store_errors")?,
+                active: define(MetricKind::Gauge, "active")?,
+            };
+            let mut abort_headers = policy
+                .abort
+                .as_ref()
+                .map(|abort| abort.reply.headers.clone())
+                .unwrap_or_default();
+            abort_headers.push((FAULT_HEADER.to_owned(), "abort".to_owned()));
+            faults.push(FaultRuntime {
+                metrics,
+                abort_headers,
+            });
+        }
         Ok(Engine {
             config,
             route_requests,
             unmatched,
             rate_limits,
             circuit_breakers,
+            faults,
+            random: Cell::new(Random::seeded(0x5ea_0a11)),
         })
     }
 
     pub fn config(&self) -> &PluginConfig {
         &self.config
+    }
+
+    /// Seeds this worker's draws for fault percentages (the host uses the time and its context).
+    pub fn seed_random(&self, seed: u64) {
+        self.random.set(Random::seeded(seed));
+    }
+
+    fn next_random(&self) -> u64 {
+        let mut random = self.random.get();
+        let value = random.next_u64();
+        self.random.set(random);
+        value
+    }
+
+    /// Whether any route can delay a request: the host then ticks to resume paused streams.
+    pub fn can_delay(&self) -> bool {
+        self.config
+            .faults
+            .iter()
+            .any(|f| f.delay.is_some() || f.header_control.is_some())
     }
 
     /// Whether any request can be affected. A pass-through engine lets the host skip reading
@@ -301,6 +414,11 @@ impl Engine {
                 }
             }
         }
+        for policy in &self.config.faults {
+            if policy.max_active.is_some() {
+                created += usize::from(ensure(store, &policy.active_key, &Active(0))?);
+            }
+        }
         for route in self.config.routes.routes() {
             if let Some(RouteBreaker {
                 record: Some(key), ..
@@ -326,12 +444,14 @@ impl Engine {
             rate_limit: None,
             breaker: None,
             responded: None,
+            faults: FaultState::default(),
         };
         let Some((index, route)) = index.and_then(|i| Some((i, self.config.routes.get(i)?))) else {
             metrics.increment(self.unmatched, 1);
             return RequestDecision {
                 stream,
                 verdict: Verdict::Continue,
+                strip_headers: &[],
             };
         };
         if let Some(&counter) = self.route_requests.get(usize::from(index.0)) {
@@ -344,25 +464,293 @@ impl Engine {
                     return RequestDecision {
                         stream,
                         verdict: Verdict::Reply(reply),
+                        strip_headers: &[],
                     }
                 }
             }
         }
-        let verdict = match self.rate_limit(route, request, now, store, metrics) {
-            Ok(status) => {
-                stream.rate_limit = status;
-                Verdict::Continue
-            }
+        match self.rate_limit(route, request, now, store, metrics) {
+            Ok(status) => stream.rate_limit = status,
             Err(reply) => {
                 // The request never reaches the upstream, so it says nothing about it: a probe
                 // slot it took goes back.
                 if let Some(ticket) = stream.breaker.take() {
                     self.settle(route, ticket, Outcome::Abandoned, now, store, metrics);
                 }
-                Verdict::Reply(reply)
+                return RequestDecision {
+                    stream,
+                    verdict: Verdict::Reply(reply),
+                    strip_headers: &[],
+                };
             }
+        }
+        let mut strip_headers: &[String] = &[];
+        let verdict = if route.policies.faults.is_empty() {
+            Verdict::Continue
+        } else {
+            self.inject(
+                route,
+                request,
+                now,
+                store,
+                metrics,
+                &mut stream,
+                &mut strip_headers,
+            )
         };
-        RequestDecision { stream, verdict }
+        RequestDecision {
+            stream,
+            verdict,
+            strip_headers,
+        }
+    }
+
+    /// Decides the route's faults for one request: which inject, each taking an active slot
+    /// first when capped. The first delay and the first abort (in route order) apply; an abort
+    /// with a delay is sent when the delay is over, as Envoy's fault filter does.
+    #[allow(clippy::too_many_arguments)]
+    fn inject<'e, S: AttributeSource>(
+        &'e self,
+        route: &'e Route,
+        request: &mut RequestView<'_, S>,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        stream: &mut StreamState,
+        strip_headers: &mut &'e [String],
+    ) -> Verdict<'e> {
+        let mut delay: Option<Duration> = None;
+        for (position, &index) in route.policies.faults.iter().enumerate() {
+            let (Some(policy), Some(runtime), Ok(position)) = (
+                self.config.faults.get(index),
+                self.faults.get(index),
+                u8::try_from(position),
+            ) else {
+                continue;
+            };
+            let counters = &runtime.metrics;
+            if !policy.enabled {
+                continue;
+            }
+            if !policy.window.contains(now.as_nanos()) {
+                metrics.increment(counters.inactive, 1);
+                continue;
+            }
+            if !policy.when.iter().all(|condition| condition.holds(request)) {
+                continue;
+            }
+            let asked = self.header_control(policy, counters, request, metrics, strip_headers);
+            let draw = match &policy.cohort {
+                None => None,
+                Some(cohort) => {
+                    let hash = with_key(&cohort.key, request, |parts| {
+                        parts.map(|parts| hash_parts(cohort.seed, parts))
+                    });
+                    // Without its key a request is outside the cohort.
+                    let Some(hash) = hash else { continue };
+                    if !Draw::Sticky(hash).hits(cohort.ppm, SALT_COHORT) {
+                        continue;
+                    }
+                    Some(Draw::Sticky(hash))
+                }
+            };
+            let hits = |ppm: u32, salt: u64| {
+                draw.unwrap_or_else(|| Draw::Fresh(self.next_random()))
+                    .hits(ppm, salt)
+            };
+            let abort_status = match (asked.abort, &policy.abort) {
+                (Some((status, ppm)), _) => hits(ppm, SALT_ABORT).then_some(status),
+                (None, Some(abort)) => hits(abort.ppm, SALT_ABORT).then_some(abort.reply.status),
+                (None, None) => None,
+            };
+            let delay_for = match (asked.delay, &policy.delay) {
+                (Some((span, ppm)), _) => hits(ppm, SALT_DELAY).then_some(span),
+                (None, Some(configured)) => hits(configured.ppm, SALT_DELAY).then(|| {
+                    let mut random = Random::seeded(self.next_random());
+                    configured.shape.sample(random.next_f64())
+                }),
+                (None, None) => None,
+            };
+            let respond = policy
+                .response
+                .as_ref()
+                .is_some_and(|response| hits(response.ppm, SALT_RESPONSE));
+            if abort_status.is_none() && delay_for.is_none() && !respond {
+                continue;
+            }
+            if let Some(max_active) = policy.max_active {
+                let (slot, races) = chaos::take_slot(store, &policy.active_key, max_active);
+                if races > 0 {
+                    metrics.increment(counters.cas_retries, i64::from(races));
+                }
+                match slot {
+                    Slot::Taken => {}
+                    Slot::Full => {
+                        metrics.increment(counters.overflow, 1);
+                        continue;
+                    }
+                    // Failing safe: no slot, no fault.
+                    Slot::Failed(error) => {
+                        metrics.increment(
+                            match error {
+                                UpdateError::Exhausted { .. } => counters.cas_exhausted,
+                                UpdateError::Store(_) => counters.store_errors,
+                            },
+                            1,
+                        );
+                        continue;
+                    }
+                }
+            }
+            stream.faults.holding |= 1 << position;
+            metrics.increment(counters.active, 1);
+            if let (Some(span), None) = (delay_for, delay) {
+                delay = Some(span);
+                metrics.increment(counters.delays, 1);
+            }
+            if let (Some(status), None) = (abort_status, stream.faults.abort) {
+                stream.faults.abort = Some((position, status));
+            }
+            if respond && stream.faults.response.is_none() {
+                stream.faults.response = Some(position);
+            }
+        }
+        if stream.faults.abort.is_some() {
+            stream.faults.grpc = self.is_grpc(request);
+        }
+        match delay {
+            Some(span) => Verdict::Pause {
+                until: now.saturating_add(span),
+            },
+            None => self.abort_now(route, stream, metrics),
+        }
+    }
+
+    /// Reads the fault-control headers of a policy that allows them. They are honoured only with
+    /// the secret, capped by `max_percent`; without it they are counted and ignored. Either way
+    /// the host removes them, so they never reach the upstream.
+    fn header_control<'e, S: AttributeSource>(
+        &self,
+        policy: &'e FaultPolicy,
+        counters: &FaultMetrics,
+        request: &mut RequestView<'_, S>,
+        metrics: &impl MetricSink,
+        strip_headers: &mut &'e [String],
+    ) -> AskedFaults {
+        let Some(control) = &policy.header_control else {
+            return AskedFaults::default();
+        };
+        let mut present = false;
+        for id in [
+            control.abort,
+            control.delay,
+            control.percent,
+            control.secret_header,
+        ] {
+            present |= request.get(id).is_some();
+        }
+        if !present {
+            return AskedFaults::default();
+        }
+        *strip_headers = &control.strip;
+        let asks = [control.abort, control.delay, control.percent]
+            .into_iter()
+            .any(|id| request.peek(id).is_some());
+        if !asks {
+            return AskedFaults::default();
+        }
+        let presented = request.peek(control.secret_header).unwrap_or_default();
+        if !secret_matches(presented, &control.secret) {
+            metrics.increment(counters.header_control_rejected, 1);
+            return AskedFaults::default();
+        }
+        metrics.increment(counters.header_control_applied, 1);
+        let ppm = request
+            .peek(control.percent)
+            .and_then(parse_percent)
+            .unwrap_or(1_000_000)
+            .min(control.max_ppm);
+        AskedFaults {
+            abort: request
+                .peek(control.abort)
+                .and_then(parse_decimal)
+                .and_then(|status| u16::try_from(status).ok())
+                .filter(|status| (200..=599).contains(status))
+                .map(|status| (status, ppm)),
+            delay: request
+                .peek(control.delay)
+                .and_then(parse_decimal)
+                .filter(|&ms| ms <= 60_000)
+                .map(|ms| (Duration::from_millis(ms), ppm)),
+        }
+    }
+
+    /// The stream's abort, if it has one, as a reply; otherwise it goes on.
+    fn abort_now<'e>(
+        &'e self,
+        route: &'e Route,
+        stream: &StreamState,
+        metrics: &impl MetricSink,
+    ) -> Verdict<'e> {
+        let Some((position, status)) = stream.faults.abort else {
+            return Verdict::Continue;
+        };
+        let Some(index) = route.policies.faults.get(usize::from(position)) else {
+            return Verdict::Continue;
+        };
+        let (Some(policy), Some(runtime)) =
+            (self.config.faults.get(*index), self.faults.get(*index))
+        else {
+            return Verdict::Continue;
+        };
+        metrics.increment(runtime.metrics.aborts, 1);
+        let (body, grpc_status) = match &policy.abort {
+            Some(abort) => (abort.reply.body.as_slice(), abort.grpc_status),
+            None => (&[][..], GRPC_UNAVAILABLE),
+        };
+        Verdict::Reply(LocalReply {
+            status,
+            body,
+            headers: &runtime.abort_headers,
+            retry_after: None,
+            grpc_status: stream.faults.grpc.then_some(grpc_status),
+            rate_limit: None,
+        })
+    }
+
+    /// The host could not queue a delayed request (its queue is full): the request goes on at
+    /// once, and the skipped delay is counted as an overflow.
+    pub fn delay_not_queued(&self, stream: &StreamState, metrics: &impl MetricSink) {
+        let route = stream.route.and_then(|index| self.config.routes.get(index));
+        let first = route.and_then(|route| {
+            let position = stream.faults.holding.trailing_zeros() as usize;
+            route.policies.faults.get(position)
+        });
+        if let Some(runtime) = first.and_then(|&index| self.faults.get(index)) {
+            metrics.increment(runtime.metrics.overflow, 1);
+        }
+    }
+
+    /// The body of the stream's response fault, if it replaces the body.
+    pub fn response_fault_body(&self, stream: &StreamState) -> Option<&[u8]> {
+        let position = stream.faults.response?;
+        let route = self.config.routes.get(stream.route?)?;
+        let index = *route.policies.faults.get(usize::from(position))?;
+        self.config
+            .faults
+            .get(index)?
+            .response
+            .as_ref()?
+            .body
+            .as_deref()
+    }
+
+    /// A paused stream's delay is over: it goes on, or gets the abort that followed the delay.
+    pub fn on_resume(&self, stream: &StreamState, metrics: &impl MetricSink) -> Verdict<'_> {
+        match stream.route.and_then(|index| self.config.routes.get(index)) {
+            Some(route) => self.abort_now(route, stream, metrics),
+            None => Verdict::Continue,
+        }
     }
 
     /// Asks the route's breaker whether the request may go on. `Ok(None)`: it goes on untracked
@@ -520,7 +908,7 @@ impl Engine {
     /// Whether the stream's outcome must be reported through [`Engine::on_stream_end`]: the host
     /// reads the response facts only then.
     pub fn wants_outcome(&self, stream: &StreamState) -> bool {
-        stream.breaker.is_some()
+        stream.breaker.is_some() || stream.faults.holding != 0
     }
 
     /// Records how the stream ended with its breaker: called once, when the stream is done (also
@@ -533,10 +921,11 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) {
-        let (Some(ticket), Some(route)) = (
-            stream.breaker,
-            stream.route.and_then(|index| self.config.routes.get(index)),
-        ) else {
+        let Some(route) = stream.route.and_then(|index| self.config.routes.get(index)) else {
+            return;
+        };
+        self.release_faults(route, stream.faults.holding, store, metrics);
+        let Some(ticket) = stream.breaker else {
             return;
         };
         let Some((policy, runtime, _)) = self.records_of(route) else {
@@ -561,6 +950,41 @@ impl Engine {
             }
         }
         self.settle(route, ticket, outcome, now, store, metrics);
+    }
+
+    /// Gives back the active-fault slots (and gauge) a finished stream held.
+    fn release_faults(
+        &self,
+        route: &Route,
+        holding: u8,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) {
+        for (position, &index) in route.policies.faults.iter().enumerate().take(8) {
+            if holding & (1 << position) == 0 {
+                continue;
+            }
+            let (Some(policy), Some(runtime)) =
+                (self.config.faults.get(index), self.faults.get(index))
+            else {
+                continue;
+            };
+            let counters = &runtime.metrics;
+            metrics.increment(counters.active, -1);
+            if policy.max_active.is_some() {
+                match chaos::give_back_slot(store, &policy.active_key) {
+                    Ok(races) if races > 0 => {
+                        metrics.increment(counters.cas_retries, i64::from(races))
+                    }
+                    Ok(_) => {}
+                    // The cap stays stricter until the count is corrected by a reload.
+                    Err(UpdateError::Exhausted { .. }) => {
+                        metrics.increment(counters.cas_exhausted, 1)
+                    }
+                    Err(UpdateError::Store(_)) => metrics.increment(counters.store_errors, 1),
+                }
+            }
+        }
     }
 
     /// Applies an outcome to the record the request was admitted from.
@@ -705,9 +1129,24 @@ impl Engine {
         }
     }
 
-    /// Called with the response headers: notes when they came and says what to add to them.
-    pub fn on_response(&self, stream: &mut StreamState, now: Timestamp) -> ResponseDecision<'_> {
+    /// Called with the response headers: notes when they came and says what to change.
+    pub fn on_response(
+        &self,
+        stream: &mut StreamState,
+        now: Timestamp,
+        metrics: &impl MetricSink,
+    ) -> ResponseDecision<'_> {
         stream.responded = Some(now);
+        let fault = stream.faults.response.and_then(|position| {
+            let route = self.config.routes.get(stream.route?)?;
+            let index = *route.policies.faults.get(usize::from(position))?;
+            let response = self.config.faults.get(index)?.response.as_ref()?;
+            metrics.increment(self.faults.get(index)?.metrics.response_faults, 1);
+            Some(FaultedResponse {
+                status: response.status,
+                body: response.body.as_deref(),
+            })
+        });
         let route_header = if self.config.debug.route_header {
             stream
                 .route
@@ -719,8 +1158,16 @@ impl Engine {
         ResponseDecision {
             route_header,
             rate_limit: stream.rate_limit,
+            fault,
         }
     }
+}
+
+/// Faults a request asked for by header (with the right secret): value and share in ppm.
+#[derive(Debug, Clone, Copy, Default)]
+struct AskedFaults {
+    abort: Option<(u16, u32)>,
+    delay: Option<(Duration, u32)>,
 }
 
 /// Counts a transition once: only the worker whose write landed reports it, so the `open` and
@@ -756,31 +1203,42 @@ fn is_grpc(content_type: &[u8]) -> bool {
     content_type.len() >= 16 && content_type[..16].eq_ignore_ascii_case(b"application/grpc")
 }
 
-/// The bucket this request uses under `policy`. Reads each key part once (the view caches it),
-/// then hashes the parts together from a fixed array: no allocation.
+/// The bucket this request uses under `policy`.
 fn bucket<'k, S: AttributeSource>(
     policy: &'k RateLimitPolicy,
     request: &mut RequestView<'_, S>,
     buffer: &'k mut KeyBuf,
 ) -> BucketChoice<'k> {
+    with_key(&policy.key, request, |parts| {
+        policy.buckets.choose(parts, buffer)
+    })
+}
+
+/// Reads each part of a client key once (the view caches it) and hands them to `use_parts` from
+/// a fixed array: no allocation. `None` when a part is missing.
+fn with_key<S: AttributeSource, R>(
+    key: &[KeyPart],
+    request: &mut RequestView<'_, S>,
+    use_parts: impl FnOnce(Option<&[&[u8]]>) -> R,
+) -> R {
     let mut complete = true;
-    for part in &policy.key {
+    for part in key {
         let (KeyPart::Raw(id) | KeyPart::ClientIp(id) | KeyPart::Path(id)) = *part;
         complete &= request.get(id).is_some();
     }
     if !complete {
-        return policy.buckets.choose(None, buffer);
+        return use_parts(None);
     }
     let mut parts: [&[u8]; MAX_KEY_PARTS] = [&[]; MAX_KEY_PARTS];
-    for (slot, part) in parts.iter_mut().zip(&policy.key) {
+    for (slot, part) in parts.iter_mut().zip(key) {
         *slot = match *part {
             KeyPart::Raw(id) => request.peek(id).unwrap_or_default(),
             KeyPart::ClientIp(id) => request.peek(id).map(strip_port).unwrap_or_default(),
             KeyPart::Path(id) => request.peek(id).map(without_query).unwrap_or_default(),
         };
     }
-    let used = policy.key.len().min(MAX_KEY_PARTS);
-    policy.buckets.choose(Some(&parts[..used]), buffer)
+    let used = key.len().min(MAX_KEY_PARTS);
+    use_parts(Some(&parts[..used]))
 }
 
 /// `10.0.0.1:5678` -> `10.0.0.1`; `[::1]:5678` -> `::1`; a bare IPv6 address stays as it is.

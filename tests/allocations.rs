@@ -138,6 +138,7 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
         let response = engine.on_response(
             &mut stream,
             Timestamp::from_nanos(1_800_000_000_000_000_000),
+            &metrics,
         );
         let spent = allocations() - before;
         assert_eq!(
@@ -248,6 +249,7 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
             engine.on_response(
                 &mut stream,
                 Timestamp::from_nanos(now.as_nanos() + answered),
+                &metrics,
             );
             engine.on_stream_end(&stream, &mut facts, now, &store, &metrics);
         }

@@ -114,6 +114,7 @@ impl Worker {
         let decision = self.send(request, now, store);
         match decision.verdict {
             Verdict::Continue => Ok(decision.stream),
+            Verdict::Pause { .. } => panic!("no route here injects delays"),
             Verdict::Reply(reply) => Err(Seen::Refused {
                 status: reply.status,
                 retry_after: reply.retry_after_seconds(),
@@ -137,8 +138,11 @@ impl Worker {
         store: &FakeStore,
     ) {
         if ended.status.is_some() {
-            self.engine
-                .on_response(&mut stream, Timestamp::from_nanos(now + took));
+            self.engine.on_response(
+                &mut stream,
+                Timestamp::from_nanos(now + took),
+                &self.metrics,
+            );
         }
         self.engine.on_stream_end(
             &stream,

@@ -9,6 +9,7 @@
 
 pub mod circuit_breaker;
 pub mod error;
+pub mod fault;
 pub mod rate_limit;
 pub mod raw;
 pub mod reply;
@@ -21,6 +22,7 @@ use crate::request::{Attribute, AttributeId, AttributePlan};
 pub use circuit_breaker::CircuitBreakerPolicy;
 use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
+pub use fault::FaultPolicy;
 pub use rate_limit::RateLimitPolicy;
 use raw::{RawDebug, RawHeaderMatch, RawMatch, RawRoute};
 
@@ -32,6 +34,7 @@ pub struct PluginConfig {
     pub routes: RouteTable,
     pub rate_limits: Vec<RateLimitPolicy>,
     pub circuit_breakers: Vec<CircuitBreakerPolicy>,
+    pub faults: Vec<FaultPolicy>,
     /// Every request attribute the routes and policies read, each once.
     pub attributes: AttributePlan,
     /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
@@ -52,6 +55,7 @@ impl Default for PluginConfig {
             routes: RouteTable::default(),
             rate_limits: Vec::new(),
             circuit_breakers: Vec::new(),
+            faults: Vec::new(),
             attributes: AttributePlan::default(),
             content_type: None,
             debug: DebugOptions::default(),
@@ -60,6 +64,9 @@ impl Default for PluginConfig {
 }
 
 const DEFAULT_NAME: &str = "seawall";
+
+/// At most this many fault policies on one route: which ones hold an active slot is a byte.
+pub const MAX_FAULTS_PER_ROUTE: usize = 8;
 
 /// The five policy kinds of the config contract, with the section that defines them and the field
 /// a route uses to apply them.
@@ -165,6 +172,7 @@ struct Compiler {
     defined: [Vec<String>; 5],
     rate_limits: Vec<RateLimitPolicy>,
     circuit_breakers: Vec<CircuitBreakerPolicy>,
+    faults: Vec<FaultPolicy>,
     /// The plugin's name, which scopes its shared-data keys.
     plugin: String,
 }
@@ -237,7 +245,13 @@ impl Compiler {
             }
         };
 
-        let content_type = if self.rate_limits.is_empty() && self.circuit_breakers.is_empty() {
+        let rejects = !self.rate_limits.is_empty()
+            || !self.circuit_breakers.is_empty()
+            || self
+                .faults
+                .iter()
+                .any(|f| f.abort.is_some() || f.header_control.is_some());
+        let content_type = if !rejects {
             None
         } else {
             self.attribute("", Attribute::header("content-type"))
@@ -250,6 +264,7 @@ impl Compiler {
             routes: RouteTable::new(routes),
             rate_limits: self.rate_limits,
             circuit_breakers: self.circuit_breakers,
+            faults: self.faults,
             attributes: self.attributes,
             content_type,
             debug,
@@ -285,6 +300,8 @@ impl Compiler {
                 self.rate_limit(&policy_path, &name, body);
             } else if kind == PolicyKind::CircuitBreaker {
                 self.circuit_breaker(&policy_path, &name, body);
+            } else if kind == PolicyKind::Fault {
+                self.fault(&policy_path, &name, body);
             } else {
                 // Each kind's compiler lands with its own capability; until then a policy of that
                 // kind is refused rather than silently ignored.
@@ -318,6 +335,34 @@ impl Compiler {
             });
         match compiled {
             Ok(policy) => self.circuit_breakers.push(policy),
+            Err(errors) => self.errors.extend(errors),
+        }
+    }
+
+    fn fault(&mut self, path: &str, name: &str, body: Value) {
+        let raw: fault::RawFault = match deserialize_at(path, body) {
+            Ok(raw) => raw,
+            Err(error) => {
+                self.errors.push(error);
+                return;
+            }
+        };
+        let compiled = fault::compile(path, &self.plugin, name, &raw, &mut self.attributes);
+        let when_path = child(&child(path, "when"), "headers");
+        let when: Vec<Condition> = raw
+            .when
+            .headers
+            .iter()
+            .enumerate()
+            .filter_map(|(position, header)| {
+                self.header_condition(&index(&when_path, position), header)
+            })
+            .collect();
+        match compiled {
+            Ok(mut policy) => {
+                policy.when = when;
+                self.faults.push(policy);
+            }
             Err(errors) => self.errors.extend(errors),
         }
     }
@@ -401,6 +446,17 @@ impl Compiler {
                             policies.rate_limits.push(found);
                         }
                     }
+                    Some(_) if kind == PolicyKind::Fault => {
+                        let compiled = self.faults.iter().position(|p| p.name == name);
+                        if policies.faults.iter().any(|&p| Some(p) == compiled) {
+                            self.errors.push(ConfigError::new(
+                                reference_path,
+                                Problem::Duplicate { name },
+                            ));
+                        } else if let Some(found) = compiled {
+                            policies.faults.push(found);
+                        }
+                    }
                     Some(_) if kind == PolicyKind::CircuitBreaker => {
                         if let Some(policy) =
                             self.circuit_breakers.iter().position(|p| p.name == name)
@@ -419,6 +475,15 @@ impl Compiler {
                     )),
                 }
             }
+        }
+        if raw.faults.len() > MAX_FAULTS_PER_ROUTE {
+            self.errors.push(ConfigError::invalid(
+                child(path, "faults"),
+                format!(
+                    "expected at most {MAX_FAULTS_PER_ROUTE} faults on one route, got {}",
+                    raw.faults.len()
+                ),
+            ));
         }
         if raw.rate_limits.len() > rate_limit::MAX_LIMITS_PER_ROUTE {
             self.errors.push(ConfigError::invalid(

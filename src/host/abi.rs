@@ -20,6 +20,8 @@ pub const CAS_MISMATCH: u32 = 8;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const MAP_HTTP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
+const STREAM_HTTP_REQUEST: u32 = 0;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -66,6 +68,24 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
@@ -143,6 +163,60 @@ pub fn add_response_header(name: &str, value: &[u8]) -> bool {
         )
     };
     status == OK
+}
+
+pub fn remove_request_header(name: &str) -> bool {
+    unsafe {
+        proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()) == OK
+    }
+}
+
+pub fn remove_response_header(name: &str) -> bool {
+    unsafe {
+        proxy_remove_header_map_value(MAP_HTTP_RESPONSE_HEADERS, name.as_ptr(), name.len()) == OK
+    }
+}
+
+pub fn replace_response_header(name: &str, value: &[u8]) -> bool {
+    let status = unsafe {
+        proxy_replace_header_map_value(
+            MAP_HTTP_RESPONSE_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+    status == OK
+}
+
+/// Replaces the `size` bytes of the response body chunk Envoy is showing with `data`.
+pub fn replace_response_body(size: usize, data: &[u8]) -> bool {
+    let status = unsafe {
+        proxy_set_buffer_bytes(
+            BUFFER_HTTP_RESPONSE_BODY,
+            0,
+            size,
+            data.as_ptr(),
+            data.len(),
+        )
+    };
+    status == OK
+}
+
+/// Ticks this root context every `period_ms` milliseconds (0 stops them).
+pub fn set_tick_period(period_ms: u32) -> bool {
+    unsafe { proxy_set_tick_period_milliseconds(period_ms) == OK }
+}
+
+/// Makes `context_id` the stream later calls act on; false when that stream is gone.
+pub fn set_effective_context(context_id: u32) -> bool {
+    unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
+/// Resumes the effective stream's paused request.
+pub fn resume_request() -> bool {
+    unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) == OK }
 }
 
 /// A property by its NUL-joined path; `None` when absent or unreadable.

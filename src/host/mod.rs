@@ -15,7 +15,9 @@ use proxy_wasm::types::{Action, ContextType, LogLevel as SdkLogLevel};
 
 use crate::clock::Timestamp;
 use crate::config;
-use crate::engine::{Engine, LocalReplies, LocalReply, StreamState, Verdict, ROUTE_HEADER};
+use crate::engine::{
+    Engine, LocalReplies, LocalReply, StreamState, Verdict, FAULT_HEADER, ROUTE_HEADER,
+};
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
 use crate::policy::circuit_breaker::ResponseFacts;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
@@ -38,16 +40,37 @@ fn log(level: LogLevel, context_id: u32, message: &str) {
     abi::log(level, &format!("seawall[{context_id}]: {message}"));
 }
 
+/// The tick that resumes delayed requests: the granularity of injected delays.
+const TICK_MS: u32 = 5;
+
+/// Requests one worker holds paused at once; beyond this a delay is skipped (and counted), so a
+/// flood of delayed requests cannot grow the worker's memory.
+const MAX_PAUSED: usize = 4096;
+
 /// What one worker's streams share: the live engine and buffers reused from request to request.
 struct Worker {
     engine: Option<Rc<Engine>>,
     scratch: Scratch,
     reply: ReplyBuffer,
+    /// Delayed requests, resumed from the root context's tick. Reserved to `MAX_PAUSED` at
+    /// configure time, so queueing never allocates.
+    paused: Vec<Paused>,
+}
+
+/// A delayed request: its stream, when to resume it, and the engine that decided it.
+struct Paused {
+    context_id: u32,
+    until: Timestamp,
+    state: StreamState,
+    engine: Rc<Engine>,
 }
 
 struct Root {
     context_id: u32,
     worker: Rc<RefCell<Worker>>,
+    /// For aborts sent from the tick, apart from the worker's buffer (a reply can re-enter the
+    /// stream's callbacks while the tick runs).
+    tick_reply: ReplyBuffer,
 }
 
 impl Root {
@@ -58,7 +81,9 @@ impl Root {
                 engine: None,
                 scratch: Scratch::default(),
                 reply: ReplyBuffer::default(),
+                paused: Vec::new(),
             })),
+            tick_reply: ReplyBuffer::default(),
         }
     }
 }
@@ -102,16 +127,24 @@ impl RootContext for Root {
             }
         };
         let summary = format!(
-            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} request attributes, {} shared-data keys created",
+            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} faults, {} request attributes, {} shared-data keys created",
             engine.config().name,
             engine.config().routes.len(),
             engine.config().rate_limits.len(),
             engine.config().circuit_breakers.len(),
+            engine.config().faults.len(),
             engine.config().attributes.len(),
             created
         );
+        engine.seed_random(abi::now_nanos() ^ u64::from(self.context_id).rotate_left(32));
+        let ticks = engine.can_delay();
+        abi::set_tick_period(if ticks { TICK_MS } else { 0 });
         let mut worker = self.worker.borrow_mut();
         worker.scratch = Scratch::for_plan(&engine.config().attributes);
+        if ticks {
+            let spare = MAX_PAUSED.saturating_sub(worker.paused.len());
+            worker.paused.reserve_exact(spare);
+        }
         worker.engine = Some(Rc::new(engine));
         log(LogLevel::Info, self.context_id, &summary);
         true
@@ -124,7 +157,36 @@ impl RootContext for Root {
             worker: Rc::clone(&self.worker),
             engine,
             state: None,
+            paused: false,
+            replace_body: false,
         }))
+    }
+
+    /// Resumes the delayed requests that are due. They are taken out of the queue first, so
+    /// that resuming (which can run other callbacks of the stream) never finds the queue borrowed.
+    fn on_tick(&mut self) {
+        let now = Timestamp::from_nanos(abi::now_nanos());
+        loop {
+            let due = {
+                let Ok(mut worker) = self.worker.try_borrow_mut() else {
+                    return;
+                };
+                match worker.paused.iter().position(|p| p.until <= now) {
+                    Some(position) => worker.paused.swap_remove(position),
+                    None => return,
+                }
+            };
+            if !abi::set_effective_context(due.context_id) {
+                // The stream ended while it waited; its slot was given back in on_log.
+                continue;
+            }
+            match due.engine.on_resume(&due.state, &HostMetrics) {
+                Verdict::Reply(reply) => self.tick_reply.send_local_reply(&reply),
+                Verdict::Continue | Verdict::Pause { .. } => {
+                    abi::resume_request();
+                }
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -139,6 +201,10 @@ struct Stream {
     worker: Rc<RefCell<Worker>>,
     engine: Option<Rc<Engine>>,
     state: Option<StreamState>,
+    /// Waiting in the worker's queue for its delay to end.
+    paused: bool,
+    /// A response fault replaces the upstream's body.
+    replace_body: bool,
 }
 
 impl Context for Stream {}
@@ -170,19 +236,48 @@ impl HttpContext for Stream {
         let decision = engine.on_request(&mut view, now, &HostStore, &HostMetrics);
         drop(view);
         self.state = Some(decision.stream);
+        for header in decision.strip_headers {
+            abi::remove_request_header(header);
+        }
         match decision.verdict {
             Verdict::Continue => Action::Continue,
             Verdict::Reply(reply) => {
                 worker.reply.send_local_reply(&reply);
                 Action::Pause
             }
+            Verdict::Pause { until } if worker.paused.len() < MAX_PAUSED => {
+                worker.paused.push(Paused {
+                    context_id: self.context_id,
+                    until,
+                    state: decision.stream,
+                    engine: Rc::clone(&engine),
+                });
+                self.paused = true;
+                Action::Pause
+            }
+            Verdict::Pause { .. } => {
+                engine.delay_not_queued(&decision.stream, &HostMetrics);
+                Action::Continue
+            }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
-            let decision = engine.on_response(state, now);
+            let decision = engine.on_response(state, now, &HostMetrics);
+            if let Some(fault) = decision.fault {
+                abi::replace_response_header(
+                    ":status",
+                    Decimal::new(u64::from(fault.status)).as_bytes(),
+                );
+                abi::add_response_header(FAULT_HEADER, b"response");
+                // A body can only be replaced when one follows the headers.
+                if fault.body.is_some() && !end_of_stream {
+                    abi::remove_response_header("content-length");
+                    self.replace_body = true;
+                }
+            }
             if let Some(route) = decision.route_header {
                 abi::add_response_header(ROUTE_HEADER, route.as_bytes());
             }
@@ -204,9 +299,31 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
+    /// Drops the upstream's body chunk by chunk and puts the fault's body in its place at the end.
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.replace_body {
+            return Action::Continue;
+        }
+        let body = match (&self.engine, &self.state) {
+            (Some(engine), Some(state)) if end_of_stream => {
+                engine.response_fault_body(state).unwrap_or_default()
+            }
+            _ => &[],
+        };
+        abi::replace_response_body(body_size, body);
+        Action::Continue
+    }
+
     /// The stream is done, answered or not: the one place every admitted request reports its
-    /// outcome, so a probe whose client went away still gives back its slot.
+    /// outcome, so a probe whose client went away still gives back its slot, and a delayed
+    /// request whose client left gives back its active-fault slot.
     fn on_log(&mut self) {
+        if self.paused {
+            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                let context_id = self.context_id;
+                worker.paused.retain(|p| p.context_id != context_id);
+            }
+        }
         let (Some(engine), Some(state)) = (&self.engine, &self.state) else {
             return;
         };

@@ -76,8 +76,8 @@ impl Draw {
 
 /// Salts for the independent sticky questions.
 pub const SALT_COHORT: u64 = 0x636f_686f_7274;
-pub const SALT_ABORT: u64 = 0x6162_6f72_74;
-pub const SALT_DELAY: u64 = 0x6465_6c61_79;
+pub const SALT_ABORT: u64 = 0x0061_626f_7274;
+pub const SALT_DELAY: u64 = 0x0064_656c_6179;
 pub const SALT_RESPONSE: u64 = 0x7265_7370;
 
 /// How long to hold a request.

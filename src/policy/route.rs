@@ -25,6 +25,7 @@ pub struct Route {
 pub struct RoutePolicies {
     pub rate_limits: Vec<usize>,
     pub circuit_breaker: Option<RouteBreaker>,
+    pub faults: Vec<usize>,
 }
 
 /// The breaker a route applies, with the route's own record when the breaker is keyed by route.
