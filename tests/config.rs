@@ -125,11 +125,12 @@ fn several_independent_errors_are_reported_together() {
 
 #[test]
 fn policy_kinds_not_built_yet_are_refused_not_ignored() {
-    let found =
-        errors(r#"{"faults": {"chaos": {}}, "routes": [{"name": "a", "faults": ["chaos"]}]}"#);
+    let found = errors(
+        r#"{"degradation": {"payments": {}}, "routes": [{"name": "a", "degradation": "payments"}]}"#,
+    );
     assert_eq!(
         found,
-        ["faults.chaos: fault policies are not supported by this build of seawall yet"]
+        ["degradation.payments: degradation policies are not supported by this build of seawall yet"]
     );
     assert_eq!(
         errors(r#"{"faults": []}"#),
