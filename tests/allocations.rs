@@ -308,3 +308,83 @@ fn local_replies_reuse_their_buffer() {
     }
     assert_eq!(allocations() - before, 0);
 }
+
+const FAULT_CONFIG: &str = r#"{
+    "faults": {
+        "chaos": {"abort": {"percent": 50, "body": "chaos\n"}, "delay": {"exponential": {"mean": "10ms", "max": "50ms"}, "percent": 50},
+                  "response": {"status": 500, "body": "late\n", "percent": 50},
+                  "cohort": {"key": [{"header": "x-user"}]}, "max_active": 1000,
+                  "header_control": {"secret_header": "x-key", "secret": "0123456789", "max_percent": 100}}
+    },
+    "routes": [{"name": "chaos", "faults": ["chaos"]}]
+}"#;
+
+#[test]
+fn fault_injection_allocates_only_the_host_buffers() {
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(FAULT_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store).unwrap();
+    let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+    let mut verdicts = std::collections::BTreeSet::new();
+    for user in 0..64u8 {
+        let mut values = vec![(Attribute::header("x-user"), vec![b'u', user])];
+        if user % 4 == 0 {
+            values.push((Attribute::header("x-seawall-fault-abort"), b"418".to_vec()));
+            values.push((Attribute::header("x-key"), b"0123456789".to_vec()));
+        }
+        let mut host = Host {
+            values,
+            handed_out: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let mut stream = decision.stream;
+        let taken = match decision.verdict {
+            Verdict::Continue => "continue",
+            Verdict::Pause { .. } => "pause",
+            Verdict::Reply(_) => "reply",
+        };
+        if matches!(decision.verdict, Verdict::Pause { .. }) {
+            let _ = engine.on_resume(&stream, &metrics);
+        }
+        let response = engine.on_response(&mut stream, now, &metrics);
+        let _ = engine.response_fault_body(&stream);
+        let mut facts = Finished {
+            status: Some(200),
+            flags: 0,
+            reads: 0,
+        };
+        engine.on_stream_end(&stream, &mut facts, now, &store, &metrics);
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + facts.reads,
+            "user {user}: {spent} allocations, {} host buffers",
+            host.handed_out + facts.reads
+        );
+        let _ = response;
+        verdicts.insert(taken);
+    }
+    assert_eq!(
+        verdicts.into_iter().collect::<Vec<_>>(),
+        ["continue", "pause", "reply"],
+        "every path was taken"
+    );
+    assert!(
+        metrics
+            .value("seawall.fault.chaos.response_faults")
+            .unwrap()
+            > 0
+    );
+    assert!(
+        metrics
+            .value("seawall.fault.chaos.header_control_applied")
+            .unwrap()
+            > 0
+    );
+}
