@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 use seawall_integration::client::{load, Client, LoadSpec, Request};
 use seawall_integration::{Envoy, EnvoyConfig, Upstream};
 
+/// The delay scenario measures latency, so the scenarios of this file run one at a time: each
+/// holds this lock while its Envoy runs.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn chaos(upstream: &Upstream, workers: u32, faults: &str, routes: &str) -> Envoy {
     Envoy::start(
         EnvoyConfig::to_upstream(upstream.addr())
@@ -28,6 +38,7 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
 
 #[test]
 fn a_thirty_percent_abort_aborts_thirty_percent_and_a_cohort_is_sticky() {
+    let _alone = alone();
     let upstream = Upstream::start();
     let envoy = chaos(
         &upstream,
@@ -83,6 +94,7 @@ fn a_thirty_percent_abort_aborts_thirty_percent_and_a_cohort_is_sticky() {
 
 #[test]
 fn a_delay_holds_requests_without_slowing_other_routes() {
+    let _alone = alone();
     let upstream = Upstream::start();
     let envoy = chaos(
         &upstream,
@@ -99,11 +111,18 @@ fn a_delay_holds_requests_without_slowing_other_routes() {
         )
     });
     std::thread::sleep(Duration::from_millis(500));
-    let peak_active = stat(&envoy, "active");
-    let calm = load(
-        addr,
-        LoadSpec::new(4, Duration::from_secs(2), |_| Request::get("/calm")),
-    );
+    let calm = std::thread::spawn(move || {
+        load(
+            addr,
+            LoadSpec::new(4, Duration::from_secs(2), |_| Request::get("/calm")),
+        )
+    });
+    let mut peak_active = 0;
+    while !calm.is_finished() {
+        peak_active = peak_active.max(stat(&envoy, "active"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let calm = calm.join().unwrap();
     let delayed = delayed.join().unwrap();
     let p50 = delayed.percentile(50.0);
     eprintln!(
@@ -136,6 +155,7 @@ fn a_delay_holds_requests_without_slowing_other_routes() {
 
 #[test]
 fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_slot() {
+    let _alone = alone();
     let upstream = Upstream::start();
     let envoy = chaos(
         &upstream,
@@ -235,6 +255,7 @@ const CONTROLLED: &str = r#"{"chaos": {"header_control": {"secret_header": "x-ch
 
 #[test]
 fn header_control_without_the_secret_does_nothing_and_with_it_is_capped() {
+    let _alone = alone();
     let upstream = Upstream::start();
     let envoy = chaos(&upstream, 2, CONTROLLED, ONE_ROUTE);
     let mut client = Client::connect(envoy.listener_addr());
@@ -278,6 +299,7 @@ fn header_control_without_the_secret_does_nothing_and_with_it_is_capped() {
 
 #[test]
 fn an_experiment_past_its_end_injects_nothing_and_response_faults_replace_the_answer() {
+    let _alone = alone();
     let upstream = Upstream::start();
     let envoy = chaos(
         &upstream,

@@ -40,8 +40,9 @@ fn log(level: LogLevel, context_id: u32, message: &str) {
     abi::log(level, &format!("seawall[{context_id}]: {message}"));
 }
 
-/// The tick that resumes delayed requests: the granularity of injected delays.
-const TICK_MS: u32 = 5;
+/// The tick that resumes delayed requests, on only while some are waiting: the granularity of
+/// injected delays.
+const TICK_MS: u32 = 1;
 
 /// Requests one worker holds paused at once; beyond this a delay is skipped (and counted), so a
 /// flood of delayed requests cannot grow the worker's memory.
@@ -55,6 +56,8 @@ struct Worker {
     /// Delayed requests, resumed from the root context's tick. Reserved to `MAX_PAUSED` at
     /// configure time, so queueing never allocates.
     paused: Vec<Paused>,
+    /// Whether the root context's tick is on (it is while `paused` is not empty).
+    ticking: bool,
 }
 
 /// A delayed request: its stream, when to resume it, and the engine that decided it.
@@ -82,6 +85,7 @@ impl Root {
                 scratch: Scratch::default(),
                 reply: ReplyBuffer::default(),
                 paused: Vec::new(),
+                ticking: false,
             })),
             tick_reply: ReplyBuffer::default(),
         }
@@ -137,11 +141,9 @@ impl RootContext for Root {
             created
         );
         engine.seed_random(abi::now_nanos() ^ u64::from(self.context_id).rotate_left(32));
-        let ticks = engine.can_delay();
-        abi::set_tick_period(if ticks { TICK_MS } else { 0 });
         let mut worker = self.worker.borrow_mut();
         worker.scratch = Scratch::for_plan(&engine.config().attributes);
-        if ticks {
+        if engine.can_delay() {
             let spare = MAX_PAUSED.saturating_sub(worker.paused.len());
             worker.paused.reserve_exact(spare);
         }
@@ -173,7 +175,13 @@ impl RootContext for Root {
                 };
                 match worker.paused.iter().position(|p| p.until <= now) {
                     Some(position) => worker.paused.swap_remove(position),
-                    None => return,
+                    None => {
+                        if worker.paused.is_empty() && worker.ticking {
+                            abi::set_tick_period(0);
+                            worker.ticking = false;
+                        }
+                        return;
+                    }
                 }
             };
             if !abi::set_effective_context(due.context_id) {
@@ -253,6 +261,9 @@ impl HttpContext for Stream {
                     engine: Rc::clone(&engine),
                 });
                 self.paused = true;
+                if !worker.ticking {
+                    worker.ticking = abi::set_tick_period(TICK_MS);
+                }
                 Action::Pause
             }
             Verdict::Pause { .. } => {
