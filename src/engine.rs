@@ -617,6 +617,8 @@ impl Engine {
         }
         if stream.faults.abort.is_some() {
             stream.faults.grpc = self.is_grpc(request);
+            // The abort answers instead of the upstream: there is no upstream answer to replace.
+            stream.faults.response = None;
         }
         match delay {
             Some(span) => Verdict::Pause {

@@ -481,6 +481,31 @@ fn a_response_fault_replaces_the_upstreams_answer() {
 }
 
 #[test]
+fn an_abort_is_never_replaced_by_a_response_fault() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        &config(
+            r#"{"abort": {"status": 503, "percent": 100}, "response": {"status": 500, "percent": 100}}"#,
+        ),
+        &store,
+    );
+    let (fate, mut stream) = worker.start(get("/chaos"), T0, &store);
+    assert_eq!(
+        fate,
+        Fate::Aborted {
+            status: 503,
+            grpc: None
+        }
+    );
+    // Envoy passes seawall's own abort through the response callbacks too.
+    let decision =
+        worker
+            .engine
+            .on_response(&mut stream, Timestamp::from_nanos(T0), &worker.metrics);
+    assert_eq!(decision.fault, None);
+}
+
+#[test]
 fn fault_config_errors_name_their_paths() {
     let errors = |json: &str| match compile(json.as_bytes()) {
         Ok(_) => panic!("expected {json} to be refused"),
