@@ -9,11 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use seawall::clock::Timestamp;
-use seawall::config::compile;
-use seawall::engine::{Engine, RequestDecision, StreamState, Verdict, GRPC_UNAVAILABLE};
-use seawall::metrics::FakeMetrics;
+use seawall::engine::{StreamState, Verdict, GRPC_UNAVAILABLE};
 use seawall::policy::circuit_breaker::{flags, Classifier, Outcome, ResponseFacts, StatusSet};
-use seawall::request::{FakeRequest, RequestView, Scratch};
+use seawall::request::FakeRequest;
 use seawall::state::fake::FakeStore;
 
 const MS: u64 = 1_000_000;
@@ -59,11 +57,9 @@ impl ResponseFacts for Ended {
     }
 }
 
-struct Worker {
-    engine: Engine,
-    metrics: FakeMetrics,
-    scratch: Scratch,
-}
+mod common;
+
+use common::{get, Worker};
 
 /// What the client saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,34 +72,20 @@ enum Seen {
     },
 }
 
-impl Worker {
-    fn new(json: &str, store: &FakeStore) -> Worker {
-        let mut metrics = FakeMetrics::new();
-        let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-        engine.prepare_state(store).unwrap();
-        let scratch = Scratch::for_plan(&engine.config().attributes);
-        Worker {
-            engine,
-            metrics,
-            scratch,
-        }
-    }
-
-    fn send(
+/// What this file asks of a worker.
+trait Calls {
+    fn start(
         &mut self,
-        mut request: FakeRequest,
+        request: FakeRequest,
         now: u64,
         store: &FakeStore,
-    ) -> RequestDecision<'_> {
-        let mut view = RequestView::new(
-            &self.engine.config().attributes,
-            &mut request,
-            &mut self.scratch,
-        );
-        self.engine
-            .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
-    }
+    ) -> Result<StreamState, Seen>;
+    fn end(&mut self, stream: StreamState, took: u64, ended: Ended, now: u64, store: &FakeStore);
+    fn call(&mut self, request: FakeRequest, now: u64, store: &FakeStore, status: u16) -> Seen;
+    fn metric(&self, name: &str) -> i64;
+}
 
+impl Calls for Worker {
     /// Sends a request; when it is let through, returns its stream for a later [`Worker::end`].
     fn start(
         &mut self,
@@ -165,14 +147,8 @@ impl Worker {
     }
 
     fn metric(&self, name: &str) -> i64 {
-        self.metrics
-            .value(&format!("seawall.circuit_breaker.{name}"))
-            .unwrap_or_else(|| panic!("metric {name} is not defined"))
+        self.counter(&format!("seawall.circuit_breaker.{name}"))
     }
-}
-
-fn get(path: &str) -> FakeRequest {
-    FakeRequest::http("GET", path)
 }
 
 fn refused(retry_after: u64, circuit: &str) -> Seen {

@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use seawall::clock::Timestamp;
 use seawall::config::compile;
-use seawall::engine::{Engine, RequestDecision, StreamState, Verdict};
-use seawall::metrics::FakeMetrics;
+use seawall::engine::{StreamState, Verdict};
 use seawall::policy::circuit_breaker::ResponseFacts;
-use seawall::request::{FakeRequest, RequestView, Scratch};
+use seawall::request::FakeRequest;
 use seawall::state::fake::FakeStore;
 
 const MS: u64 = 1_000_000;
@@ -21,11 +20,9 @@ const SECOND: u64 = 1_000 * MS;
 /// 2026-11-22T10:00:00Z.
 const T0: u64 = 1_795_341_600 * SECOND;
 
-struct Worker {
-    engine: Engine,
-    metrics: FakeMetrics,
-    scratch: Scratch,
-}
+mod common;
+
+use common::{get, Worker};
 
 /// What happened to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,34 +46,15 @@ impl ResponseFacts for Done {
     }
 }
 
-impl Worker {
-    fn new(json: &str, store: &FakeStore) -> Worker {
-        let mut metrics = FakeMetrics::new();
-        let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-        engine.prepare_state(store).unwrap();
-        let scratch = Scratch::for_plan(&engine.config().attributes);
-        Worker {
-            engine,
-            metrics,
-            scratch,
-        }
-    }
+/// What this file asks of a worker.
+trait Chaos {
+    fn start(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> (Fate, StreamState);
+    fn end(&mut self, stream: &StreamState, now: u64, store: &FakeStore);
+    fn fate(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> Fate;
+    fn metric(&self, name: &str) -> i64;
+}
 
-    fn send(
-        &mut self,
-        mut request: FakeRequest,
-        now: u64,
-        store: &FakeStore,
-    ) -> RequestDecision<'_> {
-        let mut view = RequestView::new(
-            &self.engine.config().attributes,
-            &mut request,
-            &mut self.scratch,
-        );
-        self.engine
-            .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
-    }
-
+impl Chaos for Worker {
     /// Sends a request and returns its fate and its stream (still open).
     fn start(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> (Fate, StreamState) {
         let decision = self.send(request, now, store);
@@ -111,14 +89,8 @@ impl Worker {
     }
 
     fn metric(&self, name: &str) -> i64 {
-        self.metrics
-            .value(&format!("seawall.fault.{name}"))
-            .unwrap_or_else(|| panic!("metric {name} is not defined"))
+        self.counter(&format!("seawall.fault.{name}"))
     }
-}
-
-fn get(path: &str) -> FakeRequest {
-    FakeRequest::http("GET", path)
 }
 
 fn config(fault: &str) -> String {

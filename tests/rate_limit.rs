@@ -10,7 +10,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use seawall::clock::Timestamp;
 use seawall::config::compile;
-use seawall::engine::{Engine, RequestDecision, Verdict, GRPC_RESOURCE_EXHAUSTED};
+use seawall::engine::{Engine, Verdict, GRPC_RESOURCE_EXHAUSTED};
 use seawall::metrics::FakeMetrics;
 use seawall::policy::rate_limit::{acquire, Acquired, Gcra, GcraDecision};
 use seawall::request::{Attribute, FakeRequest, RequestView, Scratch};
@@ -20,53 +20,24 @@ use seawall::state::{SharedStore, StoreError};
 const SECOND: u64 = 1_000_000_000;
 const T0: u64 = 1_800_000_000 * SECOND;
 
-struct Worker {
-    engine: Engine,
-    metrics: FakeMetrics,
-    scratch: Scratch,
+mod common;
+
+use common::{get, Worker};
+
+/// What this file asks of a worker.
+trait Limited {
+    fn allowed(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> bool;
+    fn metric(&self, name: &str) -> i64;
 }
 
-impl Worker {
-    fn new(json: &str, store: &FakeStore) -> Worker {
-        let mut metrics = FakeMetrics::new();
-        let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-        engine.prepare_state(store).unwrap();
-        let scratch = Scratch::for_plan(&engine.config().attributes);
-        Worker {
-            engine,
-            metrics,
-            scratch,
-        }
-    }
-
-    fn send(
-        &mut self,
-        mut request: FakeRequest,
-        now: u64,
-        store: &FakeStore,
-    ) -> RequestDecision<'_> {
-        let mut view = RequestView::new(
-            &self.engine.config().attributes,
-            &mut request,
-            &mut self.scratch,
-        );
-        self.engine
-            .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
-    }
-
+impl Limited for Worker {
     fn allowed(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> bool {
         matches!(self.send(request, now, store).verdict, Verdict::Continue)
     }
 
     fn metric(&self, name: &str) -> i64 {
-        self.metrics
-            .value(name)
-            .unwrap_or_else(|| panic!("metric {name} is not defined"))
+        self.counter(name)
     }
-}
-
-fn get(path: &str) -> FakeRequest {
-    FakeRequest::http("GET", path)
 }
 
 const GLOBAL: &str = r#"{
