@@ -12,6 +12,7 @@ use core::time::Duration;
 use crate::clock::Timestamp;
 use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
 use crate::config::fault::FaultPolicy;
+use crate::config::retry::RetryMode;
 use crate::config::rate_limit::{KeyPart, MAX_KEY_PARTS};
 use crate::config::{CircuitBreakerPolicy, PluginConfig, RateLimitPolicy};
 use crate::metrics::{
@@ -28,6 +29,7 @@ use crate::policy::fault::{
 use crate::policy::rate_limit::{
     self, AcquireFailure, Acquired, BucketChoice, FailureMode, Mode, Tat,
 };
+use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
 use crate::policy::route::{without_query, Route, RouteBreaker, RouteIndex};
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::ensure;
@@ -48,6 +50,13 @@ pub const GRPC_UNAVAILABLE: u32 = 14;
 /// tell a breaker's refusal from the upstream's own 503.
 pub const CIRCUIT_HEADER: &str = "x-seawall-circuit";
 
+/// The router's count of attempts, on responses when the virtual host sets
+/// `include_attempt_count_in_response`.
+pub const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
+
+/// The longest upstream push-back (`Retry-After`) seawall honours.
+const MAX_PUSH_BACK: Duration = Duration::from_secs(60);
+
 /// Added to every injected abort, so an experiment's errors are never mistaken for real ones.
 pub const FAULT_HEADER: &str = "x-seawall-fault";
 
@@ -60,6 +69,7 @@ pub struct Engine {
     rate_limits: Vec<RateLimitMetrics>,
     circuit_breakers: Vec<BreakerRuntime>,
     faults: Vec<FaultRuntime>,
+    retries: Vec<RetryMetrics>,
     /// This worker's draws for fault percentages; seeded by the host.
     random: Cell<Random>,
 }
@@ -69,6 +79,24 @@ pub struct Engine {
 struct FaultRuntime {
     metrics: FaultMetrics,
     abort_headers: Vec<(String, String)>,
+}
+
+/// `seawall.retry.<name>.<counter>`.
+#[derive(Debug, Clone, Copy)]
+struct RetryMetrics {
+    requests: MetricId,
+    granted: MetricId,
+    used: MetricId,
+    refunded: MetricId,
+    denied_by_budget: MetricId,
+    shadow_denied: MetricId,
+    pushed_back: MetricId,
+    denied_by_breaker: MetricId,
+    not_idempotent: MetricId,
+    attempt_count_missing: MetricId,
+    cas_retries: MetricId,
+    cas_exhausted: MetricId,
+    store_errors: MetricId,
 }
 
 /// `seawall.fault.<name>.<counter>`; `active` is a gauge.
@@ -142,6 +170,32 @@ pub struct StreamState {
     /// When the response headers came, to tell slow calls.
     pub responded: Option<Timestamp>,
     pub faults: FaultState,
+    /// The route's breaker would have refused the request (shadow mode): no retries for it.
+    pub breaker_open: bool,
+    /// The retries this request was granted, to settle when the response shows what was used.
+    pub retry: Option<RetryTicket>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryTicket {
+    /// Taken from the budget, so the unused part can go back.
+    pub reserved: u32,
+}
+
+/// The retry headers to set on a request, overwriting whatever the client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryHeaders<'a> {
+    /// `x-envoy-max-retries`.
+    pub max_retries: u32,
+    /// `x-envoy-retry-on`.
+    pub retry_on: Option<&'a str>,
+    /// `x-envoy-retry-grpc-on`.
+    pub grpc_retry_on: Option<&'a str>,
+    /// `x-envoy-upstream-rq-per-try-timeout-ms`.
+    pub per_try_timeout_ms: Option<u64>,
+    /// Client-sent headers of [`crate::config::retry::CLIENT_RETRY_HEADERS`] (bit n for entry n) that seawall does not
+    /// set: the host removes them.
+    pub remove: u8,
 }
 
 /// The faults injected into one stream, by position in its route's `faults`.
@@ -230,6 +284,8 @@ pub struct RequestDecision<'a> {
     pub verdict: Verdict<'a>,
     /// Request headers to remove before the request goes on (fault-control headers).
     pub strip_headers: &'a [String],
+    /// Retry headers to set, on routes with a retry policy.
+    pub retry: Option<RetryHeaders<'a>>,
 }
 
 /// What to add to a response.
@@ -353,6 +409,30 @@ impl Engine {
                 abort_headers,
             });
         }
+        let mut retries = Vec::with_capacity(config.retries.len());
+        for policy in &config.retries {
+            let mut counter = |name: &str| {
+                registry.define(
+                    MetricKind::Counter,
+                    &metric_name("retry", &policy.name, name),
+                )
+            };
+            retries.push(RetryMetrics {
+                requests: counter("requests")?,
+                granted: counter("granted")?,
+                used: counter("used")?,
+                refunded: counter("refunded")?,
+                denied_by_budget: counter("denied_by_budget")?,
+                shadow_denied: counter("shadow_denied")?,
+                pushed_back: counter("pushed_back")?,
+                denied_by_breaker: counter("denied_by_breaker")?,
+                not_idempotent: counter("not_idempotent")?,
+                attempt_count_missing: counter("attempt_count_missing")?,
+                cas_retries: counter("cas_retries")?,
+                cas_exhausted: counter("cas_exhausted")?,
+                store_errors: counter("store_errors")?,
+            });
+        }
         Ok(Engine {
             config,
             route_requests,
@@ -360,6 +440,7 @@ impl Engine {
             rate_limits,
             circuit_breakers,
             faults,
+            retries,
             random: Cell::new(Random::seeded(0x5ea_0a11)),
         })
     }
@@ -414,6 +495,13 @@ impl Engine {
                 }
             }
         }
+        for policy in self.config.retries.iter().filter(|p| p.budget.is_some()) {
+            created += usize::from(ensure::<BUDGET_LEN, _, _>(
+                store,
+                &policy.key,
+                &retry::BudgetState::empty(),
+            )?);
+        }
         for policy in &self.config.faults {
             if policy.max_active.is_some() {
                 created += usize::from(ensure(store, &policy.active_key, &Active(0))?);
@@ -445,6 +533,8 @@ impl Engine {
             breaker: None,
             responded: None,
             faults: FaultState::default(),
+            breaker_open: false,
+            retry: None,
         };
         let Some((index, route)) = index.and_then(|i| Some((i, self.config.routes.get(i)?))) else {
             metrics.increment(self.unmatched, 1);
@@ -452,19 +542,28 @@ impl Engine {
                 stream,
                 verdict: Verdict::Continue,
                 strip_headers: &[],
+                retry: None,
             };
         };
         if let Some(&counter) = self.route_requests.get(usize::from(index.0)) {
             metrics.increment(counter, 1);
         }
         if let Some(choice) = &route.policies.circuit_breaker {
-            match self.admit(choice, request, now, store, metrics) {
+            match self.admit(
+                choice,
+                request,
+                now,
+                store,
+                metrics,
+                &mut stream.breaker_open,
+            ) {
                 Ok(ticket) => stream.breaker = ticket,
                 Err(reply) => {
                     return RequestDecision {
                         stream,
                         verdict: Verdict::Reply(reply),
                         strip_headers: &[],
+                retry: None,
                     }
                 }
             }
@@ -481,6 +580,7 @@ impl Engine {
                     stream,
                     verdict: Verdict::Reply(reply),
                     strip_headers: &[],
+                retry: None,
                 };
             }
         }
@@ -498,10 +598,197 @@ impl Engine {
                 &mut strip_headers,
             )
         };
+        let retry = match (&verdict, route.policies.retry) {
+            (Verdict::Continue | Verdict::Pause { .. }, Some(index)) => {
+                // The breaker hook: a probe or a would-be refusal gets no retries. Degradation
+                // will add its own condition here.
+                let probe = matches!(
+                    stream.breaker,
+                    Some(BreakerTicket {
+                        role: Role::Probe { .. },
+                        ..
+                    })
+                );
+                let allowed = !probe && !stream.breaker_open;
+                self.retry_grant(index, request, now, store, metrics, &mut stream, allowed)
+            }
+            _ => None,
+        };
         RequestDecision {
             stream,
             verdict,
             strip_headers,
+            retry,
+        }
+    }
+
+    /// Decides how many retries the router may make for this request: `max_retries` for a
+    /// retryable request (idempotent method or idempotency header) when `allowed`, cut to what
+    /// the budget has left. The request is deposited in the budget either way.
+    #[allow(clippy::too_many_arguments)]
+    fn retry_grant<S: AttributeSource>(
+        &self,
+        index: usize,
+        request: &mut RequestView<'_, S>,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        stream: &mut StreamState,
+        allowed: bool,
+    ) -> Option<RetryHeaders<'_>> {
+        let policy = self.config.retries.get(index)?;
+        let counters = self.retries.get(index)?;
+        metrics.increment(counters.requests, 1);
+        let set = [
+            true,
+            policy.retry_on.is_some(),
+            policy.grpc_retry_on.is_some(),
+            policy.per_try_timeout_ms.is_some(),
+            false,
+            false,
+            false,
+        ];
+        let mut remove = 0u8;
+        for (bit, (&id, set)) in policy.client_headers.iter().zip(set).enumerate() {
+            if !set && request.get(id).is_some() {
+                remove |= 1 << bit;
+            }
+        }
+        let method = request.get(policy.method).unwrap_or_default();
+        let retryable = policy.methods.iter().any(|m| m.as_slice() == method)
+            || policy
+                .idempotency_header
+                .is_some_and(|id| request.get(id).is_some());
+        if !retryable {
+            metrics.increment(counters.not_idempotent, 1);
+        } else if !allowed {
+            metrics.increment(counters.denied_by_breaker, 1);
+        }
+        let wanted = if retryable && allowed {
+            policy.max_retries
+        } else {
+            0
+        };
+        let reserved = match &policy.budget {
+            None => wanted,
+            Some(budget) => {
+                let (grant, races) = retry::take(budget, store, &policy.key, wanted, now.as_nanos());
+                if races > 0 {
+                    metrics.increment(counters.cas_retries, i64::from(races));
+                }
+                match grant {
+                    Ok(Grant::Granted { retries, short }) => {
+                        if short {
+                            let counter = match policy.mode {
+                                RetryMode::Enforce => counters.denied_by_budget,
+                                RetryMode::Shadow => counters.shadow_denied,
+                            };
+                            metrics.increment(counter, 1);
+                        }
+                        retries
+                    }
+                    Ok(Grant::PushedBack) => {
+                        if wanted > 0 {
+                            metrics.increment(counters.pushed_back, 1);
+                        }
+                        0
+                    }
+                    // Failing closed: no retries rather than unbudgeted ones.
+                    Err(UpdateError::Exhausted { .. }) => {
+                        metrics.increment(counters.cas_exhausted, 1);
+                        0
+                    }
+                    Err(UpdateError::Store(_)) => {
+                        metrics.increment(counters.store_errors, 1);
+                        0
+                    }
+                }
+            }
+        };
+        let max_retries = match policy.mode {
+            RetryMode::Enforce => reserved,
+            RetryMode::Shadow => wanted,
+        };
+        if max_retries > 0 {
+            metrics.increment(counters.granted, i64::from(max_retries));
+        }
+        if policy.budget.is_some() && reserved > 0 {
+            stream.retry = Some(RetryTicket { reserved });
+        } else if max_retries > 0 {
+            stream.retry = Some(RetryTicket { reserved: 0 });
+        }
+        Some(RetryHeaders {
+            max_retries,
+            retry_on: policy.retry_on.as_deref(),
+            grpc_retry_on: policy.grpc_retry_on.as_deref(),
+            per_try_timeout_ms: policy.per_try_timeout_ms,
+            remove,
+        })
+    }
+
+    /// Settles a request's retries from its response headers: counts the retries the router
+    /// made (`x-envoy-attempt-count`), gives the unused part of the grant back to the budget, and
+    /// records the upstream's push-back (`Retry-After` on a 429 or 503) for every worker.
+    pub fn settle_retries(
+        &self,
+        stream: &StreamState,
+        response: &mut impl ResponseHeaders,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) {
+        let Some(ticket) = stream.retry else {
+            return;
+        };
+        let Some(index) = stream
+            .route
+            .and_then(|route| self.config.routes.get(route))
+            .and_then(|route| route.policies.retry)
+        else {
+            return;
+        };
+        let (Some(policy), Some(counters)) = (self.config.retries.get(index), self.retries.get(index))
+        else {
+            return;
+        };
+        let used = response
+            .header(ATTEMPT_COUNT_HEADER)
+            .and_then(|value| retry::retries_used(&value));
+        let unused = match used {
+            Some(used) => {
+                if used > 0 {
+                    metrics.increment(counters.used, i64::from(used));
+                }
+                ticket.reserved.saturating_sub(used)
+            }
+            // Without the count (include_attempt_count_in_response is off) nothing goes back.
+            None => {
+                metrics.increment(counters.attempt_count_missing, 1);
+                0
+            }
+        };
+        if policy.budget.is_none() {
+            return;
+        }
+        let status = response
+            .header(":status")
+            .and_then(|value| crate::policy::fault::parse_decimal(&value));
+        let pushed_back_until = match status {
+            Some(429 | 503) => response
+                .header("retry-after")
+                .and_then(|value| retry::retry_after(&value, MAX_PUSH_BACK))
+                .map(|wait| now.saturating_add(wait).as_nanos()),
+            _ => None,
+        };
+        if unused > 0 {
+            metrics.increment(counters.refunded, i64::from(unused));
+        }
+        match retry::settle(store, &policy.key, unused, pushed_back_until) {
+            Ok(races) if races > 0 => metrics.increment(counters.cas_retries, i64::from(races)),
+            Ok(_) => {}
+            // The grant stays spent: the budget errs strict.
+            Err(UpdateError::Exhausted { .. }) => metrics.increment(counters.cas_exhausted, 1),
+            Err(UpdateError::Store(_)) => metrics.increment(counters.store_errors, 1),
         }
     }
 
@@ -764,6 +1051,7 @@ impl Engine {
         now: Timestamp,
         store: &impl SharedStore,
         metrics: &impl MetricSink,
+        would_reject: &mut bool,
     ) -> Result<Option<BreakerTicket>, LocalReply<'_>> {
         let (Some(policy), Some(runtime)) = (
             self.config.circuit_breakers.get(choice.policy),
@@ -828,6 +1116,7 @@ impl Engine {
             }
             Admission::Reject { .. } if policy.mode == BreakerMode::Shadow => {
                 metrics.increment(counters.shadow_rejected, 1);
+                *would_reject = true;
                 Ok(None)
             }
             Admission::Reject {

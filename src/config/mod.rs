@@ -13,6 +13,7 @@ pub mod fault;
 pub mod rate_limit;
 pub mod raw;
 pub mod reply;
+pub mod retry;
 pub mod units;
 
 use serde_json::{Map, Value};
@@ -24,6 +25,7 @@ use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
 pub use fault::FaultPolicy;
 pub use rate_limit::RateLimitPolicy;
+pub use retry::RetryPolicy;
 use raw::{RawDebug, RawHeaderMatch, RawMatch, RawRoute};
 
 /// The compiled plugin config.
@@ -35,6 +37,7 @@ pub struct PluginConfig {
     pub rate_limits: Vec<RateLimitPolicy>,
     pub circuit_breakers: Vec<CircuitBreakerPolicy>,
     pub faults: Vec<FaultPolicy>,
+    pub retries: Vec<RetryPolicy>,
     /// Every request attribute the routes and policies read, each once.
     pub attributes: AttributePlan,
     /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
@@ -56,6 +59,7 @@ impl Default for PluginConfig {
             rate_limits: Vec::new(),
             circuit_breakers: Vec::new(),
             faults: Vec::new(),
+            retries: Vec::new(),
             attributes: AttributePlan::default(),
             content_type: None,
             debug: DebugOptions::default(),
@@ -173,6 +177,7 @@ struct Compiler {
     rate_limits: Vec<RateLimitPolicy>,
     circuit_breakers: Vec<CircuitBreakerPolicy>,
     faults: Vec<FaultPolicy>,
+    retries: Vec<RetryPolicy>,
     /// The plugin's name, which scopes its shared-data keys.
     plugin: String,
 }
@@ -265,6 +270,7 @@ impl Compiler {
             rate_limits: self.rate_limits,
             circuit_breakers: self.circuit_breakers,
             faults: self.faults,
+            retries: self.retries,
             attributes: self.attributes,
             content_type,
             debug,
@@ -302,6 +308,8 @@ impl Compiler {
                 self.circuit_breaker(&policy_path, &name, body);
             } else if kind == PolicyKind::Fault {
                 self.fault(&policy_path, &name, body);
+            } else if kind == PolicyKind::Retry {
+                self.retry(&policy_path, &name, body);
             } else {
                 // Each kind's compiler lands with its own capability; until then a policy of that
                 // kind is refused rather than silently ignored.
@@ -335,6 +343,16 @@ impl Compiler {
             });
         match compiled {
             Ok(policy) => self.circuit_breakers.push(policy),
+            Err(errors) => self.errors.extend(errors),
+        }
+    }
+
+    fn retry(&mut self, path: &str, name: &str, body: Value) {
+        let compiled = deserialize_at(path, body)
+            .map_err(|error| vec![error])
+            .and_then(|raw| retry::compile(path, &self.plugin, name, raw, &mut self.attributes));
+        match compiled {
+            Ok(policy) => self.retries.push(policy),
             Err(errors) => self.errors.extend(errors),
         }
     }
@@ -445,6 +463,9 @@ impl Compiler {
                         } else if let Some(found) = compiled {
                             policies.rate_limits.push(found);
                         }
+                    }
+                    Some(_) if kind == PolicyKind::Retry => {
+                        policies.retry = self.retries.iter().position(|p| p.name == name);
                     }
                     Some(_) if kind == PolicyKind::Fault => {
                         let compiled = self.faults.iter().position(|p| p.name == name);

@@ -204,6 +204,13 @@ impl Percent {
         })
     }
 
+    /// From parts per million, capped at 100%.
+    pub const fn from_ppm(ppm: u32) -> Self {
+        Percent {
+            ppm: if ppm > 1_000_000 { 1_000_000 } else { ppm },
+        }
+    }
+
     /// Parts per million: 100% is 1 000 000.
     pub const fn ppm(self) -> u32 {
         self.ppm

@@ -165,6 +165,25 @@ pub fn add_response_header(name: &str, value: &[u8]) -> bool {
     status == OK
 }
 
+/// Sets a request header, replacing any value the client sent.
+pub fn replace_request_header(name: &str, value: &[u8]) -> bool {
+    let status = unsafe {
+        proxy_replace_header_map_value(
+            MAP_HTTP_REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+    status == OK
+}
+
+/// A response header's raw bytes.
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    get_header(MAP_HTTP_RESPONSE_HEADERS, name)
+}
+
 pub fn remove_request_header(name: &str) -> bool {
     unsafe {
         proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()) == OK

@@ -19,7 +19,10 @@ use crate::engine::{
     Engine, LocalReplies, LocalReply, StreamState, Verdict, FAULT_HEADER, ROUTE_HEADER,
 };
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
+use crate::config::retry::CLIENT_RETRY_HEADERS;
+use crate::engine::RetryHeaders;
 use crate::policy::circuit_breaker::ResponseFacts;
+use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
 use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
@@ -131,11 +134,12 @@ impl RootContext for Root {
             }
         };
         let summary = format!(
-            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} faults, {} request attributes, {} shared-data keys created",
+            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} retry policies, {} faults, {} request attributes, {} shared-data keys created",
             engine.config().name,
             engine.config().routes.len(),
             engine.config().rate_limits.len(),
             engine.config().circuit_breakers.len(),
+            engine.config().retries.len(),
             engine.config().faults.len(),
             engine.config().attributes.len(),
             created
@@ -247,6 +251,9 @@ impl HttpContext for Stream {
         for header in decision.strip_headers {
             abi::remove_request_header(header);
         }
+        if let Some(retry) = decision.retry {
+            set_retry_headers(&retry);
+        }
         match decision.verdict {
             Verdict::Continue => Action::Continue,
             Verdict::Reply(reply) => {
@@ -276,6 +283,9 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
+            if state.retry.is_some() {
+                engine.settle_retries(state, &mut HostResponse, now, &HostStore, &HostMetrics);
+            }
             let decision = engine.on_response(state, now, &HostMetrics);
             if let Some(fault) = decision.fault {
                 abi::replace_response_header(
@@ -345,8 +355,38 @@ impl HttpContext for Stream {
     }
 }
 
-/// Envoy's record of how the stream ended.
+/// Overwrites every retry header a client could have sent with the engine's grant, so no client
+/// can retry beyond the budget.
+fn set_retry_headers(retry: &RetryHeaders<'_>) {
+    let [max_retries, retry_on, grpc_retry_on, per_try_timeout, ..] = CLIENT_RETRY_HEADERS;
+    abi::replace_request_header(
+        max_retries,
+        Decimal::new(u64::from(retry.max_retries)).as_bytes(),
+    );
+    if let Some(conditions) = retry.retry_on {
+        abi::replace_request_header(retry_on, conditions.as_bytes());
+    }
+    if let Some(conditions) = retry.grpc_retry_on {
+        abi::replace_request_header(grpc_retry_on, conditions.as_bytes());
+    }
+    if let Some(ms) = retry.per_try_timeout_ms {
+        abi::replace_request_header(per_try_timeout, Decimal::new(ms).as_bytes());
+    }
+    for (bit, header) in CLIENT_RETRY_HEADERS.iter().enumerate() {
+        if retry.remove & (1 << bit) != 0 {
+            abi::remove_request_header(header);
+        }
+    }
+}
+
+/// Envoy's record of how the stream ended, and its response headers.
 struct HostResponse;
+
+impl ResponseHeaders for HostResponse {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        abi::response_header(name)
+    }
+}
 
 const RESPONSE_CODE: &[u8] = b"response\0code";
 const RESPONSE_FLAGS: &[u8] = b"response\0flags";

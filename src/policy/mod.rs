@@ -4,4 +4,5 @@
 pub mod circuit_breaker;
 pub mod fault;
 pub mod rate_limit;
+pub mod retry;
 pub mod route;

@@ -26,6 +26,7 @@ pub struct RoutePolicies {
     pub rate_limits: Vec<usize>,
     pub circuit_breaker: Option<RouteBreaker>,
     pub faults: Vec<usize>,
+    pub retry: Option<usize>,
 }
 
 /// The breaker a route applies, with the route's own record when the breaker is keyed by route.

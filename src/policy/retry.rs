@@ -1,0 +1,351 @@
+//! Retry budgets: Envoy's router does the retrying; seawall decides how many retries each request
+//! may have, from a budget all workers share.
+//!
+//! A fixed `max_retries` multiplies load by `1 + max_retries` exactly when the upstream can least
+//! take it: in a brown-out every request fails and every request retries. A budget (Finagle,
+//! Linkerd, tower's `retry::budget`) caps retries at a share of the traffic instead: `ratio` of
+//! the requests in a rolling window, plus a floor of `min_per_second` so that a quiet service can
+//! still retry. Then a brown-out costs at most `1 + ratio` times the load, plus the floor.
+//!
+//! The budget is one record in shared data: a window of buckets counting requests and retries.
+//! Each request deposits itself and takes its retry grant out of the budget in the same
+//! conditional write, so concurrent requests on all workers can never be granted the same
+//! retries. When the response shows how many attempts the router made (`x-envoy-attempt-count`),
+//! the unused part of the grant goes back. Upstream push-back (`Retry-After` on a 429 or 503)
+//! stops all grants until that time, on every worker.
+
+use core::time::Duration;
+
+use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::SharedStore;
+
+/// Response headers, read one at a time from the host.
+pub trait ResponseHeaders {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>>;
+}
+
+/// Buckets in the budget's window.
+pub const WINDOW_BUCKETS: usize = 10;
+
+/// How many lost CAS races one decision tolerates; then the request gets no retries (the budget
+/// fails closed: a missed retry is safer than a retry storm).
+pub const MAX_CAS_ATTEMPTS: u32 = 32;
+
+/// Requests and retries in one bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub requests: u32,
+    pub retries: u32,
+}
+
+/// A budget's record: the window and the time until which the upstream asked for no retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetState {
+    /// Number of the newest bucket (time divided by the bucket span).
+    pub epoch: u64,
+    /// No retries before this time (nanoseconds since the epoch); 0 when none was asked for.
+    pub pushed_back_until: u64,
+    pub buckets: [Tally; WINDOW_BUCKETS],
+}
+
+pub const RECORD_LEN: usize = 16 + WINDOW_BUCKETS * 8;
+
+impl BudgetState {
+    pub const fn empty() -> Self {
+        BudgetState {
+            epoch: 0,
+            pushed_back_until: 0,
+            buckets: [Tally {
+                requests: 0,
+                retries: 0,
+            }; WINDOW_BUCKETS],
+        }
+    }
+
+    fn advance(&mut self, epoch: u64) {
+        if epoch <= self.epoch {
+            return;
+        }
+        let gap = epoch - self.epoch;
+        if gap >= WINDOW_BUCKETS as u64 {
+            self.buckets = [Tally::default(); WINDOW_BUCKETS];
+        } else {
+            for step in 1..=gap {
+                self.buckets[bucket_index(self.epoch + step)] = Tally::default();
+            }
+        }
+        self.epoch = epoch;
+    }
+
+    pub fn totals(&self) -> Tally {
+        self.buckets.iter().fold(Tally::default(), |sum, b| Tally {
+            requests: sum.requests.saturating_add(b.requests),
+            retries: sum.retries.saturating_add(b.retries),
+        })
+    }
+}
+
+fn bucket_index(epoch: u64) -> usize {
+    (epoch % WINDOW_BUCKETS as u64) as usize
+}
+
+impl Record<RECORD_LEN> for BudgetState {
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut out = [0u8; RECORD_LEN];
+        out[0..8].copy_from_slice(&self.epoch.to_le_bytes());
+        out[8..16].copy_from_slice(&self.pushed_back_until.to_le_bytes());
+        for (bucket, chunk) in self.buckets.iter().zip(out[16..].chunks_exact_mut(8)) {
+            chunk[0..4].copy_from_slice(&bucket.requests.to_le_bytes());
+            chunk[4..8].copy_from_slice(&bucket.retries.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
+        let mut state = BudgetState {
+            epoch: u64_at(0),
+            pushed_back_until: u64_at(8),
+            buckets: [Tally::default(); WINDOW_BUCKETS],
+        };
+        for (index, bucket) in state.buckets.iter_mut().enumerate() {
+            let at = 16 + index * 8;
+            *bucket = Tally {
+                requests: u32_at(at),
+                retries: u32_at(at + 4),
+            };
+        }
+        state
+    }
+}
+
+/// A budget's compiled terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Retries allowed per request, in parts per million (20% is 200,000).
+    pub ratio_ppm: u32,
+    /// Retries allowed per window whatever the traffic: `min_per_second` times the window.
+    pub floor: u32,
+    /// Nanoseconds per bucket: the window divided by [`WINDOW_BUCKETS`].
+    pub bucket_nanos: u64,
+}
+
+impl Budget {
+    fn epoch(&self, now: u64) -> u64 {
+        now / self.bucket_nanos.max(1)
+    }
+
+    /// Retries still allowed in a window holding `totals`.
+    pub fn remaining(&self, totals: &Tally) -> u32 {
+        let earned = u64::from(totals.requests) * u64::from(self.ratio_ppm) / 1_000_000;
+        let allowance = earned.saturating_add(u64::from(self.floor));
+        u32::try_from(allowance.saturating_sub(u64::from(totals.retries))).unwrap_or(u32::MAX)
+    }
+}
+
+/// Why a request got fewer retries than it wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// `retries` were taken from the budget (possibly fewer than asked: `short` says so).
+    Granted { retries: u32, short: bool },
+    /// The upstream asked for no retries until later.
+    PushedBack,
+}
+
+/// Deposits one request and takes up to `wanted` retries for it: one read and one conditional
+/// write. Returns the grant and the CAS races lost; the budget fails closed.
+pub fn take<S: SharedStore + ?Sized>(
+    budget: &Budget,
+    store: &S,
+    key: &str,
+    wanted: u32,
+    now: u64,
+) -> (Result<Grant, UpdateError>, u32) {
+    let epoch = budget.epoch(now);
+    let result = cas::update(store, key, MAX_CAS_ATTEMPTS, |state: Option<BudgetState>| {
+        let mut state = state.unwrap_or(BudgetState::empty());
+        state.advance(epoch);
+        let newest = bucket_index(state.epoch);
+        state.buckets[newest].requests = state.buckets[newest].requests.saturating_add(1);
+        let grant = if now < state.pushed_back_until {
+            Grant::PushedBack
+        } else {
+            let retries = wanted.min(budget.remaining(&state.totals()));
+            state.buckets[newest].retries = state.buckets[newest].retries.saturating_add(retries);
+            Grant::Granted {
+                retries,
+                short: retries < wanted,
+            }
+        };
+        Step::Write(state, grant)
+    });
+    match result {
+        Ok(updated) => (Ok(updated.value), updated.attempts - 1),
+        Err(error) => {
+            let races = match error {
+                UpdateError::Exhausted { attempts } => attempts,
+                UpdateError::Store(_) => 0,
+            };
+            (Err(error), races)
+        }
+    }
+}
+
+/// Settles a request: gives back `unused` retries of its grant and records the upstream's
+/// push-back (`until`, nanoseconds). Writes only when there is something to write.
+pub fn settle<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    unused: u32,
+    pushed_back_until: Option<u64>,
+) -> Result<u32, UpdateError> {
+    if unused == 0 && pushed_back_until.is_none() {
+        return Ok(0);
+    }
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |state: Option<BudgetState>| {
+        let Some(mut state) = state else {
+            return Step::Keep(());
+        };
+        // Refunds come out of the newest buckets first; a grant whose bucket has left the window
+        // has nothing left to refund.
+        let mut left = unused;
+        for step in 0..WINDOW_BUCKETS as u64 {
+            let Some(epoch) = state.epoch.checked_sub(step) else {
+                break;
+            };
+            let bucket = &mut state.buckets[bucket_index(epoch)];
+            let taken = left.min(bucket.retries);
+            bucket.retries -= taken;
+            left -= taken;
+            if left == 0 {
+                break;
+            }
+        }
+        if let Some(until) = pushed_back_until {
+            state.pushed_back_until = state.pushed_back_until.max(until);
+        }
+        Step::Write(state, ())
+    })
+    .map(|updated| updated.attempts - 1)
+}
+
+/// The retries a response shows the router made: `x-envoy-attempt-count` minus the first try.
+pub fn retries_used(attempt_count: &[u8]) -> Option<u32> {
+    let attempts = crate::policy::fault::parse_decimal(attempt_count)?;
+    u32::try_from(attempts.saturating_sub(1)).ok()
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not honoured), capped at `cap`.
+pub fn retry_after(value: &[u8], cap: Duration) -> Option<Duration> {
+    let seconds = crate::policy::fault::parse_decimal(value)?;
+    Some(Duration::from_secs(seconds).min(cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::cas::ensure;
+    use crate::state::fake::FakeStore;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn budget() -> Budget {
+        Budget {
+            ratio_ppm: 200_000,
+            floor: 10,
+            bucket_nanos: SECOND,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut state = BudgetState::empty();
+        state.epoch = 99;
+        state.pushed_back_until = u64::MAX - 1;
+        state.buckets[9] = Tally {
+            requests: 7,
+            retries: 3,
+        };
+        assert_eq!(BudgetState::decode(&state.encode()), state);
+    }
+
+    #[test]
+    fn the_allowance_is_the_ratio_plus_the_floor() {
+        let budget = budget();
+        let totals = |requests, retries| Tally { requests, retries };
+        assert_eq!(budget.remaining(&totals(0, 0)), 10);
+        assert_eq!(budget.remaining(&totals(100, 0)), 30);
+        assert_eq!(budget.remaining(&totals(100, 25)), 5);
+        assert_eq!(budget.remaining(&totals(100, 40)), 0);
+        assert_eq!(budget.remaining(&totals(4, 0)), 10, "0.8 earned rounds down");
+    }
+
+    #[test]
+    fn grants_come_out_of_the_budget_and_unused_ones_go_back() {
+        let store = FakeStore::new();
+        ensure(&store, "b", &BudgetState::empty()).unwrap();
+        let now = 1_000 * SECOND;
+        let mut granted = 0;
+        for _ in 0..10 {
+            if let (Ok(Grant::Granted { retries, .. }), _) = take(&budget(), &store, "b", 3, now) {
+                granted += retries;
+            }
+        }
+        // 10 requests earn 2 retries, plus the floor of 10.
+        assert_eq!(granted, 12);
+        assert_eq!(
+            take(&budget(), &store, "b", 3, now).0,
+            Ok(Grant::Granted {
+                retries: 0,
+                short: true
+            })
+        );
+        settle(&store, "b", 3, None).unwrap();
+        assert_eq!(
+            take(&budget(), &store, "b", 3, now).0,
+            Ok(Grant::Granted {
+                retries: 3,
+                short: false
+            })
+        );
+        // Ten seconds later the window has forgotten it all.
+        assert_eq!(
+            take(&budget(), &store, "b", 3, now + 10 * SECOND).0,
+            Ok(Grant::Granted {
+                retries: 3,
+                short: false
+            })
+        );
+    }
+
+    #[test]
+    fn push_back_stops_grants_until_it_expires() {
+        let store = FakeStore::new();
+        ensure(&store, "b", &BudgetState::empty()).unwrap();
+        let now = 1_000 * SECOND;
+        settle(&store, "b", 0, Some(now + 2 * SECOND)).unwrap();
+        assert_eq!(
+            take(&budget(), &store, "b", 2, now).0,
+            Ok(Grant::PushedBack)
+        );
+        assert!(matches!(
+            take(&budget(), &store, "b", 2, now + 2 * SECOND).0,
+            Ok(Grant::Granted { retries: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn header_values_parse() {
+        assert_eq!(retries_used(b"3"), Some(2));
+        assert_eq!(retries_used(b"1"), Some(0));
+        assert_eq!(retries_used(b"x"), None);
+        assert_eq!(
+            retry_after(b"120", Duration::from_secs(60)),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", Duration::MAX), None);
+    }
+}
