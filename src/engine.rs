@@ -12,8 +12,8 @@ use core::time::Duration;
 use crate::clock::Timestamp;
 use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
 use crate::config::fault::FaultPolicy;
-use crate::config::retry::RetryMode;
 use crate::config::rate_limit::{KeyPart, MAX_KEY_PARTS};
+use crate::config::retry::RetryMode;
 use crate::config::{CircuitBreakerPolicy, PluginConfig, RateLimitPolicy};
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
@@ -563,7 +563,7 @@ impl Engine {
                         stream,
                         verdict: Verdict::Reply(reply),
                         strip_headers: &[],
-                retry: None,
+                        retry: None,
                     }
                 }
             }
@@ -580,7 +580,7 @@ impl Engine {
                     stream,
                     verdict: Verdict::Reply(reply),
                     strip_headers: &[],
-                retry: None,
+                    retry: None,
                 };
             }
         }
@@ -672,7 +672,8 @@ impl Engine {
         let reserved = match &policy.budget {
             None => wanted,
             Some(budget) => {
-                let (grant, races) = retry::take(budget, store, &policy.key, wanted, now.as_nanos());
+                let (grant, races) =
+                    retry::take(budget, store, &policy.key, wanted, now.as_nanos());
                 if races > 0 {
                     metrics.increment(counters.cas_retries, i64::from(races));
                 }
@@ -747,7 +748,8 @@ impl Engine {
         else {
             return;
         };
-        let (Some(policy), Some(counters)) = (self.config.retries.get(index), self.retries.get(index))
+        let (Some(policy), Some(counters)) =
+            (self.config.retries.get(index), self.retries.get(index))
         else {
             return;
         };

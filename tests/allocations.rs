@@ -388,3 +388,64 @@ fn fault_injection_allocates_only_the_host_buffers() {
             > 0
     );
 }
+
+/// Response headers as the host hands them out: one buffer per header found.
+struct Headers {
+    reads: u64,
+}
+
+impl seawall::policy::retry::ResponseHeaders for Headers {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        let value: &[u8] = match name {
+            ":status" => b"503",
+            "x-envoy-attempt-count" => b"2",
+            "retry-after" => b"1",
+            _ => return None,
+        };
+        self.reads += 1;
+        Some(value.to_vec())
+    }
+}
+
+#[test]
+fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
+    let json = r#"{"retries": {"api": {"max_retries": 2, "idempotency_header": "idempotency-key"}},
+                   "routes": [{"name": "api", "retry": "api"}]}"#;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store).unwrap();
+    let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+    for round in 0..50u64 {
+        let mut host = Host {
+            values: vec![
+                (Attribute::method(), b"GET".to_vec()),
+                (Attribute::header("x-envoy-max-retries"), b"10".to_vec()),
+                (
+                    Attribute::header("x-envoy-retry-grpc-on"),
+                    b"cancelled".to_vec(),
+                ),
+            ],
+            handed_out: 0,
+        };
+        let mut headers = Headers { reads: 0 };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let granted = decision.retry.map(|r| r.max_retries);
+        engine.settle_retries(&decision.stream, &mut headers, now, &store, &metrics);
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + headers.reads,
+            "round {round}: {spent} allocations, {} host buffers",
+            host.handed_out + headers.reads
+        );
+        assert!(granted.is_some());
+    }
+    assert!(metrics.value("seawall.retry.api.used").unwrap() > 0);
+    assert!(metrics.value("seawall.retry.api.pushed_back").unwrap() > 0);
+}

@@ -25,8 +25,8 @@ use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
 pub use fault::FaultPolicy;
 pub use rate_limit::RateLimitPolicy;
-pub use retry::RetryPolicy;
 use raw::{RawDebug, RawHeaderMatch, RawMatch, RawRoute};
+pub use retry::RetryPolicy;
 
 /// The compiled plugin config.
 #[derive(Debug, Clone, PartialEq)]

@@ -213,10 +213,14 @@ pub fn compile(
     if window.as_millis() < 100 {
         errors.push(ConfigError::invalid(
             child(&budget_path, "window"),
-            format!("expected a window of at least 100ms, got {}", raw.budget.window),
+            format!(
+                "expected a window of at least 100ms, got {}",
+                raw.budget.window
+            ),
         ));
     }
-    let floor = u64::from(raw.budget.min_per_second).saturating_mul(window.as_millis() as u64) / 1000;
+    let floor =
+        u64::from(raw.budget.min_per_second).saturating_mul(window.as_millis() as u64) / 1000;
     let mut methods = Vec::with_capacity(raw.methods.len());
     for (position, method) in raw.methods.iter().enumerate() {
         if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {

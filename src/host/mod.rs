@@ -15,12 +15,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel as SdkLogLevel};
 
 use crate::clock::Timestamp;
 use crate::config;
+use crate::config::retry::CLIENT_RETRY_HEADERS;
+use crate::engine::RetryHeaders;
 use crate::engine::{
     Engine, LocalReplies, LocalReply, StreamState, Verdict, FAULT_HEADER, ROUTE_HEADER,
 };
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
-use crate::config::retry::CLIENT_RETRY_HEADERS;
-use crate::engine::RetryHeaders;
 use crate::policy::circuit_breaker::ResponseFacts;
 use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};

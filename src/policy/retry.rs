@@ -165,23 +165,29 @@ pub fn take<S: SharedStore + ?Sized>(
     now: u64,
 ) -> (Result<Grant, UpdateError>, u32) {
     let epoch = budget.epoch(now);
-    let result = cas::update(store, key, MAX_CAS_ATTEMPTS, |state: Option<BudgetState>| {
-        let mut state = state.unwrap_or(BudgetState::empty());
-        state.advance(epoch);
-        let newest = bucket_index(state.epoch);
-        state.buckets[newest].requests = state.buckets[newest].requests.saturating_add(1);
-        let grant = if now < state.pushed_back_until {
-            Grant::PushedBack
-        } else {
-            let retries = wanted.min(budget.remaining(&state.totals()));
-            state.buckets[newest].retries = state.buckets[newest].retries.saturating_add(retries);
-            Grant::Granted {
-                retries,
-                short: retries < wanted,
-            }
-        };
-        Step::Write(state, grant)
-    });
+    let result = cas::update(
+        store,
+        key,
+        MAX_CAS_ATTEMPTS,
+        |state: Option<BudgetState>| {
+            let mut state = state.unwrap_or(BudgetState::empty());
+            state.advance(epoch);
+            let newest = bucket_index(state.epoch);
+            state.buckets[newest].requests = state.buckets[newest].requests.saturating_add(1);
+            let grant = if now < state.pushed_back_until {
+                Grant::PushedBack
+            } else {
+                let retries = wanted.min(budget.remaining(&state.totals()));
+                state.buckets[newest].retries =
+                    state.buckets[newest].retries.saturating_add(retries);
+                Grant::Granted {
+                    retries,
+                    short: retries < wanted,
+                }
+            };
+            Step::Write(state, grant)
+        },
+    );
     match result {
         Ok(updated) => (Ok(updated.value), updated.attempts - 1),
         Err(error) => {
@@ -205,30 +211,35 @@ pub fn settle<S: SharedStore + ?Sized>(
     if unused == 0 && pushed_back_until.is_none() {
         return Ok(0);
     }
-    cas::update(store, key, MAX_CAS_ATTEMPTS, |state: Option<BudgetState>| {
-        let Some(mut state) = state else {
-            return Step::Keep(());
-        };
-        // Refunds come out of the newest buckets first; a grant whose bucket has left the window
-        // has nothing left to refund.
-        let mut left = unused;
-        for step in 0..WINDOW_BUCKETS as u64 {
-            let Some(epoch) = state.epoch.checked_sub(step) else {
-                break;
+    cas::update(
+        store,
+        key,
+        MAX_CAS_ATTEMPTS,
+        |state: Option<BudgetState>| {
+            let Some(mut state) = state else {
+                return Step::Keep(());
             };
-            let bucket = &mut state.buckets[bucket_index(epoch)];
-            let taken = left.min(bucket.retries);
-            bucket.retries -= taken;
-            left -= taken;
-            if left == 0 {
-                break;
+            // Refunds come out of the newest buckets first; a grant whose bucket has left the window
+            // has nothing left to refund.
+            let mut left = unused;
+            for step in 0..WINDOW_BUCKETS as u64 {
+                let Some(epoch) = state.epoch.checked_sub(step) else {
+                    break;
+                };
+                let bucket = &mut state.buckets[bucket_index(epoch)];
+                let taken = left.min(bucket.retries);
+                bucket.retries -= taken;
+                left -= taken;
+                if left == 0 {
+                    break;
+                }
             }
-        }
-        if let Some(until) = pushed_back_until {
-            state.pushed_back_until = state.pushed_back_until.max(until);
-        }
-        Step::Write(state, ())
-    })
+            if let Some(until) = pushed_back_until {
+                state.pushed_back_until = state.pushed_back_until.max(until);
+            }
+            Step::Write(state, ())
+        },
+    )
     .map(|updated| updated.attempts - 1)
 }
 
@@ -280,7 +291,11 @@ mod tests {
         assert_eq!(budget.remaining(&totals(100, 0)), 30);
         assert_eq!(budget.remaining(&totals(100, 25)), 5);
         assert_eq!(budget.remaining(&totals(100, 40)), 0);
-        assert_eq!(budget.remaining(&totals(4, 0)), 10, "0.8 earned rounds down");
+        assert_eq!(
+            budget.remaining(&totals(4, 0)),
+            10,
+            "0.8 earned rounds down"
+        );
     }
 
     #[test]
@@ -346,6 +361,9 @@ mod tests {
             retry_after(b"120", Duration::from_secs(60)),
             Some(Duration::from_secs(60))
         );
-        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", Duration::MAX), None);
+        assert_eq!(
+            retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", Duration::MAX),
+            None
+        );
     }
 }
