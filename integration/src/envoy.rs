@@ -228,7 +228,9 @@ impl EnvoyConfig {
         let mut clusters = String::new();
         for (name, addr) in &self.clusters {
             clusters.push_str(&format!(
-                "{head} {name}\n  type: STATIC\n  connect_timeout: 1s\n  load_assignment:\n    cluster_name: {name}\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}\n",
+                // Envoy's own cluster limits would cap concurrent retries at 3 (and requests at
+                // 1024) before seawall's budget could show what it does: they are lifted here.
+                "{head} {name}\n  type: STATIC\n  connect_timeout: 1s\n  circuit_breakers: {{thresholds: [{{max_retries: 1000000, max_requests: 1000000, max_pending_requests: 1000000, max_connections: 1000000}}]}}\n  load_assignment:\n    cluster_name: {name}\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}\n",
                 ip = addr.ip(),
                 port = addr.port()
             ));
