@@ -442,4 +442,6 @@ fn the_readme_example_compiles() {
     assert_eq!(config.name, "edge");
     assert_eq!(config.circuit_breakers.len(), 1);
     assert_eq!(config.rate_limits.len(), 2);
+    assert_eq!(config.retries.len(), 1);
+    assert_eq!(config.faults.len(), 1);
 }
