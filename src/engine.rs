@@ -169,6 +169,8 @@ pub struct StreamState {
     pub breaker: Option<BreakerTicket>,
     /// When the response headers came, to tell slow calls.
     pub responded: Option<Timestamp>,
+    /// The response's status, when the host read it from the response headers.
+    pub response_status: Option<u16>,
     pub faults: FaultState,
     /// The route's breaker would have refused the request (shadow mode): no retries for it.
     pub breaker_open: bool,
@@ -216,6 +218,8 @@ pub struct FaultState {
 pub struct BreakerTicket {
     pub at: Located,
     pub role: Role,
+    /// A gRPC request, whose outcome includes its `grpc-status`.
+    pub grpc: bool,
 }
 
 /// A bucket as the IETF `RateLimit-*` headers describe it.
@@ -532,6 +536,7 @@ impl Engine {
             rate_limit: None,
             breaker: None,
             responded: None,
+            response_status: None,
             faults: FaultState::default(),
             breaker_open: false,
             retry: None,
@@ -1104,16 +1109,23 @@ impl Engine {
                 return Ok(None);
             }
         };
+        // Reading content-type now is one header read; asking Envoy for the gRPC status of every
+        // response would be a property read each (the dearest kind of host call).
+        let grpc = matches!(admission, Admission::Pass | Admission::Probe { .. })
+            && policy.classifier.grpc_codes != 0
+            && self.is_grpc(request);
         match admission {
             Admission::Pass => Ok(Some(BreakerTicket {
                 at,
                 role: Role::Counted,
+                grpc,
             })),
             Admission::Probe { generation } => {
                 metrics.increment(counters.probes, 1);
                 Ok(Some(BreakerTicket {
                     at,
                     role: Role::Probe { generation },
+                    grpc,
                 }))
             }
             Admission::Reject { .. } if policy.mode == BreakerMode::Shadow => {
@@ -1227,7 +1239,7 @@ impl Engine {
         let elapsed = stream
             .responded
             .map(|responded| responded.saturating_since(stream.started));
-        let outcome = policy.classifier.outcome(facts, elapsed);
+        let outcome = policy.classifier.outcome(facts, elapsed, ticket.grpc);
         if let Outcome::Completed { failed, slow } = outcome {
             let counters = &runtime.metrics;
             metrics.increment(

@@ -565,7 +565,7 @@ fn outcomes_are_classified_from_status_flags_and_grpc_status() {
             flags,
             grpc,
         };
-        classifier.outcome(&mut ended, elapsed_ms.map(Duration::from_millis))
+        classifier.outcome(&mut ended, elapsed_ms.map(Duration::from_millis), true)
     };
     let done = |failed, slow| Outcome::Completed { failed, slow };
     assert_eq!(outcome(Some(200), 0, Some(0), Some(5)), done(false, false));
@@ -578,6 +578,16 @@ fn outcomes_are_classified_from_status_flags_and_grpc_status() {
         done(true, false)
     );
     assert_eq!(outcome(Some(200), 0, Some(14), Some(5)), done(true, false));
+    // A plain HTTP request never asks for a gRPC status.
+    let mut plain = Ended {
+        status: Some(200),
+        flags: 0,
+        grpc: Some(14),
+    };
+    assert_eq!(
+        classifier.outcome(&mut plain, None, false),
+        done(false, false)
+    );
     assert_eq!(outcome(Some(200), 0, Some(5), Some(5)), done(false, false));
     // No response: a timeout is the upstream's failure, a client leaving is nobody's.
     assert_eq!(

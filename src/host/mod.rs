@@ -293,8 +293,20 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
+            if state.breaker.is_some() {
+                // A header read now spares the breaker a property read (`response.code`) later.
+                state.response_status = abi::response_header(":status")
+                    .and_then(|value| crate::policy::fault::parse_decimal(&value))
+                    .and_then(|status| u16::try_from(status).ok());
+            }
             if state.retry.is_some() {
-                engine.settle_retries(state, &mut HostResponse, now, &HostStore, &HostMetrics);
+                engine.settle_retries(
+                    state,
+                    &mut HostResponse::default(),
+                    now,
+                    &HostStore,
+                    &HostMetrics,
+                );
             }
             let decision = engine.on_response(state, now, &HostMetrics);
             if let Some(fault) = decision.fault {
@@ -364,7 +376,10 @@ impl HttpContext for Stream {
         };
         if engine.wants_outcome(state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
-            engine.on_stream_end(state, &mut HostResponse, now, &HostStore, &HostMetrics);
+            let mut response = HostResponse {
+                status: state.response_status,
+            };
+            engine.on_stream_end(state, &mut response, now, &HostStore, &HostMetrics);
         }
     }
 }
@@ -393,8 +408,12 @@ fn set_retry_headers(retry: &RetryHeaders<'_>) {
     }
 }
 
-/// Envoy's record of how the stream ended, and its response headers.
-struct HostResponse;
+/// Envoy's record of how the stream ended, and its response headers. `status` is the status
+/// read from the response headers; without it no response was sent.
+#[derive(Default)]
+struct HostResponse {
+    status: Option<u16>,
+}
 
 impl ResponseHeaders for HostResponse {
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
@@ -402,13 +421,12 @@ impl ResponseHeaders for HostResponse {
     }
 }
 
-const RESPONSE_CODE: &[u8] = b"response\0code";
 const RESPONSE_FLAGS: &[u8] = b"response\0flags";
 const RESPONSE_GRPC_STATUS: &[u8] = b"response\0grpc_status";
 
 impl ResponseFacts for HostResponse {
     fn status(&mut self) -> Option<u16> {
-        abi::property_int(RESPONSE_CODE).and_then(|code| u16::try_from(code).ok())
+        self.status
     }
 
     fn flags(&mut self) -> u64 {

@@ -807,8 +807,13 @@ pub struct Classifier {
 
 impl Classifier {
     /// Classifies a finished call; `elapsed` is the time from the request to the response headers
-    /// (`None` when none came).
-    pub fn outcome(&self, facts: &mut impl ResponseFacts, elapsed: Option<Duration>) -> Outcome {
+    /// (`None` when none came). The gRPC status is only looked at for gRPC requests.
+    pub fn outcome(
+        &self,
+        facts: &mut impl ResponseFacts,
+        elapsed: Option<Duration>,
+        grpc_request: bool,
+    ) -> Outcome {
         let Some(status) = facts.status().filter(|&s| s != 0) else {
             return if facts.flags() & self.flags != 0 {
                 Outcome::Completed {
@@ -825,6 +830,7 @@ impl Classifier {
         let failed = self.statuses.contains(status)
             || facts.flags() & self.flags != 0
             || (status == 200
+                && grpc_request
                 && self.grpc_codes != 0
                 && facts
                     .grpc_status()
