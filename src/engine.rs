@@ -6,6 +6,10 @@
 //! Metric names are built once in [`Engine::new`]; the request path bumps ids and allocates
 //! nothing.
 
+mod degradation;
+
+pub use degradation::{DEGRADED_HEADER, TICK as DEGRADATION_TICK};
+
 use core::cell::Cell;
 use core::time::Duration;
 
@@ -70,6 +74,7 @@ pub struct Engine {
     circuit_breakers: Vec<BreakerRuntime>,
     faults: Vec<FaultRuntime>,
     retries: Vec<RetryMetrics>,
+    degradations: Vec<degradation::DegradationRuntime>,
     /// This worker's draws for fault percentages; seeded by the host.
     random: Cell<Random>,
 }
@@ -176,6 +181,15 @@ pub struct StreamState {
     pub breaker_open: bool,
     /// The retries this request was granted, to settle when the response shows what was used.
     pub retry: Option<RetryTicket>,
+    /// The degradation level the request met, and whether its outcome is the dependency's.
+    pub degradation: Option<DegradationTicket>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DegradationTicket {
+    pub level: u8,
+    /// It went to the dependency (not shed, answered locally or rerouted): its outcome counts.
+    pub reported: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +304,15 @@ pub struct RequestDecision<'a> {
     pub strip_headers: &'a [String],
     /// Retry headers to set, on routes with a retry policy.
     pub retry: Option<RetryHeaders<'a>>,
+    /// A header that picks the Envoy route's cluster: set (degradation's reroute) or removed (a
+    /// client's own, which must not choose the cluster).
+    pub reroute: Option<Reroute<'a>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reroute<'a> {
+    Set { header: &'a str, cluster: &'a str },
+    Remove { header: &'a str },
 }
 
 /// What to add to a response.
@@ -300,6 +323,8 @@ pub struct ResponseDecision<'a> {
     pub rate_limit: Option<RateLimitStatus>,
     /// A response fault: the status (and body) that replace the upstream's.
     pub fault: Option<FaultedResponse<'a>>,
+    /// `x-seawall-degraded` value: the level the request met, when above normal.
+    pub degraded: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,6 +462,11 @@ impl Engine {
                 store_errors: counter("store_errors")?,
             });
         }
+        let degradations = config
+            .degradations
+            .iter()
+            .map(|policy| degradation::DegradationRuntime::new(policy, registry))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Engine {
             config,
             route_requests,
@@ -445,6 +475,7 @@ impl Engine {
             circuit_breakers,
             faults,
             retries,
+            degradations,
             random: Cell::new(Random::seeded(0x5ea_0a11)),
         })
     }
@@ -511,6 +542,7 @@ impl Engine {
                 created += usize::from(ensure(store, &policy.active_key, &Active(0))?);
             }
         }
+        created += self.prepare_degradation_state(store)?;
         for route in self.config.routes.routes() {
             if let Some(RouteBreaker {
                 record: Some(key), ..
@@ -540,6 +572,7 @@ impl Engine {
             faults: FaultState::default(),
             breaker_open: false,
             retry: None,
+            degradation: None,
         };
         let Some((index, route)) = index.and_then(|i| Some((i, self.config.routes.get(i)?))) else {
             metrics.increment(self.unmatched, 1);
@@ -548,11 +581,27 @@ impl Engine {
                 verdict: Verdict::Continue,
                 strip_headers: &[],
                 retry: None,
+                reroute: None,
             };
         };
         if let Some(&counter) = self.route_requests.get(usize::from(index.0)) {
             metrics.increment(counter, 1);
         }
+        let degrade = match route.policies.degradation {
+            None => degradation::Actions::default(),
+            Some(choice) => match self.degrade(index, choice, request, now, metrics) {
+                Ok(actions) => actions,
+                Err(reply) => {
+                    return RequestDecision {
+                        stream,
+                        verdict: Verdict::Reply(reply),
+                        strip_headers: &[],
+                        retry: None,
+                        reroute: None,
+                    }
+                }
+            },
+        };
         if let Some(choice) = &route.policies.circuit_breaker {
             match self.admit(
                 choice,
@@ -569,11 +618,12 @@ impl Engine {
                         verdict: Verdict::Reply(reply),
                         strip_headers: &[],
                         retry: None,
+                        reroute: None,
                     }
                 }
             }
         }
-        match self.rate_limit(route, request, now, store, metrics) {
+        match self.rate_limit(route, request, now, store, metrics, degrade.rate_limit_ppm) {
             Ok(status) => stream.rate_limit = status,
             Err(reply) => {
                 // The request never reaches the upstream, so it says nothing about it: a probe
@@ -586,6 +636,7 @@ impl Engine {
                     verdict: Verdict::Reply(reply),
                     strip_headers: &[],
                     retry: None,
+                    reroute: None,
                 };
             }
         }
@@ -605,8 +656,8 @@ impl Engine {
         };
         let retry = match (&verdict, route.policies.retry) {
             (Verdict::Continue | Verdict::Pause { .. }, Some(index)) => {
-                // The breaker hook: a probe or a would-be refusal gets no retries. Degradation
-                // will add its own condition here.
+                // A probe, a would-be refusal of the breaker, or a degradation level that turns
+                // retries off gets no retries.
                 let probe = matches!(
                     stream.breaker,
                     Some(BreakerTicket {
@@ -614,16 +665,21 @@ impl Engine {
                         ..
                     })
                 );
-                let allowed = !probe && !stream.breaker_open;
+                let allowed = !probe && !stream.breaker_open && degrade.retries;
                 self.retry_grant(index, request, now, store, metrics, &mut stream, allowed)
             }
             _ => None,
         };
+        if let Some(choice) = route.policies.degradation {
+            let upstream = matches!(verdict, Verdict::Continue | Verdict::Pause { .. });
+            self.degradation_admitted(choice, &degrade, upstream, &mut stream);
+        }
         RequestDecision {
             stream,
             verdict,
             strip_headers,
             retry,
+            reroute: degrade.reroute,
         }
     }
 
@@ -1213,7 +1269,12 @@ impl Engine {
     /// Whether the stream's outcome must be reported through [`Engine::on_stream_end`]: the host
     /// reads the response facts only then.
     pub fn wants_outcome(&self, stream: &StreamState) -> bool {
-        stream.breaker.is_some() || stream.faults.holding != 0
+        stream.breaker.is_some() || stream.faults.holding != 0 || self.wants_status(stream)
+    }
+
+    /// Whether the host should read the response's `:status` for this stream.
+    pub fn wants_status(&self, stream: &StreamState) -> bool {
+        stream.breaker.is_some() || stream.degradation.is_some_and(|ticket| ticket.reported)
     }
 
     /// Records how the stream ended with its breaker: called once, when the stream is done (also
@@ -1230,6 +1291,7 @@ impl Engine {
             return;
         };
         self.release_faults(route, stream.faults.holding, store, metrics);
+        self.note_outcome(route, stream, facts);
         let Some(ticket) = stream.breaker else {
             return;
         };
@@ -1335,6 +1397,7 @@ impl Engine {
         now: Timestamp,
         store: &impl SharedStore,
         metrics: &impl MetricSink,
+        scale_ppm: Option<u32>,
     ) -> Result<Option<RateLimitStatus>, LocalReply<'_>> {
         let mut status: Option<RateLimitStatus> = None;
         let mut taken = 0u32;
@@ -1350,7 +1413,8 @@ impl Engine {
                 metrics.increment(counters.exempt, 1);
                 continue;
             };
-            let (acquired, retries) = rate_limit::acquire(&policy.gcra, store, key, now.as_nanos());
+            let gcra = scale_ppm.map_or(policy.gcra, |ppm| policy.gcra.scaled(ppm));
+            let (acquired, retries) = rate_limit::acquire(&gcra, store, key, now.as_nanos());
             if retries > 0 {
                 metrics.increment(counters.cas_retries, i64::from(retries));
             }
@@ -1359,7 +1423,7 @@ impl Engine {
                     metrics.increment(counters.allowed, 1);
                     taken |= 1 << position;
                     let candidate = RateLimitStatus {
-                        limit: policy.gcra.burst(),
+                        limit: gcra.burst(),
                         remaining,
                         reset: full_in,
                     };
@@ -1380,12 +1444,12 @@ impl Engine {
                     metrics.increment(counters.failure_mode_applied, 1);
                     match policy.failure_mode {
                         FailureMode::Open => continue,
-                        FailureMode::Closed => (policy.gcra.interval(), policy.gcra.interval()),
+                        FailureMode::Closed => (gcra.interval(), gcra.interval()),
                     }
                 }
             };
             let limited = RateLimitStatus {
-                limit: policy.gcra.burst(),
+                limit: gcra.burst(),
                 remaining: 0,
                 reset: full_in,
             };
@@ -1397,7 +1461,7 @@ impl Engine {
                 continue;
             }
             metrics.increment(counters.limited, 1);
-            self.give_back(route, taken, request, store);
+            self.give_back(route, taken, request, store, scale_ppm);
             let grpc = self.is_grpc(request);
             return Err(LocalReply {
                 status: policy.on_limit.status,
@@ -1418,6 +1482,7 @@ impl Engine {
         taken: u32,
         request: &mut RequestView<'_, S>,
         store: &impl SharedStore,
+        scale_ppm: Option<u32>,
     ) {
         for (position, &policy_index) in route.policies.rate_limits.iter().enumerate() {
             if taken & (1 << position) == 0 {
@@ -1429,7 +1494,8 @@ impl Engine {
             let mut buffer = KeyBuf::default();
             if let BucketChoice::Key(key) = bucket(policy, request, &mut buffer) {
                 // A refund that fails leaves the limit stricter, never looser.
-                let _ = rate_limit::refund(&policy.gcra, store, key);
+                let gcra = scale_ppm.map_or(policy.gcra, |ppm| policy.gcra.scaled(ppm));
+                let _ = rate_limit::refund(&gcra, store, key);
             }
         }
     }
@@ -1464,6 +1530,7 @@ impl Engine {
             route_header,
             rate_limit: stream.rate_limit,
             fault,
+            degraded: self.degraded_header(stream),
         }
     }
 }

@@ -124,13 +124,58 @@ fn several_independent_errors_are_reported_together() {
 }
 
 #[test]
-fn policy_kinds_not_built_yet_are_refused_not_ignored() {
+fn a_bad_degradation_policy_names_each_problem_by_its_path() {
     let found = errors(
-        r#"{"degradation": {"payments": {}}, "routes": [{"name": "a", "degradation": "payments"}]}"#,
+        r#"{"circuit_breakers": {"cb": {"open_when": {"consecutive_failures": 3}}},
+            "degradation": {"payments": {
+              "signals": {"circuit_breaker": "nope", "window": "50ms",
+                          "probe": {"cluster": "", "path": "healthz", "interval": "1s", "timeout": "2s", "healthy_after": 0}},
+              "priority": {"header": "x priority", "default": "vip", "classes": ["low", "low"]},
+              "levels": [
+                {"name": "degraded", "enter": {}, "shed_below": "gold", "rate_limit_factor": 1.5,
+                 "reroute": {"cluster": "", "header": "x-cluster"}},
+                {"name": "critical", "enter": {"failure_rate": 20, "probe": "down"}, "exit": {"failure_rate": 30},
+                 "fallback": {"status": 99, "routes": ["other"]}}]}},
+            "routes": [{"name": "a", "degradation": "payments"},
+                       {"name": "other"}, {"name": "c", "priority": "low"}]}"#,
     );
     assert_eq!(
         found,
-        ["degradation.payments: degradation policies are not supported by this build of seawall yet"]
+        [
+            "degradation.payments.signals.window: expected a window of at least 100ms, got 50ms",
+            "degradation.payments.signals.probe.cluster: expected the name of an Envoy cluster",
+            r#"degradation.payments.signals.probe.path: expected a path starting with '/', got "healthz""#,
+            "degradation.payments.signals.probe.timeout: expected a timeout of at least 1ms and at most the interval (1s), got 2s",
+            "degradation.payments.signals.probe.healthy_after: expected a count from 1 to 100, got 0",
+            r#"degradation.payments.priority.classes[1]: expected a unique class name of letters, digits, '-' or '_', got "low""#,
+            r#"degradation.payments.priority.header: expected an HTTP header name, got "x priority""#,
+            r#"degradation.payments.priority.default: expected one of the priority classes low, low, got "vip""#,
+            "degradation.payments.levels[0].enter: expected at least one of failure_rate, p95_latency, probe or circuit_breaker",
+            r#"degradation.payments.levels[0].shed_below: expected one of the priority classes low, low, got "gold""#,
+            r#"degradation.payments.levels[0].reroute.cluster: expected an Envoy cluster name, got """#,
+            "degradation.payments.levels[0].rate_limit_factor: expected a factor above 0 and at most 1, got 1.5",
+            r#"degradation.payments.levels[1].enter.probe: expected "unhealthy", got "down""#,
+            "degradation.payments.levels[1].exit.failure_rate: expected at most the enter threshold (20%), got 30%",
+            "degradation.payments.levels[1].fallback.status: expected an HTTP status from 200 to 599, got 99",
+            r#"routes[2].priority: expected a "degradation" policy on the route: priorities are its classes"#,
+        ]
+    );
+    // Names that only the routes can check: a fallback's routes and the watched breaker.
+    let found = errors(
+        r#"{"degradation": {"payments": {
+              "signals": {"circuit_breaker": "nope"},
+              "levels": [{"name": "open", "enter": {"circuit_breaker": "open"},
+                          "fallback": {"routes": ["other"]}}]}},
+            "routes": [{"name": "a", "degradation": "payments", "priority": "urgent"},
+                       {"name": "other"}]}"#,
+    );
+    assert_eq!(
+        found,
+        [
+            r#"degradation.payments.signals.circuit_breaker: expected the name of a defined circuit breaker, got "nope""#,
+            r#"routes[0].priority: expected one of the priority classes low, normal, high, critical, got "urgent""#,
+            r#"degradation.payments.levels[0].fallback.routes[0]: expected the name of a route with "degradation": "payments", got "other""#,
+        ]
     );
     assert_eq!(
         errors(r#"{"faults": []}"#),

@@ -26,8 +26,6 @@ pub enum Problem {
     UnknownPolicy { kind: &'static str, name: String },
     /// A name that must be unique appears twice.
     Duplicate { name: String },
-    /// The policy kind is part of the config contract, but this build cannot enforce it yet.
-    Unsupported { kind: &'static str },
 }
 
 impl ConfigError {
@@ -57,12 +55,6 @@ impl fmt::Display for Problem {
                 write!(f, "expected the name of a defined {kind}, got \"{name}\"")
             }
             Problem::Duplicate { name } => write!(f, "\"{name}\" is defined twice"),
-            Problem::Unsupported { kind } => {
-                write!(
-                    f,
-                    "{kind} policies are not supported by this build of seawall yet"
-                )
-            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! freely; nothing here is on the request path.
 
 pub mod circuit_breaker;
+pub mod degradation;
 pub mod error;
 pub mod fault;
 pub mod rate_limit;
@@ -18,9 +19,13 @@ pub mod units;
 
 use serde_json::{Map, Value};
 
-use crate::policy::route::{Condition, Route, RouteBreaker, RoutePolicies, RouteTable};
+use crate::policy::route::{
+    Condition, Route, RouteBreaker, RouteDegradation, RoutePolicies, RouteTable,
+};
 use crate::request::{Attribute, AttributeId, AttributePlan};
 pub use circuit_breaker::CircuitBreakerPolicy;
+pub use degradation::DegradationPolicy;
+use degradation::RouteSet;
 use error::{child, deserialize_at, index};
 pub use error::{ConfigError, ConfigErrors, Problem};
 pub use fault::FaultPolicy;
@@ -38,6 +43,7 @@ pub struct PluginConfig {
     pub circuit_breakers: Vec<CircuitBreakerPolicy>,
     pub faults: Vec<FaultPolicy>,
     pub retries: Vec<RetryPolicy>,
+    pub degradations: Vec<DegradationPolicy>,
     /// Every request attribute the routes and policies read, each once.
     pub attributes: AttributePlan,
     /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
@@ -60,6 +66,7 @@ impl Default for PluginConfig {
             circuit_breakers: Vec::new(),
             faults: Vec::new(),
             retries: Vec::new(),
+            degradations: Vec::new(),
             attributes: AttributePlan::default(),
             content_type: None,
             debug: DebugOptions::default(),
@@ -178,6 +185,7 @@ struct Compiler {
     circuit_breakers: Vec<CircuitBreakerPolicy>,
     faults: Vec<FaultPolicy>,
     retries: Vec<RetryPolicy>,
+    degradations: Vec<DegradationPolicy>,
     /// The plugin's name, which scopes its shared-data keys.
     plugin: String,
 }
@@ -250,8 +258,10 @@ impl Compiler {
             }
         };
 
+        self.resolve_degradation_routes(&routes);
         let rejects = !self.rate_limits.is_empty()
             || !self.circuit_breakers.is_empty()
+            || !self.degradations.is_empty()
             || self
                 .faults
                 .iter()
@@ -271,6 +281,7 @@ impl Compiler {
             circuit_breakers: self.circuit_breakers,
             faults: self.faults,
             retries: self.retries,
+            degradations: self.degradations,
             attributes: self.attributes,
             content_type,
             debug,
@@ -311,12 +322,7 @@ impl Compiler {
             } else if kind == PolicyKind::Retry {
                 self.retry(&policy_path, &name, body);
             } else {
-                // Each kind's compiler lands with its own capability; until then a policy of that
-                // kind is refused rather than silently ignored.
-                self.errors.push(ConfigError::new(
-                    policy_path,
-                    Problem::Unsupported { kind: kind.noun() },
-                ));
+                self.degradation(&policy_path, &name, body);
             }
             names.push(name);
         }
@@ -354,6 +360,89 @@ impl Compiler {
         match compiled {
             Ok(policy) => self.retries.push(policy),
             Err(errors) => self.errors.extend(errors),
+        }
+    }
+
+    fn degradation(&mut self, path: &str, name: &str, body: Value) {
+        let compiled = deserialize_at(path, body)
+            .map_err(|error| vec![error])
+            .and_then(|raw| {
+                degradation::compile(path, &self.plugin, name, raw, &mut self.attributes)
+            });
+        match compiled {
+            Ok(policy) => {
+                if let Some(breaker) = &policy.breaker {
+                    if !self.circuit_breakers.iter().any(|b| &b.name == breaker) {
+                        self.errors.push(ConfigError::new(
+                            child(&child(path, "signals"), "circuit_breaker"),
+                            Problem::UnknownPolicy {
+                                kind: PolicyKind::CircuitBreaker.noun(),
+                                name: breaker.clone(),
+                            },
+                        ));
+                    }
+                }
+                self.degradations.push(policy);
+            }
+            Err(errors) => self.errors.extend(errors),
+        }
+    }
+
+    /// Turns the route names of fallbacks and reroutes into route indices (each must be a route
+    /// that applies the policy), and gives each route under admission control its record.
+    fn resolve_degradation_routes(&mut self, routes: &[Route]) {
+        let plugin = self.plugin.clone();
+        for (policy_index, policy) in self.degradations.iter_mut().enumerate() {
+            let path = child(PolicyKind::Degradation.section(), &policy.name);
+            let users: Vec<(u16, &str)> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, route)| {
+                    route
+                        .policies
+                        .degradation
+                        .is_some_and(|d| d.policy == policy_index)
+                })
+                .filter_map(|(at, route)| Some((u16::try_from(at).ok()?, route.name.as_str())))
+                .collect();
+            for (position, level) in policy.levels.iter_mut().enumerate() {
+                let level_path = index(&child(&path, "levels"), position);
+                let sets = [
+                    ("fallback", level.fallback.as_mut().map(|f| &mut f.routes)),
+                    ("reroute", level.reroute.as_mut().map(|r| &mut r.routes)),
+                ];
+                for (field, set) in sets {
+                    let Some(set) = set else { continue };
+                    let RouteSet::Named(names) = set else {
+                        continue;
+                    };
+                    let mut found = Vec::with_capacity(names.len());
+                    for (at, name) in names.iter().enumerate() {
+                        match users.iter().find(|(_, user)| user == name) {
+                            Some(&(route, _)) => found.push(route),
+                            None => self.errors.push(ConfigError::invalid(
+                                index(&child(&child(&level_path, field), "routes"), at),
+                                format!(
+                                    "expected the name of a route with \"degradation\": \"{}\", got {name:?}",
+                                    policy.name
+                                ),
+                            )),
+                        }
+                    }
+                    *set = RouteSet::Only(found);
+                }
+            }
+            if let Some(admission) = &mut policy.admission {
+                admission.routes = users
+                    .iter()
+                    .map(|&(route, name)| {
+                        (
+                            route,
+                            format!("sw:{plugin}:deg:{}:admit:{name}", policy.name),
+                        )
+                    })
+                    .collect();
+            }
         }
     }
 
@@ -486,6 +575,13 @@ impl Compiler {
                             policies.circuit_breaker = Some(RouteBreaker { policy, record });
                         }
                     }
+                    Some(_) if kind == PolicyKind::Degradation => {
+                        if let Some(policy) = self.degradations.iter().position(|p| p.name == name)
+                        {
+                            let priority = self.route_priority(path, raw, policy);
+                            policies.degradation = Some(RouteDegradation { policy, priority });
+                        }
+                    }
                     Some(_) => {}
                     None => self.errors.push(ConfigError::new(
                         reference_path,
@@ -496,6 +592,12 @@ impl Compiler {
                     )),
                 }
             }
+        }
+        if raw.priority.is_some() && raw.degradation.is_none() {
+            self.errors.push(ConfigError::invalid(
+                child(path, "priority"),
+                "expected a \"degradation\" policy on the route: priorities are its classes",
+            ));
         }
         if raw.faults.len() > MAX_FAULTS_PER_ROUTE {
             self.errors.push(ConfigError::invalid(
@@ -517,6 +619,23 @@ impl Compiler {
             ));
         }
         policies
+    }
+
+    /// The priority class a route gives all its requests, checked against its policy's classes.
+    fn route_priority(&mut self, path: &str, raw: &RawRoute, policy: usize) -> Option<u8> {
+        let class = raw.priority.as_ref()?;
+        let priority = &self.degradations.get(policy)?.priority;
+        let found = priority.class(class);
+        if found.is_none() {
+            self.errors.push(ConfigError::invalid(
+                child(path, "priority"),
+                format!(
+                    "expected one of the priority classes {}, got {class:?}",
+                    priority.classes.join(", ")
+                ),
+            ));
+        }
+        found
     }
 
     fn attribute(&mut self, path: &str, attribute: Attribute) -> Option<AttributeId> {

@@ -19,6 +19,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub faults: Vec<String>,
     pub degradation: Option<String>,
+    /// The priority class of every request on this route (its degradation policy's classes).
+    pub priority: Option<String>,
 }
 
 /// All present conditions must hold; an empty match matches every request.

@@ -18,9 +18,9 @@ use proxy_wasm::types::{Action, ContextType, LogLevel as SdkLogLevel};
 use crate::clock::Timestamp;
 use crate::config;
 use crate::config::retry::CLIENT_RETRY_HEADERS;
-use crate::engine::RetryHeaders;
 use crate::engine::{
-    Engine, LocalReplies, LocalReply, StreamState, Verdict, FAULT_HEADER, ROUTE_HEADER,
+    Engine, LocalReplies, LocalReply, Reroute, RetryHeaders, StreamState, Verdict,
+    DEGRADATION_TICK, DEGRADED_HEADER, FAULT_HEADER, ROUTE_HEADER,
 };
 use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
 use crate::policy::circuit_breaker::ResponseFacts;
@@ -61,8 +61,9 @@ struct Worker {
     /// Delayed requests, resumed from the root context's tick. Reserved to `MAX_PAUSED` at
     /// configure time, so queueing never allocates.
     paused: Vec<Paused>,
-    /// Whether the root context's tick is on (it is while `paused` is not empty).
-    ticking: bool,
+    /// The root context's tick period in ms (0: off): 1 while requests are paused, the
+    /// degradation tick when a policy needs it, otherwise off.
+    tick_ms: u32,
     #[cfg(feature = "alloc-count")]
     allocations: Option<alloc_count::AllocationStats>,
 }
@@ -81,6 +82,29 @@ struct Root {
     /// For aborts sent from the tick, apart from the worker's buffer (a reply can re-enter the
     /// stream's callbacks while the tick runs).
     tick_reply: ReplyBuffer,
+    /// This worker's id in degradation leases. Ids only need to differ in the common case: two
+    /// workers sharing one would both evaluate, and the shared record's CAS still lets exactly one
+    /// of them send each probe.
+    worker_id: u64,
+    /// When the degradation tick is next due.
+    next_degradation_tick: Timestamp,
+    /// Probes in flight: token, policy, and the engine that sent them.
+    probes: Vec<(u32, usize, Rc<Engine>)>,
+}
+
+/// The tick period when nothing is paused.
+fn idle_tick_ms(engine: Option<&Engine>) -> u32 {
+    match engine {
+        Some(engine) if engine.needs_tick() => DEGRADATION_TICK.as_millis() as u32,
+        _ => 0,
+    }
+}
+
+/// Sets the tick period if it changes.
+fn set_tick(worker: &mut Worker, period_ms: u32) {
+    if worker.tick_ms != period_ms && abi::set_tick_period(period_ms) {
+        worker.tick_ms = period_ms;
+    }
 }
 
 impl Root {
@@ -92,16 +116,42 @@ impl Root {
                 scratch: Scratch::default(),
                 reply: ReplyBuffer::default(),
                 paused: Vec::new(),
-                ticking: false,
+                tick_ms: 0,
                 #[cfg(feature = "alloc-count")]
                 allocations: None,
             })),
             tick_reply: ReplyBuffer::default(),
+            worker_id: 0,
+            next_degradation_tick: Timestamp::from_nanos(0),
+            probes: Vec::new(),
         }
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// A probe came back (or timed out: no headers).
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(position) = self
+            .probes
+            .iter()
+            .position(|(token, ..)| *token == token_id)
+        else {
+            return;
+        };
+        let (_, policy, engine) = self.probes.swap_remove(position);
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|value| crate::policy::fault::parse_decimal(value.as_bytes()))
+            .and_then(|status| u16::try_from(status).ok());
+        engine.on_probe_result(policy, status, &HostStore, &HostMetrics);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -140,17 +190,20 @@ impl RootContext for Root {
             }
         };
         let summary = format!(
-            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} retry policies, {} faults, {} request attributes, {} shared-data keys created",
+            "plugin config \"{}\" loaded: {} routes, {} rate limits, {} circuit breakers, {} retry policies, {} faults, {} degradation policies, {} request attributes, {} shared-data keys created",
             engine.config().name,
             engine.config().routes.len(),
             engine.config().rate_limits.len(),
             engine.config().circuit_breakers.len(),
             engine.config().retries.len(),
             engine.config().faults.len(),
+            engine.config().degradations.len(),
             engine.config().attributes.len(),
             created
         );
-        engine.seed_random(abi::now_nanos() ^ u64::from(self.context_id).rotate_left(32));
+        let seed = abi::now_nanos() ^ u64::from(self.context_id).rotate_left(32);
+        engine.seed_random(seed);
+        self.worker_id = crate::state::slots::hash_parts(seed, &[b"worker"]).max(1);
         let mut worker = self.worker.borrow_mut();
         worker.scratch = Scratch::for_plan(&engine.config().attributes);
         if engine.can_delay() {
@@ -158,6 +211,10 @@ impl RootContext for Root {
             worker.paused.reserve_exact(spare);
         }
         worker.engine = Some(Rc::new(engine));
+        if worker.paused.is_empty() {
+            let period = idle_tick_ms(worker.engine.as_deref());
+            set_tick(&mut worker, period);
+        }
         #[cfg(feature = "alloc-count")]
         {
             worker.allocations = alloc_count::AllocationStats::define(&mut HostMetrics);
@@ -190,11 +247,11 @@ impl RootContext for Root {
                 match worker.paused.iter().position(|p| p.until <= now) {
                     Some(position) => worker.paused.swap_remove(position),
                     None => {
-                        if worker.paused.is_empty() && worker.ticking {
-                            abi::set_tick_period(0);
-                            worker.ticking = false;
+                        if worker.paused.is_empty() {
+                            let period = idle_tick_ms(worker.engine.as_deref());
+                            set_tick(&mut worker, period);
                         }
-                        return;
+                        break;
                     }
                 }
             };
@@ -209,10 +266,67 @@ impl RootContext for Root {
                 }
             }
         }
+        if now >= self.next_degradation_tick {
+            self.degradation_tick(now);
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// Shares this worker's degradation tally, reads the level back, and sends the probes the
+    /// lease holder owes.
+    fn degradation_tick(&mut self, now: Timestamp) {
+        let Some(engine) = self.worker.try_borrow().ok().and_then(|w| w.engine.clone()) else {
+            return;
+        };
+        if !engine.needs_tick() {
+            return;
+        }
+        self.next_degradation_tick = now.saturating_add(DEGRADATION_TICK);
+        // Resuming paused streams moved the effective context; probes belong to the root.
+        abi::set_effective_context(self.context_id);
+        let mut sent: Vec<(u32, usize)> = Vec::new();
+        engine.on_degradation_tick(
+            self.worker_id,
+            now,
+            &HostStore,
+            &HostMetrics,
+            &mut |policy, probe| {
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", probe.path.as_str()),
+                    (":authority", probe.authority.as_str()),
+                    ("user-agent", "seawall-probe"),
+                ];
+                match self.dispatch_http_call(
+                    &probe.cluster,
+                    headers,
+                    None,
+                    Vec::new(),
+                    core::time::Duration::from_millis(u64::from(probe.timeout_ms)),
+                ) {
+                    Ok(token) => {
+                        sent.push((token, policy));
+                        true
+                    }
+                    Err(status) => {
+                        log(
+                            LogLevel::Warn,
+                            self.context_id,
+                            &format!("probe to cluster {:?} not sent: {status:?}", probe.cluster),
+                        );
+                        false
+                    }
+                }
+            },
+        );
+        for (token, policy) in sent {
+            self.probes.push((token, policy, Rc::clone(&engine)));
+        }
     }
 }
 
@@ -264,6 +378,17 @@ impl HttpContext for Stream {
         if let Some(retry) = decision.retry {
             set_retry_headers(&retry);
         }
+        // Envoy clears the route cache when a filter changes request headers, so the router
+        // picks its route (and a `cluster_header` cluster) again with this header.
+        match decision.reroute {
+            Some(Reroute::Set { header, cluster }) => {
+                abi::replace_request_header(header, cluster.as_bytes());
+            }
+            Some(Reroute::Remove { header }) => {
+                abi::remove_request_header(header);
+            }
+            None => {}
+        }
         match decision.verdict {
             Verdict::Continue => Action::Continue,
             Verdict::Reply(reply) => {
@@ -278,9 +403,7 @@ impl HttpContext for Stream {
                     engine: Rc::clone(&engine),
                 });
                 self.paused = true;
-                if !worker.ticking {
-                    worker.ticking = abi::set_tick_period(TICK_MS);
-                }
+                set_tick(worker, TICK_MS);
                 Action::Pause
             }
             Verdict::Pause { .. } => {
@@ -293,8 +416,8 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
-            if state.breaker.is_some() {
-                // A header read now spares the breaker a property read (`response.code`) later.
+            if engine.wants_status(state) {
+                // A header read now spares a property read (`response.code`) later.
                 state.response_status = abi::response_header(":status")
                     .and_then(|value| crate::policy::fault::parse_decimal(&value))
                     .and_then(|status| u16::try_from(status).ok());
@@ -323,6 +446,9 @@ impl HttpContext for Stream {
             }
             if let Some(route) = decision.route_header {
                 abi::add_response_header(ROUTE_HEADER, route.as_bytes());
+            }
+            if let Some(level) = decision.degraded {
+                abi::add_response_header(DEGRADED_HEADER, level.as_bytes());
             }
             if let Some(status) = decision.rate_limit {
                 abi::add_response_header(

@@ -2,6 +2,7 @@
 //! time and the shared store as arguments and returns a decision as data.
 
 pub mod circuit_breaker;
+pub mod degradation;
 pub mod fault;
 pub mod rate_limit;
 pub mod retry;

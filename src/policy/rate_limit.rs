@@ -66,6 +66,23 @@ impl Gcra {
         self.burst
     }
 
+    /// The same bucket at `ppm` parts per million of its rate and burst (degradation's
+    /// `rate_limit_factor`). The tolerance in time stays the same, so the scaled and the unscaled
+    /// limit read one arrival time consistently: each admission just costs more of it.
+    pub fn scaled(&self, ppm: u32) -> Gcra {
+        let ppm = u64::from(ppm.clamp(1, 1_000_000));
+        let interval = self.interval.saturating_mul(1_000_000) / ppm;
+        let interval = interval.max(1);
+        Gcra {
+            interval,
+            // At least one admission must fit, or a burst of 1 would refuse everything.
+            tolerance: self.tolerance.max(interval),
+            burst: u32::try_from(u64::from(self.burst) * ppm / 1_000_000)
+                .unwrap_or(u32::MAX)
+                .max(1),
+        }
+    }
+
     pub fn interval(&self) -> Duration {
         Duration::from_nanos(self.interval)
     }

@@ -27,6 +27,15 @@ pub struct RoutePolicies {
     pub circuit_breaker: Option<RouteBreaker>,
     pub faults: Vec<usize>,
     pub retry: Option<usize>,
+    pub degradation: Option<RouteDegradation>,
+}
+
+/// The degradation policy a route applies, with the priority class the route gives its requests
+/// (`None`: the request's header decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteDegradation {
+    pub policy: usize,
+    pub priority: Option<u8>,
 }
 
 /// The breaker a route applies, with the route's own record when the breaker is keyed by route.

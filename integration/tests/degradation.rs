@@ -1,0 +1,262 @@
+//! Health-aware degradation in real Envoy with several workers: a slow upstream raises the level
+//! and low-priority traffic is shed while critical traffic still reaches the upstream (its own
+//! record shows which); failing probes serve the fallback on its routes, with no traffic to the
+//! upstream there, and recovery steps the level down only after its dwell; a degraded level
+//! reroutes through an Envoy `cluster_header` route; and with four workers the health path sees
+//! one probe per interval.
+
+use std::time::{Duration, Instant};
+
+use seawall_integration::client::{load, Client, LoadSpec, Request};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, Upstream};
+
+const LEVEL: &str = "wasmcustom.seawall.degradation.payments.level";
+
+fn stat(envoy: &Envoy, name: &str) -> u64 {
+    envoy
+        .stats()
+        .seawall(&format!("seawall.degradation.payments.{name}"))
+}
+
+/// Polls the level gauge until `done` holds (bounded), returning when it did.
+fn wait_for_level(envoy: &Envoy, level: u64, within: Duration) -> Instant {
+    let value = envoy.wait_for_stat(LEVEL, within, |value| value == level);
+    assert_eq!(
+        value, level,
+        "the level did not reach {level} in {within:?}"
+    );
+    Instant::now()
+}
+
+#[test]
+fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traffic_passes() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(4)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "signals": {"window": "2s", "min_requests": 10},
+                      "priority": {"header": "x-priority"},
+                      "levels": [{"name": "degraded",
+                                  "enter": {"p95_latency": "150ms"}, "exit": {"p95_latency": "50ms"},
+                                  "min_dwell": "1s", "shed_below": "high"}]}},
+                    "routes": [{"name": "api", "degradation": "payments"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    let mixed = |i: u64| {
+        Request::get("/api").header(
+            "x-priority",
+            if i.is_multiple_of(2) {
+                "low"
+            } else {
+                "critical"
+            },
+        )
+    };
+
+    // Healthy: both classes reach the upstream.
+    let calm = load(addr, LoadSpec::new(4, Duration::from_millis(1500), mixed));
+    assert_eq!(calm.count(200), calm.sent(), "{:?}", calm.statuses);
+    assert_eq!(stat(&envoy, "level"), 0);
+    assert!(upstream.received_with_header("x-priority").len() as u64 >= calm.sent());
+
+    // The upstream slows down to 300 ms: the p95 crosses 150 ms and the level rises.
+    upstream.set_behaviour(Behaviour::ok().delay(Duration::from_millis(300)));
+    let started = Instant::now();
+    let slow =
+        std::thread::spawn(move || load(addr, LoadSpec::new(8, Duration::from_secs(3), mixed)));
+    let degraded_at = wait_for_level(&envoy, 1, Duration::from_secs(10));
+    eprintln!(
+        "[degradation] level 1 {:?} after the upstream slowed",
+        degraded_at - started
+    );
+    slow.join().unwrap();
+
+    // While degraded, only critical requests reach the upstream.
+    upstream.reset_counters();
+    let degraded = load(addr, LoadSpec::new(8, Duration::from_secs(2), mixed));
+    let received = upstream.received();
+    let low = received
+        .iter()
+        .filter(|r| r.header("x-priority") == Some(b"low"))
+        .count();
+    let critical = received
+        .iter()
+        .filter(|r| r.header("x-priority") == Some(b"critical"))
+        .count();
+    let shed = stat(&envoy, "shed");
+    eprintln!(
+        "[degradation] degraded: {} sent, {} shed with 503, upstream saw {critical} critical and {low} low",
+        degraded.sent(),
+        degraded.count(503)
+    );
+    assert_eq!(stat(&envoy, "level"), 1);
+    assert_eq!(low, 0, "no low-priority request may reach the upstream");
+    assert!(critical > 0, "critical requests must still pass");
+    assert_eq!(degraded.count(503) + degraded.count(200), degraded.sent());
+    assert_eq!(degraded.count(200), critical as u64);
+    assert!(shed >= degraded.count(503), "shed {shed}");
+
+    let mut client = Client::connect(addr);
+    let refused = client
+        .send(&Request::get("/api").header("x-priority", "low"))
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("x-seawall-degraded"), Some("degraded"));
+    assert!(refused.header_u64("retry-after").is_some_and(|s| s >= 1));
+    // No header at all is the default class, `normal`: below `high`, so shed too.
+    assert_eq!(client.send(&Request::get("/api")).unwrap().status, 503);
+    let passed = client
+        .send(&Request::get("/api").header("x-priority", "critical"))
+        .unwrap();
+    assert_eq!(passed.status, 200);
+    assert_eq!(passed.header("x-seawall-degraded"), Some("degraded"));
+
+    // The upstream recovers: once the window holds fast calls only, the level steps down.
+    upstream.set_behaviour(Behaviour::ok());
+    let healed = Instant::now();
+    let feed = std::thread::spawn(move || {
+        load(
+            addr,
+            LoadSpec::new(2, Duration::from_secs(4), |_| {
+                Request::get("/api").header("x-priority", "critical")
+            }),
+        )
+    });
+    wait_for_level(&envoy, 0, Duration::from_secs(10));
+    eprintln!(
+        "[degradation] back to normal {:?} after the upstream healed",
+        healed.elapsed()
+    );
+    feed.join().unwrap();
+    assert_eq!(stat(&envoy, "escalated"), 1);
+    assert_eq!(stat(&envoy, "deescalated"), 1);
+    assert_eq!(
+        client
+            .send(&Request::get("/api").header("x-priority", "low"))
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[test]
+fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
+    let upstream = Upstream::start();
+    let health = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .cluster("health", health.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "signals": {"probe": {"cluster": "health", "path": "/healthz", "interval": "200ms",
+                                            "timeout": "100ms", "unhealthy_after": 2, "healthy_after": 2}},
+                      "levels": [{"name": "critical", "enter": {"probe": "unhealthy"}, "min_dwell": "3s",
+                                  "fallback": {"body": "{\"items\":[]}", "headers": {"content-type": "application/json"},
+                                               "routes": ["catalog"]}}]}},
+                    "routes": [{"name": "catalog", "match": {"path": {"prefix": "/catalog"}}, "degradation": "payments"},
+                               {"name": "checkout", "degradation": "payments"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    let mut client = Client::connect(addr);
+    assert_eq!(
+        client.send(&Request::get("/catalog")).unwrap().text(),
+        "ok\n"
+    );
+
+    // The health path fails: after two failed probes the level goes critical.
+    health.set_rule(
+        Match::PathPrefix("/healthz".into()),
+        Behaviour::ok().status(503),
+    );
+    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    let entered = Instant::now();
+    upstream.reset_counters();
+    for _ in 0..100 {
+        let response = client.send(&Request::get("/catalog/items")).unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.text(), "{\"items\":[]}");
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        assert_eq!(response.header("x-seawall-degraded"), Some("critical"));
+    }
+    assert_eq!(
+        upstream.count_path("/catalog"),
+        0,
+        "the fallback route must not reach the upstream"
+    );
+    // A route the fallback does not name still goes to the upstream.
+    assert_eq!(
+        client.send(&Request::get("/checkout")).unwrap().text(),
+        "ok\n"
+    );
+    assert_eq!(upstream.count_path("/checkout"), 1);
+    assert!(stat(&envoy, "fallback") >= 100);
+    assert!(stat(&envoy, "probe_failures") >= 2);
+
+    // The health path recovers at once; two good probes take 400 ms, but the level must stay
+    // for its 3 s dwell.
+    health.set_rule(Match::PathPrefix("/healthz".into()), Behaviour::ok());
+    let recovered = wait_for_level(&envoy, 0, Duration::from_secs(8));
+    let held = recovered - entered;
+    eprintln!(
+        "[degradation] critical held for {held:?} (dwell 3s) though probes recovered at once"
+    );
+    assert!(
+        held >= Duration::from_millis(2900),
+        "left after {held:?}, before its dwell"
+    );
+    upstream.reset_counters();
+    assert_eq!(
+        client.send(&Request::get("/catalog")).unwrap().text(),
+        "ok\n"
+    );
+    assert_eq!(upstream.count_path("/catalog"), 1);
+    assert!(stat(&envoy, "probe_successes") >= 2);
+}
+
+#[test]
+fn with_four_workers_the_health_path_sees_one_probe_per_interval() {
+    let upstream = Upstream::start();
+    let health = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .cluster("health", health.addr())
+            .concurrency(4)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "signals": {"probe": {"cluster": "health", "path": "/healthz", "interval": "200ms", "timeout": "100ms"}},
+                      "levels": [{"name": "critical", "enter": {"probe": "unhealthy"}}]}},
+                    "routes": [{"name": "all", "degradation": "payments"}]}"#,
+            ),
+    );
+    // Traffic on every worker, so every worker is busy and ticking.
+    let addr = envoy.listener_addr();
+    let traffic = std::thread::spawn(move || {
+        load(
+            addr,
+            LoadSpec::new(8, Duration::from_secs(5), |_| Request::get("/")),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let before = health.count_path("/healthz");
+    let sent_before = stat(&envoy, "probes_sent");
+    std::thread::sleep(Duration::from_secs(3));
+    let probes = health.count_path("/healthz") - before;
+    let sent = stat(&envoy, "probes_sent") - sent_before;
+    traffic.join().unwrap();
+    eprintln!("[degradation] 4 workers, 200 ms interval: the health path saw {probes} probes in 3 s (15 expected)");
+    assert!(
+        (14..=16).contains(&probes),
+        "{probes} probes in 3 s at one per 200 ms"
+    );
+    assert_eq!(
+        sent, probes,
+        "every probe sent reached the health path once"
+    );
+    assert_eq!(stat(&envoy, "level"), 0);
+    assert!(stat(&envoy, "leases_taken") >= 1);
+}
