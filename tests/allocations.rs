@@ -449,3 +449,108 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
     assert!(metrics.value("seawall.retry.api.used").unwrap() > 0);
     assert!(metrics.value("seawall.retry.api.pushed_back").unwrap() > 0);
 }
+
+const DEGRADATION_CONFIG: &str = r#"{
+    "rate_limits": {"global": {"rate": "1000/s", "burst": 1000}},
+    "degradation": {"payments": {
+        "signals": {"min_requests": 1,
+                    "probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms", "unhealthy_after": 1}},
+        "priority": {"header": "x-priority"},
+        "admission_control": {"k": 2},
+        "levels": [{"name": "degraded", "enter": {"probe": "unhealthy", "p95_latency": "800ms"},
+                    "shed_below": "high", "rate_limit_factor": 0.5, "retries": false,
+                    "reroute": {"cluster": "fallback", "routes": ["search"]},
+                    "fallback": {"body": "[]", "routes": ["catalog"]}}]}},
+    "routes": [
+        {"name": "catalog", "match": {"path": {"prefix": "/catalog"}}, "degradation": "payments"},
+        {"name": "search", "match": {"path": {"prefix": "/search"}}, "degradation": "payments"},
+        {"name": "api", "degradation": "payments", "rate_limits": ["global"]}
+    ]
+}"#;
+
+#[test]
+fn degradation_decisions_and_outcomes_allocate_only_the_host_buffers() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(
+        compile(DEGRADATION_CONFIG.as_bytes()).unwrap(),
+        &mut metrics,
+    )
+    .unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store).unwrap();
+    let start = 1_800_000_000 * SECOND;
+    // (path, priority, level to be in, goes upstream): normal first, then degraded by a failed
+    // probe: shed, fallback, reroute and a critical call that passes.
+    let steps: [(&[u8], &[u8], u8, bool); 6] = [
+        (b"/api", b"low", 0, true),
+        (b"/catalog", b"low", 0, true),
+        (b"/api", b"low", 1, false),
+        (b"/catalog", b"critical", 1, false),
+        (b"/search/q", b"critical", 1, true),
+        (b"/api", b"critical", 1, true),
+    ];
+    for (round, (path, priority, level, upstream)) in steps.into_iter().enumerate() {
+        if level == 1 && engine.degradation_level(0) == Some(0) {
+            // Off the request path: the tick may allocate (probes are host calls with headers).
+            engine.on_degradation_tick(
+                1,
+                Timestamp::from_nanos(start),
+                &store,
+                &metrics,
+                &mut |_, _| false,
+            );
+            engine.on_degradation_tick(
+                1,
+                Timestamp::from_nanos(start + SECOND / 10),
+                &store,
+                &metrics,
+                &mut |_, _| false,
+            );
+            assert_eq!(engine.degradation_level(0), Some(1));
+        }
+        let mut host = Host {
+            values: vec![
+                (Attribute::path(), path.to_vec()),
+                (Attribute::header("x-priority"), priority.to_vec()),
+            ],
+            handed_out: 0,
+        };
+        let now = Timestamp::from_nanos(start + SECOND);
+        let mut facts = Finished {
+            status: Some(200),
+            flags: 0,
+            reads: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let mut stream = decision.stream;
+        if matches!(decision.verdict, Verdict::Continue) {
+            engine.on_response(&mut stream, now, &metrics);
+            engine.on_stream_end(&stream, &mut facts, now, &store, &metrics);
+        }
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + facts.reads,
+            "step {round}: {spent} allocations, {} host buffers",
+            host.handed_out + facts.reads
+        );
+        assert_eq!(
+            matches!(decision.verdict, Verdict::Continue),
+            upstream,
+            "step {round}"
+        );
+    }
+    for counter in ["shed", "fallback", "rerouted"] {
+        assert_eq!(
+            metrics.value(&format!("seawall.degradation.payments.{counter}")),
+            Some(1),
+            "{counter}"
+        );
+    }
+}
