@@ -610,3 +610,44 @@ fn admission_control_refuses_as_accepts_fall_across_workers() {
         .sum();
     assert_eq!(throttled, refused);
 }
+
+#[test]
+fn an_open_breaker_raises_a_level_whose_fallback_answers_instead_of_the_breakers_503() {
+    const COMPOSED: &str = r#"{
+        "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                          "open_for": "30s"}},
+        "degradation": {"payments": {
+            "signals": {"circuit_breaker": "payments"},
+            "levels": [{"name": "open", "enter": {"circuit_breaker": "open"}, "min_dwell": "1s",
+                        "fallback": {"body": "cached\n"}}]}},
+        "routes": [{"name": "api", "circuit_breaker": "payments", "degradation": "payments"}]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(COMPOSED, &store);
+    for _ in 0..3 {
+        assert_eq!(
+            worker.call(get("/api"), T0, 503, MS, &store),
+            Outcome::Upstream
+        );
+    }
+    // The breaker refuses at once; the level follows on the next tick.
+    assert!(matches!(
+        worker.call(get("/api"), T0 + MS, 200, MS, &store),
+        Outcome::Replied { status: 503, .. }
+    ));
+    worker.tick(1, T0 + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    assert_eq!(
+        worker.call(get("/api"), T0 + 200 * MS, 200, MS, &store),
+        Outcome::Replied {
+            status: 200,
+            degraded: Some("open".into()),
+            retry_after: None,
+            body: b"cached\n".to_vec(),
+        }
+    );
+    assert_eq!(
+        worker.counter("seawall.circuit_breaker.payments.rejected"),
+        1
+    );
+}

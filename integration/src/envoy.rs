@@ -64,6 +64,9 @@ pub struct RouteSpec {
     pub cluster: String,
     /// Extra YAML under `route:` (retry_policy, timeout), indented by the renderer.
     pub route_extra: Option<String>,
+    /// Matches only requests carrying this header, and sends them to the cluster it names
+    /// (`cluster_header`) instead of `cluster`.
+    pub cluster_header: Option<String>,
 }
 
 impl RouteSpec {
@@ -73,6 +76,15 @@ impl RouteSpec {
             prefix: prefix.into(),
             cluster: cluster.into(),
             route_extra: None,
+            cluster_header: None,
+        }
+    }
+
+    /// A route for requests carrying `header`, to the cluster the header names.
+    pub fn by_header(name: &str, prefix: &str, header: &str) -> Self {
+        RouteSpec {
+            cluster_header: Some(header.into()),
+            ..RouteSpec::prefix(name, prefix, "")
         }
     }
 }
@@ -154,12 +166,17 @@ impl EnvoyConfig {
     fn render_listener(&self, wasm: &Path) -> String {
         let mut routes = String::new();
         for route in &self.routes {
-            routes.push_str(&format!(
-                "              - name: {}\n                match: {{prefix: {}}}\n                route:\n                  cluster: {}\n",
-                route.name,
-                serde_json::to_string(&route.prefix).unwrap(),
-                route.cluster
-            ));
+            let prefix = serde_json::to_string(&route.prefix).unwrap();
+            routes.push_str(&match &route.cluster_header {
+                None => format!(
+                    "              - name: {}\n                match: {{prefix: {prefix}}}\n                route:\n                  cluster: {}\n",
+                    route.name, route.cluster
+                ),
+                Some(header) => format!(
+                    "              - name: {}\n                match: {{prefix: {prefix}, headers: [{{name: {header}, present_match: true}}]}}\n                route:\n                  cluster_header: {header}\n",
+                    route.name
+                ),
+            });
             if let Some(extra) = &route.route_extra {
                 for line in extra.lines() {
                     routes.push_str(&format!("                  {line}\n"));

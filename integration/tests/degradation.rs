@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, Upstream};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, RouteSpec, Upstream};
 
 const LEVEL: &str = "wasmcustom.seawall.degradation.payments.level";
 
@@ -259,4 +259,66 @@ fn with_four_workers_the_health_path_sees_one_probe_per_interval() {
     );
     assert_eq!(stat(&envoy, "level"), 0);
     assert!(stat(&envoy, "leases_taken") >= 1);
+}
+
+#[test]
+fn a_degraded_level_reroutes_through_an_envoy_cluster_header_route_and_clients_cannot() {
+    let primary = Upstream::start();
+    let fallback = Upstream::start();
+    let health = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .cluster("primary", primary.addr())
+            .cluster("payments-fallback", fallback.addr())
+            .cluster("health", health.addr())
+            // The header route comes first: seawall's header makes Envoy pick it again.
+            .route(RouteSpec::by_header("rerouted", "/", "x-seawall-cluster"))
+            .route(RouteSpec::prefix("default", "/", "primary"))
+            .concurrency(2)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "signals": {"probe": {"cluster": "health", "interval": "100ms", "timeout": "50ms",
+                                            "unhealthy_after": 1, "healthy_after": 1}},
+                      "levels": [{"name": "degraded", "enter": {"probe": "unhealthy"}, "min_dwell": "1s",
+                                  "reroute": {"cluster": "payments-fallback"}}]}},
+                    "routes": [{"name": "all", "degradation": "payments"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    let mut client = Client::connect(addr);
+    // A client naming a cluster itself gets the primary: its header is removed.
+    for _ in 0..20 {
+        let response = client
+            .send(&Request::get("/pay").header("x-seawall-cluster", "payments-fallback"))
+            .unwrap();
+        assert_eq!(response.status, 200);
+    }
+    assert_eq!((primary.total(), fallback.total()), (20, 0));
+    assert!(primary
+        .received()
+        .iter()
+        .all(|r| r.header("x-seawall-cluster").is_none()));
+
+    health.set_rule(
+        Match::PathPrefix("/healthz".into()),
+        Behaviour::ok().status(500),
+    );
+    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    primary.reset_counters();
+    for _ in 0..50 {
+        let response = client.send(&Request::get("/pay")).unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("x-seawall-degraded"), Some("degraded"));
+    }
+    assert_eq!(
+        primary.total(),
+        0,
+        "the degraded level sends nothing to the primary"
+    );
+    assert_eq!(fallback.total(), 50);
+    assert_eq!(
+        fallback.received()[0].header("x-seawall-cluster"),
+        Some(&b"payments-fallback"[..])
+    );
+    assert_eq!(stat(&envoy, "rerouted"), 50);
 }
