@@ -31,13 +31,17 @@ const ALL_POLICIES: &str = r#"{
   "circuit_breakers": {"upstream": {"open_when": {"consecutive_failures": 1000000, "failure_rate": 99, "min_requests": 1000000}}},
   "retries": {"budgeted": {"max_retries": 2, "retry_on": ["5xx", "reset", "connect-failure"]}},
   "faults": {"never": {"abort": {"percent": 0}, "delay": {"fixed": "100ms", "percent": 0}}},
+  "degradation": {"health": {"priority": {"header": "x-priority"},
+                             "levels": [{"name": "degraded", "enter": {"failure_rate": 90, "p95_latency": "5s"},
+                                         "shed_below": "normal"}]}},
   "routes": [{"name": "bench", "match": {"path": {"prefix": "/bench"}}, "rate_limits": ["global"],
-              "circuit_breaker": "upstream", "retry": "budgeted", "faults": ["never"]}]
+              "circuit_breaker": "upstream", "retry": "budgeted", "faults": ["never"],
+              "degradation": "health"}]
 }"#;
 
 /// Which policies [`ALL_POLICIES`] holds, for the report.
 const ALL_POLICIES_HOLDS: &str =
-    "a route match, a global rate limit, a circuit breaker keyed by cluster, a retry budget and a fault policy (0%); health-aware degradation is not built yet";
+    "a route match, a global rate limit, a circuit breaker keyed by cluster, a retry budget, a fault policy (0%) and a degradation policy (priority header, failure-rate and p95 levels, shared on the tick)";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -600,6 +604,13 @@ fn breakdown(tools: &Tools, seconds: u64) -> Result<Vec<(&'static str, f64)>, St
             Some(route(
                 r#", "faults": ["never"]"#,
                 r#""faults": {"never": {"abort": {"percent": 0}, "delay": {"fixed": "100ms", "percent": 0}}},"#,
+            )),
+        ),
+        (
+            "seawall, degradation",
+            Some(route(
+                r#", "degradation": "health""#,
+                r#""degradation": {"health": {"priority": {"header": "x-priority"}, "levels": [{"name": "degraded", "enter": {"failure_rate": 90, "p95_latency": "5s"}, "shed_below": "normal"}]}},"#,
             )),
         ),
         (

@@ -60,6 +60,9 @@ const CONFIG: &str = r#"{
     },
     "retries": {"budget": {"max_retries": 2}},
     "faults": {"never": {"abort": {"percent": 0}, "delay": {"fixed": "1s", "percent": 0}}},
+    "degradation": {"calm": {"priority": {"header": "x-priority"},
+                             "levels": [{"name": "degraded", "enter": {"failure_rate": 90, "p95_latency": "5s"},
+                                         "shed_below": "normal"}]}},
     "routes": [
         {"name": "checkout", "match": {"path": {"prefix": "/api/checkout"}, "methods": ["POST"],
                                        "headers": [{"name": "x-tier", "exact": "free"}]}},
@@ -71,8 +74,9 @@ const CONFIG: &str = r#"{
         {"name": "open", "match": {"path": {"prefix": "/open"}}, "circuit_breaker": "open"},
         {"name": "retry", "match": {"path": {"prefix": "/retry"}}, "retry": "budget"},
         {"name": "fault", "match": {"path": {"prefix": "/fault"}}, "faults": ["never"]},
+        {"name": "degradation", "match": {"path": {"prefix": "/degradation"}}, "degradation": "calm"},
         {"name": "everything", "match": {"path": {"prefix": "/all"}}, "rate_limits": ["global"],
-         "circuit_breaker": "closed", "retry": "budget", "faults": ["never"]},
+         "circuit_breaker": "closed", "retry": "budget", "faults": ["never"], "degradation": "calm"},
         {"name": "catch-all"}
     ]
 }"#;
@@ -93,7 +97,8 @@ fn decisions(c: &mut Criterion) {
         ("breaker refuse, forced open", "/open"),
         ("retry grant, budgeted", "/retry"),
         ("fault decide, not injecting", "/fault"),
-        ("all four policies, admitted", "/all"),
+        ("degradation, normal level", "/degradation"),
+        ("all five policies, admitted", "/all"),
     ];
     for (name, path) in cases {
         c.bench_function(name, |b| {
