@@ -18,14 +18,17 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
         .seawall(&format!("seawall.degradation.payments.{name}"))
 }
 
-/// Polls the level gauge until `done` holds (bounded), returning when it did.
+/// Polls the level gauge until it shows `level` (bounded) and returns when it did, after giving
+/// every worker one tick to read the new level (they refresh every 100 ms).
 fn wait_for_level(envoy: &Envoy, level: u64, within: Duration) -> Instant {
     let value = envoy.wait_for_stat(LEVEL, within, |value| value == level);
     assert_eq!(
         value, level,
         "the level did not reach {level} in {within:?}"
     );
-    Instant::now()
+    let seen = Instant::now();
+    std::thread::sleep(Duration::from_millis(250));
+    seen
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use seawall_integration::client::{send_once, Client, Request};
+use seawall_integration::client::{load, send_once, Client, LoadSpec, Request};
 use seawall_integration::{Behaviour, Match, Upstream};
 
 use crate::{build_wasm, install_envoy, workspace_root};
@@ -202,8 +202,86 @@ pub fn run(once: bool) -> Result<(), String> {
         &["x-seawall-fault"],
     );
 
-    section("Metrics: Envoy stats, one set for all workers");
+    section("Degradation on /shop: shed by priority when the upstream slows, a fallback when its probes fail");
     let admin: SocketAddr = ADMIN.parse().map_err(|_| "bad admin address")?;
+    show(
+        listener,
+        "curl -si -H 'x-priority: low' localhost:10000/shop/catalog   # normal: every class passes",
+        &Request::get("/shop/catalog").header("x-priority", "low"),
+        &[],
+    );
+    upstream.set_rule(
+        Match::Header("x-seawall-cluster".into(), "demo_fallback".into()),
+        Behaviour::ok().body("search answered by the demo_fallback cluster\n"),
+    );
+    upstream.set_rule(
+        Match::PathPrefix("/shop".into()),
+        Behaviour::ok()
+            .delay(Duration::from_millis(300))
+            .body("shop (slow today)\n"),
+    );
+    println!("  (the shop slows to 300 ms; critical traffic keeps coming)");
+    let traffic = thread::spawn(move || {
+        load(
+            listener,
+            LoadSpec::new(4, Duration::from_millis(1500), |_| {
+                Request::get("/shop").header("x-priority", "critical")
+            }),
+        )
+    });
+    let level = wait_for_level(admin, 1, Duration::from_secs(5));
+    let _ = traffic.join();
+    println!("  (p95 over 200 ms: seawall.degradation.shop.level = {level})");
+    show(
+        listener,
+        "curl -si -H 'x-priority: low' localhost:10000/shop/catalog   # degraded: below `normal` is shed",
+        &Request::get("/shop/catalog").header("x-priority", "low"),
+        &["x-seawall-degraded", "retry-after"],
+    );
+    show(
+        listener,
+        "curl -si -H 'x-priority: critical' localhost:10000/shop/catalog   # critical still reaches the shop",
+        &Request::get("/shop/catalog").header("x-priority", "critical"),
+        &["x-seawall-degraded"],
+    );
+    show(
+        listener,
+        "curl -si -H 'x-seawall-cluster: evil' localhost:10000/shop/search   # rerouted; the client's own header is replaced",
+        &Request::get("/shop/search").header("x-seawall-cluster", "evil"),
+        &["x-seawall-degraded"],
+    );
+    upstream.set_rule(
+        Match::PathPrefix("/healthz/shop".into()),
+        Behaviour::ok().status(503),
+    );
+    println!("  (the shop's health path fails; one worker probes it every 500 ms)");
+    let level = wait_for_level(admin, 2, Duration::from_secs(5));
+    println!("  (two failed probes: level = {level})");
+    show(
+        listener,
+        "curl -si -H 'x-priority: critical' localhost:10000/shop/catalog   # critical: the fallback answers, the shop sees nothing",
+        &Request::get("/shop/catalog").header("x-priority", "critical"),
+        &["x-seawall-degraded", "content-type"],
+    );
+    upstream.set_rule(Match::PathPrefix("/healthz/shop".into()), Behaviour::ok());
+    upstream.set_rule(
+        Match::PathPrefix("/shop".into()),
+        Behaviour::ok().body("shop is back\n"),
+    );
+    let healed = Instant::now();
+    let level = wait_for_level(admin, 0, Duration::from_secs(12));
+    println!(
+        "  (the shop heals: level {level} after {:.1} s, one step at a time, each level held for its dwell)",
+        healed.elapsed().as_secs_f64()
+    );
+    show(
+        listener,
+        "curl -si -H 'x-priority: low' localhost:10000/shop/catalog   # normal again",
+        &Request::get("/shop/catalog").header("x-priority", "low"),
+        &[],
+    );
+
+    section("Metrics: Envoy stats, one set for all workers");
     println!("$ curl -s localhost:9901/stats | grep seawall");
     if let Ok(response) = send_once(admin, &Request::get("/stats?filter=seawall")) {
         for line in response.text().lines().filter(|l| !l.ends_with(": 0")) {
@@ -214,7 +292,6 @@ pub fn run(once: bool) -> Result<(), String> {
         "\nThe upstream received {} requests; everything else was answered by seawall.",
         upstream.total()
     );
-    println!("Health-aware degradation is not in this build yet: a config naming it is refused.");
 
     if once {
         return Ok(());
@@ -253,6 +330,31 @@ fn wait_ready(envoy: &mut KillOnDrop, log_path: &std::path::Path) -> Result<(), 
                 "Envoy not ready within 30 s; see {}",
                 log_path.display()
             ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls the shop's degradation level (bounded) until it is `level`; returns the last value seen.
+fn wait_for_level(admin: SocketAddr, level: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = send_once(
+            admin,
+            &Request::get("/stats?filter=seawall.degradation.shop.level"),
+        )
+        .ok()
+        .and_then(|response| {
+            response
+                .text()
+                .lines()
+                .find_map(|line| line.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+        if seen == level || Instant::now() >= deadline {
+            // Every worker reads the level on its own 100 ms tick: give them all one.
+            thread::sleep(Duration::from_millis(250));
+            return seen;
         }
         thread::sleep(Duration::from_millis(100));
     }
