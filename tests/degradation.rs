@@ -651,3 +651,37 @@ fn an_open_breaker_raises_a_level_whose_fallback_answers_instead_of_the_breakers
         1
     );
 }
+
+#[test]
+fn a_reloaded_config_starts_from_the_level_in_force_capped_to_its_levels() {
+    const TWO: &str = r#"{
+        "degradation": {"payments": {
+            "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
+                                  "unhealthy_after": 1, "healthy_after": 1}},
+            "levels": [{"name": "degraded", "enter": {"failure_rate": 50}},
+                       {"name": "critical", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
+        "routes": [{"name": "all", "degradation": "payments"}]
+    }"#;
+    let store = FakeStore::new();
+    let before = Worker::new(TWO, &store);
+    before.tick(1, T0, &store, true);
+    before.tick(1, T0 + 100 * MS, &store, true);
+    assert_eq!(before.engine.degradation_level(0), Some(2));
+
+    // The same policy reloaded: in force from the first request, before any tick.
+    let reloaded = Worker::new(TWO, &store);
+    assert_eq!(reloaded.engine.degradation_level(0), Some(2));
+
+    // Reloaded with only one level: capped to it, and it steps down once its exit holds.
+    let one_level = TWO.replace(
+        r#",
+                       {"name": "critical", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}"#,
+        "",
+    );
+    let mut smaller = Worker::new(&one_level, &store);
+    assert_eq!(smaller.engine.degradation_level(0), Some(1));
+    let shed = smaller.call(get("/"), T0 + 200 * MS, 200, MS, &store);
+    assert_eq!(shed, Outcome::Upstream);
+    smaller.tick(1, T0 + 20 * SECOND, &store, false);
+    assert_eq!(smaller.engine.degradation_level(0), Some(0));
+}

@@ -176,8 +176,7 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
         Match::PathPrefix("/healthz".into()),
         Behaviour::ok().status(503),
     );
-    wait_for_level(&envoy, 1, Duration::from_secs(5));
-    let entered = Instant::now();
+    let entered = wait_for_level(&envoy, 1, Duration::from_secs(5));
     upstream.reset_counters();
     for _ in 0..100 {
         let response = client.send(&Request::get("/catalog/items")).unwrap();

@@ -177,12 +177,20 @@ impl Engine {
         store: &impl SharedStore,
     ) -> Result<usize, StoreError> {
         let mut created = 0;
-        for policy in &self.config.degradations {
+        for (policy, runtime) in self.config.degradations.iter().zip(&self.degradations) {
             created += usize::from(ensure::<HEALTH_LEN, _, _>(
                 store,
                 &policy.health_key,
                 &Health::default(),
             )?);
+            // A reloaded config starts from the level in force, not from normal.
+            if let Some((health, _)) =
+                cas::read::<HEALTH_LEN, Health, _>(store, &policy.health_key)?
+            {
+                let level = usize::from(health.level).min(policy.levels.len());
+                runtime.level.set(u8::try_from(level).unwrap_or(0));
+                runtime.since.set(health.since);
+            }
             created += usize::from(ensure::<WINDOW_LEN, _, _>(
                 store,
                 &policy.window_key,
@@ -448,7 +456,11 @@ impl Engine {
             };
             let ttl = u64::try_from(LEASE_TTL.as_nanos()).unwrap_or(u64::MAX);
             let outcome = cas::update(store, &policy.health_key, MAX_CAS_ATTEMPTS, |health| {
-                let health: Health = health.unwrap_or_default();
+                let mut health: Health = health.unwrap_or_default();
+                // A reload may have removed levels: the record's level is capped to what exists.
+                health.level = health
+                    .level
+                    .min(u8::try_from(policy.levels.len()).unwrap_or(0));
                 let Some(lease) = claim(health.lease, me, now_nanos, ttl) else {
                     return Step::Keep(TickOutcome::follower(health));
                 };

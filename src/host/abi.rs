@@ -20,6 +20,7 @@ pub const CAS_MISMATCH: u32 = 8;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const MAP_HTTP_RESPONSE_HEADERS: u32 = 2;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const STREAM_HTTP_REQUEST: u32 = 0;
 
@@ -182,6 +183,11 @@ pub fn replace_request_header(name: &str, value: &[u8]) -> bool {
 /// A response header's raw bytes.
 pub fn response_header(name: &str) -> Option<Vec<u8>> {
     get_header(MAP_HTTP_RESPONSE_HEADERS, name)
+}
+
+/// A header of the response to a call this context dispatched (a probe).
+pub fn http_call_response_header(name: &str) -> Option<Vec<u8>> {
+    get_header(MAP_HTTP_CALL_RESPONSE_HEADERS, name)
 }
 
 pub fn remove_request_header(name: &str) -> bool {

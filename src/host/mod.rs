@@ -145,9 +145,8 @@ impl Context for Root {
             return;
         };
         let (_, policy, engine) = self.probes.swap_remove(position);
-        let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|value| crate::policy::fault::parse_decimal(value.as_bytes()))
+        let status = abi::http_call_response_header(":status")
+            .and_then(|value| crate::policy::fault::parse_decimal(&value))
             .and_then(|status| u16::try_from(status).ok());
         engine.on_probe_result(policy, status, &HostStore, &HostMetrics);
     }
