@@ -324,3 +324,63 @@ fn a_degraded_level_reroutes_through_an_envoy_cluster_header_route_and_clients_c
     );
     assert_eq!(stat(&envoy, "rerouted"), 50);
 }
+
+#[test]
+fn admission_control_sheds_load_from_a_failing_upstream_across_workers_and_lets_it_recover() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(4)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "levels": [{"name": "degraded", "enter": {"failure_rate": 99}}],
+                      "admission_control": {"k": 2, "window": "2s", "max_reject": 90}}},
+                    "routes": [{"name": "api", "degradation": "payments"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    // 80% of calls fail: the backend accepts far less than half, so seawall throttles toward
+    // its 90% cap, on every worker.
+    upstream.set_behaviour(Behaviour::ok().failing(0.8, 503));
+    let warm = load(
+        addr,
+        LoadSpec::new(8, Duration::from_secs(3), |_| Request::get("/api")),
+    );
+    upstream.reset_counters();
+    let throttled_before = stat(&envoy, "throttled");
+    let failing = load(
+        addr,
+        LoadSpec::new(8, Duration::from_secs(2), |_| Request::get("/api")),
+    );
+    let reached = upstream.total();
+    let throttled = stat(&envoy, "throttled") - throttled_before;
+    let share = reached as f64 / failing.sent() as f64;
+    eprintln!(
+        "[degradation] admission control: warm-up {} requests; then {} sent, {throttled} throttled, the upstream saw {reached} ({:.1}%)",
+        warm.sent(),
+        failing.sent(),
+        share * 100.0
+    );
+    assert_eq!(throttled + reached, failing.sent());
+    assert!(
+        (0.05..=0.2).contains(&share),
+        "the upstream saw {:.1}% of the requests",
+        share * 100.0
+    );
+
+    // The upstream heals: accepts rise, and within a few windows nothing is throttled.
+    upstream.set_behaviour(Behaviour::ok());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = stat(&envoy, "throttled");
+    let mut calm_for = 0;
+    while calm_for < 5 && Instant::now() < deadline {
+        load(
+            addr,
+            LoadSpec::new(4, Duration::from_millis(500), |_| Request::get("/api")),
+        );
+        let now = stat(&envoy, "throttled");
+        calm_for = if now == last { calm_for + 1 } else { 0 };
+        last = now;
+    }
+    assert_eq!(calm_for, 5, "still throttling after the upstream healed");
+}
