@@ -309,6 +309,27 @@ pub struct RequestDecision<'a> {
     pub reroute: Option<Reroute<'a>>,
 }
 
+impl<'a> RequestDecision<'a> {
+    /// Goes on untouched.
+    fn passed(stream: StreamState) -> Self {
+        RequestDecision {
+            stream,
+            verdict: Verdict::Continue,
+            strip_headers: &[],
+            retry: None,
+            reroute: None,
+        }
+    }
+
+    /// Answered locally: nothing else applies.
+    fn answered(stream: StreamState, reply: LocalReply<'a>) -> Self {
+        RequestDecision {
+            verdict: Verdict::Reply(reply),
+            ..RequestDecision::passed(stream)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reroute<'a> {
     Set { header: &'a str, cluster: &'a str },
@@ -576,13 +597,7 @@ impl Engine {
         };
         let Some((index, route)) = index.and_then(|i| Some((i, self.config.routes.get(i)?))) else {
             metrics.increment(self.unmatched, 1);
-            return RequestDecision {
-                stream,
-                verdict: Verdict::Continue,
-                strip_headers: &[],
-                retry: None,
-                reroute: None,
-            };
+            return RequestDecision::passed(stream);
         };
         if let Some(&counter) = self.route_requests.get(usize::from(index.0)) {
             metrics.increment(counter, 1);
@@ -591,15 +606,7 @@ impl Engine {
             None => degradation::Actions::default(),
             Some(choice) => match self.degrade(index, choice, request, now, metrics) {
                 Ok(actions) => actions,
-                Err(reply) => {
-                    return RequestDecision {
-                        stream,
-                        verdict: Verdict::Reply(reply),
-                        strip_headers: &[],
-                        retry: None,
-                        reroute: None,
-                    }
-                }
+                Err(reply) => return RequestDecision::answered(stream, reply),
             },
         };
         if let Some(choice) = &route.policies.circuit_breaker {
@@ -612,15 +619,7 @@ impl Engine {
                 &mut stream.breaker_open,
             ) {
                 Ok(ticket) => stream.breaker = ticket,
-                Err(reply) => {
-                    return RequestDecision {
-                        stream,
-                        verdict: Verdict::Reply(reply),
-                        strip_headers: &[],
-                        retry: None,
-                        reroute: None,
-                    }
-                }
+                Err(reply) => return RequestDecision::answered(stream, reply),
             }
         }
         match self.rate_limit(route, request, now, store, metrics, degrade.rate_limit_ppm) {
@@ -631,13 +630,7 @@ impl Engine {
                 if let Some(ticket) = stream.breaker.take() {
                     self.settle(route, ticket, Outcome::Abandoned, now, store, metrics);
                 }
-                return RequestDecision {
-                    stream,
-                    verdict: Verdict::Reply(reply),
-                    strip_headers: &[],
-                    retry: None,
-                    reroute: None,
-                };
+                return RequestDecision::answered(stream, reply);
             }
         }
         let mut strip_headers: &[String] = &[];

@@ -129,6 +129,18 @@ pub enum RawStatus {
     Code(u16),
 }
 
+/// The statuses and classes written, as one set.
+pub fn status_set(written: &[RawStatus]) -> StatusSet {
+    let mut set = StatusSet::default();
+    for status in written {
+        match *status {
+            RawStatus::Class(class) => set.insert_class(class),
+            RawStatus::Code(code) => set.insert(code),
+        }
+    }
+    set
+}
+
 impl<'de> Deserialize<'de> for RawStatus {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
@@ -420,13 +432,7 @@ pub fn compile(
         ));
     }
     let on_open = raw.on_open.compile(&child(path, "on_open"), &mut errors);
-    let mut statuses = StatusSet::default();
-    for status in &raw.failure.statuses {
-        match *status {
-            RawStatus::Class(class) => statuses.insert_class(class),
-            RawStatus::Code(code) => statuses.insert(code),
-        }
-    }
+    let statuses = status_set(&raw.failure.statuses);
     let mut failure_flags = 0;
     for (on, mask) in [
         (raw.failure.resets, flags::RESETS),

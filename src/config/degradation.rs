@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::circuit_breaker::RawStatus;
+use super::circuit_breaker::{status_set, RawStatus};
 use super::error::{child, index, ConfigError};
 use super::rate_limit::is_header_name;
 use super::reply::{RawReply, Reply};
@@ -382,13 +382,7 @@ pub fn compile(
             ),
         ));
     }
-    let mut failure_statuses = StatusSet::default();
-    for status in &raw.signals.failure_statuses {
-        match *status {
-            RawStatus::Class(class) => failure_statuses.insert_class(class),
-            RawStatus::Code(code) => failure_statuses.insert(code),
-        }
-    }
+    let failure_statuses = status_set(&raw.signals.failure_statuses);
     let probe = raw
         .signals
         .probe
@@ -683,13 +677,7 @@ fn compile_probe(path: &str, raw: &RawProbe, errors: &mut Vec<ConfigError>) -> P
             ));
         }
     }
-    let mut expect = StatusSet::default();
-    for status in &raw.expect_statuses {
-        match *status {
-            RawStatus::Class(class) => expect.insert_class(class),
-            RawStatus::Code(code) => expect.insert(code),
-        }
-    }
+    let expect = status_set(&raw.expect_statuses);
     Probe {
         cluster: raw.cluster.clone(),
         path: raw.path.clone(),
