@@ -116,6 +116,14 @@ fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traf
         .unwrap();
     assert_eq!(passed.status, 200);
     assert_eq!(passed.header("x-seawall-degraded"), Some("degraded"));
+    // Hostile priority values are the default class: shed, and nothing breaks.
+    for hostile in [vec![0xff, 0xfe, b'c'], vec![b'c'; 25 * 1024]] {
+        let response = client
+            .send(&Request::get("/api").header("x-priority", &hostile))
+            .unwrap();
+        assert_eq!(response.status, 503);
+    }
+    assert!(!envoy.log().contains("panic"), "{}", envoy.log());
 
     // The upstream recovers: once the window holds fast calls only, the level steps down.
     upstream.set_behaviour(Behaviour::ok());
