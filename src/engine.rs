@@ -826,9 +826,13 @@ impl Engine {
         if policy.budget.is_none() {
             return;
         }
-        let status = response
-            .header(":status")
-            .and_then(|value| crate::policy::fault::parse_decimal(&value));
+        // The status the host already read for the breaker or degradation, if it did.
+        let status = match stream.response_status {
+            Some(status) => Some(u64::from(status)),
+            None => response
+                .header(":status")
+                .and_then(|value| crate::policy::fault::parse_decimal(&value)),
+        };
         let pushed_back_until = match status {
             Some(429 | 503) => response
                 .header("retry-after")
