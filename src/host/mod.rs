@@ -231,6 +231,7 @@ impl RootContext for Root {
             state: None,
             paused: false,
             replace_body: false,
+            response_complete: false,
         }))
     }
 
@@ -340,6 +341,8 @@ struct Stream {
     paused: bool,
     /// A response fault replaces the upstream's body.
     replace_body: bool,
+    /// The response reached its end (`end_of_stream` on its headers or body).
+    response_complete: bool,
 }
 
 impl Context for Stream {}
@@ -413,6 +416,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.response_complete |= end_of_stream;
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
             let now = Timestamp::from_nanos(abi::now_nanos());
             if engine.wants_status(state) {
@@ -469,6 +473,7 @@ impl HttpContext for Stream {
 
     /// Drops the upstream's body chunk by chunk and puts the fault's body in its place at the end.
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.response_complete |= end_of_stream;
         if !self.replace_body {
             return Action::Continue;
         }
@@ -503,6 +508,7 @@ impl HttpContext for Stream {
             let now = Timestamp::from_nanos(abi::now_nanos());
             let mut response = HostResponse {
                 status: state.response_status,
+                complete: self.response_complete,
             };
             engine.on_stream_end(state, &mut response, now, &HostStore, &HostMetrics);
         }
@@ -538,6 +544,8 @@ fn set_retry_headers(retry: &RetryHeaders<'_>) {
 #[derive(Default)]
 struct HostResponse {
     status: Option<u16>,
+    /// The response ran to its end.
+    complete: bool,
 }
 
 impl ResponseHeaders for HostResponse {
@@ -554,7 +562,13 @@ impl ResponseFacts for HostResponse {
         self.status
     }
 
+    /// An upstream failure (reset, timeout, refused connection) either makes Envoy answer with
+    /// its own 5xx or cuts the response short. So a response below 500 that ran to its end has no
+    /// failure flag, and the property read (the dearest host call) is spared for it.
     fn flags(&mut self) -> u64 {
+        if self.complete && self.status.is_some_and(|status| status < 500) {
+            return 0;
+        }
         abi::property_int(RESPONSE_FLAGS).map_or(0, |flags| flags as u64)
     }
 
