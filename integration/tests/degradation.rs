@@ -392,3 +392,34 @@ fn admission_control_sheds_load_from_a_failing_upstream_across_workers_and_lets_
     }
     assert_eq!(calm_for, 5, "still throttling after the upstream healed");
 }
+
+#[test]
+fn a_probe_to_a_cluster_envoy_does_not_know_counts_as_failed_and_is_logged_once() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{"degradation": {"payments": {
+                      "signals": {"probe": {"cluster": "nowhere", "interval": "100ms", "timeout": "50ms",
+                                            "unhealthy_after": 2}},
+                      "levels": [{"name": "critical", "enter": {"probe": "unhealthy"},
+                                  "fallback": {"status": 503, "body": "down\n"}}]}},
+                    "routes": [{"name": "all", "degradation": "payments"}]}"#,
+            ),
+    );
+    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let response = Client::connect(envoy.listener_addr())
+        .send(&Request::get("/"))
+        .unwrap();
+    assert_eq!((response.status, response.text().as_str()), (503, "down\n"));
+    assert_eq!(upstream.total(), 0);
+    assert!(stat(&envoy, "probe_failures") >= 5);
+    assert_eq!(stat(&envoy, "probe_successes"), 0);
+    let warnings = envoy
+        .log()
+        .matches("probe to cluster \"nowhere\" not sent")
+        .count();
+    assert_eq!(warnings, 1, "{}", envoy.log());
+}

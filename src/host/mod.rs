@@ -90,6 +90,9 @@ struct Root {
     next_degradation_tick: Timestamp,
     /// Probes in flight: token, policy, and the engine that sent them.
     probes: Vec<(u32, usize, Rc<Engine>)>,
+    /// When a probe that could not be sent was last logged: at most once a minute, however
+    /// short the interval.
+    probe_warned_at: Option<Timestamp>,
 }
 
 /// The tick period when nothing is paused.
@@ -124,6 +127,7 @@ impl Root {
             worker_id: 0,
             next_degradation_tick: Timestamp::from_nanos(0),
             probes: Vec::new(),
+            probe_warned_at: None,
         }
     }
 }
@@ -290,6 +294,7 @@ impl Root {
         // Resuming paused streams moved the effective context; probes belong to the root.
         abi::set_effective_context(self.context_id);
         let mut sent: Vec<(u32, usize)> = Vec::new();
+        let mut warned_at = self.probe_warned_at;
         engine.on_degradation_tick(
             self.worker_id,
             now,
@@ -314,16 +319,26 @@ impl Root {
                         true
                     }
                     Err(status) => {
-                        log(
-                            LogLevel::Warn,
-                            self.context_id,
-                            &format!("probe to cluster {:?} not sent: {status:?}", probe.cluster),
-                        );
+                        let quiet = warned_at.is_some_and(|at: Timestamp| {
+                            now.saturating_since(at) < core::time::Duration::from_secs(60)
+                        });
+                        if !quiet {
+                            warned_at = Some(now);
+                            log(
+                                LogLevel::Warn,
+                                self.context_id,
+                                &format!(
+                                    "probe to cluster {:?} not sent ({status:?}); counted as a failed probe (logged at most once a minute)",
+                                    probe.cluster
+                                ),
+                            );
+                        }
                         false
                     }
                 }
             },
         );
+        self.probe_warned_at = warned_at;
         for (token, policy) in sent {
             self.probes.push((token, policy, Rc::clone(&engine)));
         }
