@@ -253,19 +253,20 @@ fn with_four_workers_the_health_path_sees_one_probe_per_interval() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let before = health.count_path("/healthz");
-    let sent_before = stat(&envoy, "probes_sent");
     std::thread::sleep(Duration::from_secs(3));
     let probes = health.count_path("/healthz") - before;
-    let sent = stat(&envoy, "probes_sent") - sent_before;
     traffic.join().unwrap();
+    // Read one after the other, the two totals may differ by a probe in flight.
+    let sent = stat(&envoy, "probes_sent");
+    let received = health.count_path("/healthz");
     eprintln!("[degradation] 4 workers, 200 ms interval: the health path saw {probes} probes in 3 s (15 expected)");
     assert!(
         (14..=16).contains(&probes),
         "{probes} probes in 3 s at one per 200 ms"
     );
-    assert_eq!(
-        sent, probes,
-        "every probe sent reached the health path once"
+    assert!(
+        sent.abs_diff(received) <= 1,
+        "{sent} probes sent, {received} reached the health path"
     );
     assert_eq!(stat(&envoy, "level"), 0);
     assert!(stat(&envoy, "leases_taken") >= 1);

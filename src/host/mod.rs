@@ -270,7 +270,9 @@ impl RootContext for Root {
                 }
             }
         }
-        if now >= self.next_degradation_tick {
+        // Half a tick early counts as due: ticks jitter, and a tick that comes a hair early must
+        // not push the work to the next one.
+        if now.saturating_add(DEGRADATION_TICK / 2) >= self.next_degradation_tick {
             self.degradation_tick(now);
         }
     }
