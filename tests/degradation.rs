@@ -685,3 +685,31 @@ fn a_reloaded_config_starts_from_the_level_in_force_capped_to_its_levels() {
     smaller.tick(1, T0 + 20 * SECOND, &store, false);
     assert_eq!(smaller.engine.degradation_level(0), Some(0));
 }
+
+#[test]
+fn a_store_failure_is_no_evidence_of_recovery() {
+    const RATE: &str = r#"{
+        "degradation": {"payments": {
+            "signals": {"window": "1s", "min_requests": 5},
+            "levels": [{"name": "degraded", "enter": {"failure_rate": 50}, "min_dwell": "1s"}]}},
+        "routes": [{"name": "all", "degradation": "payments"}]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATE, &store);
+    for _ in 0..10 {
+        worker.call(get("/"), T0, 503, MS, &store);
+    }
+    worker.tick(1, T0 + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    // Ten seconds on, the window is empty and the dwell long over: a recovery, if the window
+    // can be read. When it cannot, the level holds.
+    store.fail_next(1, seawall::state::StoreError::Host(1));
+    worker.tick(1, T0 + 10 * SECOND, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    assert_eq!(
+        worker.counter("seawall.degradation.payments.store_errors"),
+        1
+    );
+    worker.tick(1, T0 + 10 * SECOND + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(0));
+}

@@ -450,11 +450,18 @@ impl Engine {
             let counters = &runtime.metrics;
             let window = self.share_tally(policy, runtime, now_nanos, store, metrics);
             self.share_admission(policy, runtime, now_nanos, store, metrics);
-            let breaker_open = match self.watched_breaker(policy) {
-                Some(breaker) => self.breaker_is_open(breaker, store),
-                None => false,
-            };
             let ttl = u64::try_from(LEASE_TTL.as_nanos()).unwrap_or(u64::MAX);
+            // Only the lease holder evaluates, so only a worker that holds or can take the lease
+            // scans the breaker's records (up to its `max_keys` reads).
+            let may_lead = matches!(
+                cas::read::<HEALTH_LEN, Health, _>(store, &policy.health_key),
+                Ok(Some((health, _))) if claim(health.lease, me, now_nanos, ttl).is_some()
+            );
+            let breaker_open = match self.watched_breaker(policy) {
+                Some(breaker) if may_lead => Some(self.breaker_is_open(breaker, store)),
+                Some(_) => None,
+                None => Some(false),
+            };
             let outcome = cas::update(store, &policy.health_key, MAX_CAS_ATTEMPTS, |health| {
                 let mut health: Health = health.unwrap_or_default();
                 // A reload may have removed levels: the record's level is capped to what exists.
@@ -466,19 +473,24 @@ impl Engine {
                 };
                 let mut next = health;
                 next.lease = lease;
-                let signals = Signals {
-                    window: window.unwrap_or_default(),
-                    probe: health.probe,
-                    breaker_open,
+                // Without the window (the store failed) or the breaker's state (the lease came
+                // unexpectedly), the signals are unknown: the level stays, and no evidence is
+                // mistaken for a recovery.
+                let change = match (window, breaker_open) {
+                    (Some(window), Some(breaker_open)) => next_level(
+                        health.level,
+                        health.since,
+                        now_nanos,
+                        &policy.rules,
+                        &policy.evidence,
+                        &Signals {
+                            window,
+                            probe: health.probe,
+                            breaker_open,
+                        },
+                    ),
+                    _ => None,
                 };
-                let change = next_level(
-                    health.level,
-                    health.since,
-                    now_nanos,
-                    &policy.rules,
-                    &policy.evidence,
-                    &signals,
-                );
                 if let Some(level) = change {
                     next.level = level;
                     next.since = now_nanos;
