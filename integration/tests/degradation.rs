@@ -18,6 +18,16 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
         .seawall(&format!("seawall.degradation.payments.{name}"))
 }
 
+/// Envoy with `workers` workers in front of `upstream`, with a `health` cluster to probe.
+fn probed(upstream: &Upstream, health: &Upstream, workers: u32, plugin: &str) -> Envoy {
+    Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .cluster("health", health.addr())
+            .concurrency(workers)
+            .seawall(plugin),
+    )
+}
+
 /// Polls the level gauge until it shows `level` (bounded) and returns when it did, after giving
 /// every worker one tick to read the new level (they refresh every 100 ms).
 fn wait_for_level(envoy: &Envoy, level: u64, within: Duration) -> Instant {
@@ -157,12 +167,11 @@ fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traf
 fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
     let upstream = Upstream::start();
     let health = Upstream::start();
-    let envoy = Envoy::start(
-        EnvoyConfig::to_upstream(upstream.addr())
-            .cluster("health", health.addr())
-            .concurrency(2)
-            .seawall(
-                r#"{"degradation": {"payments": {
+    let envoy = probed(
+        &upstream,
+        &health,
+        2,
+        r#"{"degradation": {"payments": {
                       "signals": {"probe": {"cluster": "health", "path": "/healthz", "interval": "200ms",
                                             "timeout": "100ms", "unhealthy_after": 2, "healthy_after": 2}},
                       "levels": [{"name": "critical", "enter": {"probe": "unhealthy"}, "min_dwell": "3s",
@@ -170,7 +179,6 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
                                                "routes": ["catalog"]}}]}},
                     "routes": [{"name": "catalog", "match": {"path": {"prefix": "/catalog"}}, "degradation": "payments"},
                                {"name": "checkout", "degradation": "payments"}]}"#,
-            ),
     );
     let addr = envoy.listener_addr();
     let mut client = Client::connect(addr);
@@ -232,16 +240,14 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
 fn with_four_workers_the_health_path_sees_one_probe_per_interval() {
     let upstream = Upstream::start();
     let health = Upstream::start();
-    let envoy = Envoy::start(
-        EnvoyConfig::to_upstream(upstream.addr())
-            .cluster("health", health.addr())
-            .concurrency(4)
-            .seawall(
-                r#"{"degradation": {"payments": {
+    let envoy = probed(
+        &upstream,
+        &health,
+        4,
+        r#"{"degradation": {"payments": {
                       "signals": {"probe": {"cluster": "health", "path": "/healthz", "interval": "200ms", "timeout": "100ms"}},
                       "levels": [{"name": "critical", "enter": {"probe": "unhealthy"}}]}},
                     "routes": [{"name": "all", "degradation": "payments"}]}"#,
-            ),
     );
     // Traffic on every worker, so every worker is busy and ticking.
     let addr = envoy.listener_addr();

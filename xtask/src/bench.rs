@@ -234,26 +234,7 @@ fn prepare() -> Result<Tools, String> {
 
 /// The HTTP filters of a variant, as YAML list items.
 fn filters(variant: Variant, tools: &Tools, limit: u64) -> String {
-    let wasm = |file: &Path, config: &str| {
-        format!(
-            r#"          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: bench
-                root_id: bench
-                vm_config:
-                  vm_id: bench
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: {file}}}}}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-"#,
-            file = file.display(),
-            config = serde_json::to_string(config).unwrap_or_default()
-        )
-    };
+    let wasm = |file: &Path, config: &str| filters_with(file, config);
     match variant {
         Variant::NoFilter => String::new(),
         Variant::Native => r#"          - name: envoy.filters.http.local_ratelimit
