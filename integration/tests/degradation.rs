@@ -432,3 +432,66 @@ fn a_probe_to_a_cluster_envoy_does_not_know_counts_as_failed_and_is_not_logged_p
         .count();
     assert!((1..=3).contains(&warnings), "{warnings} warnings");
 }
+
+#[test]
+fn a_degraded_level_turns_retries_off_and_halves_the_rate_limits() {
+    let upstream = Upstream::start();
+    let health = Upstream::start();
+    let envoy = probed(
+        &upstream,
+        &health,
+        2,
+        r#"{"rate_limits": {"api": {"rate": "20/s", "burst": 20}},
+            "retries": {"twice": {"max_retries": 2, "budget": {"enabled": false}}},
+            "degradation": {"payments": {
+              "signals": {"probe": {"cluster": "health", "interval": "100ms", "timeout": "50ms",
+                                    "unhealthy_after": 1, "healthy_after": 1}},
+              "levels": [{"name": "degraded", "enter": {"probe": "unhealthy"}, "min_dwell": "30s",
+                          "retries": false, "rate_limit_factor": 0.5}]}},
+            "routes": [{"name": "flaky", "match": {"path": {"prefix": "/flaky"}}, "retry": "twice",
+                        "degradation": "payments"},
+                       {"name": "api", "rate_limits": ["api"], "degradation": "payments"}]}"#,
+    );
+    upstream.set_rule(
+        Match::PathPrefix("/flaky".into()),
+        Behaviour::ok().status(503),
+    );
+    let mut client = Client::connect(envoy.listener_addr());
+    // Normal: the router retries twice.
+    assert_eq!(client.send(&Request::get("/flaky")).unwrap().status, 503);
+    assert_eq!(upstream.count_path("/flaky"), 3);
+
+    health.set_rule(
+        Match::PathPrefix("/healthz".into()),
+        Behaviour::ok().status(503),
+    );
+    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    upstream.reset_counters();
+    let response = client.send(&Request::get("/flaky")).unwrap();
+    assert_eq!(response.status, 503);
+    assert_eq!(response.header("x-seawall-degraded"), Some("degraded"));
+    assert_eq!(
+        upstream.count_path("/flaky"),
+        1,
+        "no retries while degraded"
+    );
+
+    // The bucket (20/s, burst 20) is scaled to 10/s, burst 10: a burst of 40 gets about 10.
+    let started = Instant::now();
+    let mut admitted = 0;
+    for _ in 0..40 {
+        if client.send(&Request::get("/api")).unwrap().status == 200 {
+            admitted += 1;
+        }
+    }
+    let refill = (started.elapsed().as_secs_f64() * 10.0).floor() as u64;
+    eprintln!(
+        "[degradation] degraded rate limit: {admitted} of 40 admitted in {:?} (burst 10 + {refill} refilled)",
+        started.elapsed()
+    );
+    assert!(
+        (10..=10 + refill + 1).contains(&admitted),
+        "{admitted} admitted"
+    );
+    assert_eq!(upstream.count_path("/api"), admitted);
+}
