@@ -489,4 +489,36 @@ fn the_readme_example_compiles() {
     assert_eq!(config.rate_limits.len(), 2);
     assert_eq!(config.retries.len(), 1);
     assert_eq!(config.faults.len(), 1);
+    assert_eq!(config.degradations.len(), 1);
+}
+
+/// Every `"section": {...}` JSON block of the README's policy reference (retries, faults,
+/// degradation) compiles, given the routes and breaker it names.
+#[test]
+fn the_readme_policy_examples_compile() {
+    let readme = include_str!("../README.md");
+    let mut checked = 0;
+    for block in readme.split("```json\n").skip(2) {
+        let Some(end) = block.find("```") else {
+            continue;
+        };
+        let section = block[..end].trim();
+        if !section.starts_with('"') {
+            continue;
+        }
+        let document = format!(
+            r#"{{"circuit_breakers": {{"payments": {{"open_when": {{"consecutive_failures": 5}}}}}},
+                "routes": [{{"name": "catalog", "degradation": "payments"}},
+                           {{"name": "search", "degradation": "payments"}}],
+                {section}}}"#
+        );
+        let document = if section.starts_with("\"degradation\"") {
+            document
+        } else {
+            document.replace(r#", "degradation": "payments""#, "")
+        };
+        compile(document.as_bytes()).unwrap_or_else(|errors| panic!("{section}\n{errors}"));
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "policy examples found");
 }
