@@ -271,10 +271,7 @@ impl Engine {
             return Err(LocalReply {
                 status: fallback.reply.status,
                 body: &fallback.reply.body,
-                headers: runtime
-                    .fallback_headers
-                    .get(position)
-                    .map_or(&[][..], Vec::as_slice),
+                headers: at_level(&runtime.fallback_headers, position),
                 retry_after: None,
                 grpc_status: None,
                 rate_limit: None,
@@ -297,10 +294,7 @@ impl Engine {
                 return Err(LocalReply {
                     status: policy.on_shed.status,
                     body: &policy.on_shed.body,
-                    headers: runtime
-                        .shed_headers
-                        .get(position)
-                        .map_or(&[][..], Vec::as_slice),
+                    headers: at_level(&runtime.shed_headers, position),
                     retry_after: Some(Duration::from_nanos(left).max(Duration::from_secs(1))),
                     grpc_status: self.is_grpc(request).then_some(GRPC_UNAVAILABLE),
                     rate_limit: None,
@@ -737,6 +731,11 @@ impl TickOutcome {
             probe_due: false,
         }
     }
+}
+
+/// A level's ready-made reply headers (none for a level past the list).
+fn at_level(headers: &[Vec<(String, String)>], position: usize) -> &[(String, String)] {
+    headers.get(position).map_or(&[], Vec::as_slice)
 }
 
 fn count_failure(counters: &DegradationMetrics, error: UpdateError, metrics: &impl MetricSink) {

@@ -165,7 +165,8 @@ fn prepare() -> Result<Tools, String> {
     fs::copy(&seawall, &seawall_copy).map_err(|e| e.to_string())?;
     // The counting builds go to their own target directory, so they never replace seawall.wasm.
     let alloc_target = root.join("target/bench-build");
-    let build = |package: &str, features: Option<&str>| -> Result<(), String> {
+    // Builds `package` (with `features`) and copies its wasm, `artifact`, to `target/bench/<name>`.
+    let build = |package: &str, features: Option<&str>, artifact: &str, name: &str| {
         let mut command = cargo();
         command.args([
             "build",
@@ -182,29 +183,33 @@ fn prepare() -> Result<Tools, String> {
         crate::run(
             &format!("build {package} {}", features.unwrap_or("")),
             &mut command,
+        )?;
+        let copy = out.join(name);
+        fs::copy(
+            alloc_target.join("wasm32-wasip1/release").join(artifact),
+            &copy,
         )
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>(copy)
     };
-    build("seawall-bench-noop", None)?;
-    let noop = out.join("noop.wasm");
-    fs::copy(
-        alloc_target.join("wasm32-wasip1/release/seawall_bench_noop.wasm"),
-        &noop,
-    )
-    .map_err(|e| e.to_string())?;
-    build("seawall-bench-noop", Some("alloc-count"))?;
-    let noop_alloc = out.join("noop-alloc.wasm");
-    fs::copy(
-        alloc_target.join("wasm32-wasip1/release/seawall_bench_noop.wasm"),
-        &noop_alloc,
-    )
-    .map_err(|e| e.to_string())?;
-    build("seawall", Some("alloc-count"))?;
-    let seawall_alloc = out.join("seawall-alloc.wasm");
-    fs::copy(
-        alloc_target.join("wasm32-wasip1/release/seawall.wasm"),
-        &seawall_alloc,
-    )
-    .map_err(|e| e.to_string())?;
+    let noop = build(
+        "seawall-bench-noop",
+        None,
+        "seawall_bench_noop.wasm",
+        "noop.wasm",
+    )?;
+    let noop_alloc = build(
+        "seawall-bench-noop",
+        Some("alloc-count"),
+        "seawall_bench_noop.wasm",
+        "noop-alloc.wasm",
+    )?;
+    let seawall_alloc = build(
+        "seawall",
+        Some("alloc-count"),
+        "seawall.wasm",
+        "seawall-alloc.wasm",
+    )?;
     if Command::new("wrk").arg("--version").output().is_err() {
         crate::run(
             "apt-get install wrk",
