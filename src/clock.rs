@@ -72,6 +72,8 @@ impl Clock for FakeClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn fake_clock_moves_only_when_told() {

@@ -1629,6 +1629,8 @@ fn strip_port(address: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

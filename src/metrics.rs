@@ -114,6 +114,8 @@ impl MetricSink for FakeMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn names_follow_the_scheme() {

@@ -270,6 +270,8 @@ impl AttributeSource for FakeRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn interning_deduplicates() {

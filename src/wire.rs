@@ -98,6 +98,8 @@ impl ReplyBuffer {
 mod tests {
     use super::*;
     use core::time::Duration;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn decimals_format_every_width() {

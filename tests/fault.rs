@@ -5,6 +5,9 @@
 // A test crate: a failed unwrap is how it reports a failed expectation.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

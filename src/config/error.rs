@@ -152,6 +152,8 @@ fn tidy_serde_message(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn one_error_reads_as_path_then_problem() {

@@ -268,6 +268,8 @@ impl<'de> Deserialize<'de> for Percent {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn durations_parse_in_every_unit() {

@@ -846,6 +846,8 @@ impl Classifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const MS: u64 = 1_000_000;
     const SECOND: u64 = 1_000 * MS;

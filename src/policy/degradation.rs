@@ -479,6 +479,8 @@ impl Record<ADMISSION_LEN> for AdmissionWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn records_survive_encoding() {

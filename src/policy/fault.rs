@@ -332,6 +332,8 @@ mod tests {
     use super::*;
     use crate::state::cas::ensure;
     use crate::state::fake::FakeStore;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn fresh_draws_hit_their_share() {

@@ -176,6 +176,8 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn query_and_fragment_are_not_part_of_the_path() {

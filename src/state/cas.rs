@@ -135,6 +135,8 @@ where
 mod tests {
     use super::*;
     use crate::state::fake::FakeStore;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     struct Counter(u64);

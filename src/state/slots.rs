@@ -119,6 +119,8 @@ pub fn hash_parts(seed: u64, parts: &[&[u8]]) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn keys_name_the_slot() {

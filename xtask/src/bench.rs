@@ -210,14 +210,7 @@ fn prepare() -> Result<Tools, String> {
         "seawall.wasm",
         "seawall-alloc.wasm",
     )?;
-    if Command::new("wrk").arg("--version").output().is_err() {
-        crate::run(
-            "apt-get install wrk",
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "wrk"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    crate::setup::ensure_program("wrk", &["--version"], "wrk", "for closed-loop load")?;
     let oha = root.join("target/bench-tools/bin/oha");
     if !oha.is_file() {
         crate::run(

