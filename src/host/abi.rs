@@ -113,18 +113,14 @@ unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
     }
 }
 
-/// Envoy log levels as proxy-wasm numbers them.
-#[derive(Debug, Clone, Copy)]
-pub enum LogLevel {
-    Info = 2,
-    Warn = 3,
-    Error = 4,
-    Critical = 5,
-}
+/// proxy-wasm's number for Envoy's `critical` level.
+const LOG_CRITICAL: u32 = 5;
 
-pub fn log(level: LogLevel, message: &str) {
+/// Logs at `critical`, which the `log` facade has no level for: only the panic hook uses it; every
+/// other message goes through `log`, which the SDK forwards to Envoy.
+pub fn log_critical(message: &str) {
     // Nothing useful to do if logging itself fails.
-    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+    let _ = unsafe { proxy_log(LOG_CRITICAL, message.as_ptr(), message.len()) };
 }
 
 /// Nanoseconds since the Unix epoch; 0 if the host will not say.

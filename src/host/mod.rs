@@ -28,22 +28,18 @@ use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
 use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
-use abi::LogLevel;
 
 proxy_wasm::main! {{
+    // Installs the SDK's `log` backend, which forwards every record to Envoy's log.
     proxy_wasm::set_log_level(SdkLogLevel::Info);
+    // Replaces the SDK's hook, which would itself panic if the host refused the line.
     std::panic::set_hook(Box::new(|info| {
-        abi::log(LogLevel::Critical, &format!("seawall: panic: {info}"));
+        abi::log_critical(&format!("seawall: panic: {info}"));
     }));
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root::new(context_id))
     });
 }}
-
-/// Logs with the context id, so lines from several workers and streams can be told apart.
-fn log(level: LogLevel, context_id: u32, message: &str) {
-    abi::log(level, &format!("seawall[{context_id}]: {message}"));
-}
 
 /// The tick that resumes delayed requests, on only while some are waiting: the granularity of
 /// injected delays.
@@ -162,10 +158,9 @@ impl RootContext for Root {
         let compiled = match config::compile(&bytes) {
             Ok(compiled) => compiled,
             Err(errors) => {
-                log(
-                    LogLevel::Error,
-                    self.context_id,
-                    &format!("plugin config refused: {errors}"),
+                log::error!(
+                    "seawall[{}]: plugin config refused: {errors}",
+                    self.context_id
                 );
                 return false;
             }
@@ -173,10 +168,9 @@ impl RootContext for Root {
         let engine = match Engine::new(compiled, &mut HostMetrics) {
             Ok(engine) => engine,
             Err(error) => {
-                log(
-                    LogLevel::Error,
-                    self.context_id,
-                    &format!("plugin config refused: {error}"),
+                log::error!(
+                    "seawall[{}]: plugin config refused: {error}",
+                    self.context_id
                 );
                 return false;
             }
@@ -184,10 +178,9 @@ impl RootContext for Root {
         let created = match engine.prepare_state(&HostStore) {
             Ok(created) => created,
             Err(error) => {
-                log(
-                    LogLevel::Error,
-                    self.context_id,
-                    &format!("plugin config refused: shared data: {error}"),
+                log::error!(
+                    "seawall[{}]: plugin config refused: shared data: {error}",
+                    self.context_id
                 );
                 return false;
             }
@@ -222,7 +215,7 @@ impl RootContext for Root {
         {
             worker.allocations = alloc_count::AllocationStats::define(&mut HostMetrics);
         }
-        log(LogLevel::Info, self.context_id, &summary);
+        log::info!("seawall[{}]: {summary}", self.context_id);
         true
     }
 
@@ -326,13 +319,10 @@ impl Root {
                         });
                         if !quiet {
                             warned_at = Some(now);
-                            log(
-                                LogLevel::Warn,
+                            log::warn!(
+                                "seawall[{}]: probe to cluster {:?} not sent ({status:?}); counted as a failed probe (logged at most once a minute)",
                                 self.context_id,
-                                &format!(
-                                    "probe to cluster {:?} not sent ({status:?}); counted as a failed probe (logged at most once a minute)",
-                                    probe.cluster
-                                ),
+                                probe.cluster
                             );
                         }
                         false
@@ -374,10 +364,9 @@ impl HttpContext for Stream {
         }
         let now = Timestamp::from_nanos(abi::now_nanos());
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
-            log(
-                LogLevel::Warn,
-                self.context_id,
-                "worker state busy; request passed through",
+            log::warn!(
+                "seawall[{}]: worker state busy; request passed through",
+                self.context_id
             );
             return Action::Continue;
         };
