@@ -5,6 +5,9 @@
 // A test crate: a failed unwrap is how it reports a failed expectation.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use seawall::clock::Timestamp;
 use seawall::engine::{Reroute, Verdict, DEGRADED_HEADER};
 use seawall::policy::circuit_breaker::ResponseFacts;
@@ -650,6 +653,63 @@ fn an_open_breaker_raises_a_level_whose_fallback_answers_instead_of_the_breakers
         worker.counter("seawall.circuit_breaker.payments.rejected"),
         1
     );
+}
+
+/// Issue 14, point 2: a level entered on `circuit_breaker: open` whose fallback covers the
+/// breaker's route answered every request, so no request ever moved the breaker on from its
+/// expired open period, and the fallback was served forever with a healthy upstream.
+#[test]
+fn a_breaker_driven_fallback_ends_once_the_open_period_runs_out_and_the_probe_closes_it() {
+    const COMPOSED: &str = r#"{
+        "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                          "open_for": "2s", "half_open_probes": 1}},
+        "degradation": {"payments": {
+            "signals": {"circuit_breaker": "payments"},
+            "levels": [{"name": "open", "enter": {"circuit_breaker": "open"}, "min_dwell": "1s",
+                        "fallback": {"body": "cached\n"}}]}},
+        "routes": [{"name": "api", "circuit_breaker": "payments", "degradation": "payments"}]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(COMPOSED, &store);
+    for _ in 0..3 {
+        worker.call(get("/api"), T0, 503, MS, &store);
+    }
+    worker.tick(1, T0 + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    // While the open period lasts, the level holds and its fallback answers.
+    let mut at = T0 + 200 * MS;
+    while at < T0 + 2_000 * MS {
+        worker.tick(1, at, &store, false);
+        assert_eq!(worker.engine.degradation_level(0), Some(1), "at {at}");
+        assert!(matches!(
+            worker.call(get("/api"), at, 200, MS, &store),
+            Outcome::Replied { status: 200, .. }
+        ));
+        at += 100 * MS;
+    }
+    // The open period has run out: the breaker may probe, so the level steps down and the next
+    // request reaches the breaker as its probe. The upstream is healthy and the breaker closes.
+    let stepped_down = (0..20).find_map(|n| {
+        let now = T0 + 2_000 * MS + n * 100 * MS;
+        worker.tick(1, now, &store, false);
+        (worker.engine.degradation_level(0) == Some(0)).then_some(now)
+    });
+    let stepped_down = stepped_down.expect("the level steps down once the open period runs out");
+    assert!(stepped_down <= T0 + 2_100 * MS, "stepped down at {stepped_down}");
+    assert_eq!(
+        worker.call(get("/api"), stepped_down + MS, 200, MS, &store),
+        Outcome::Upstream
+    );
+    for n in 0..10 {
+        assert_eq!(
+            worker.call(get("/api"), stepped_down + (2 + n) * MS, 200, MS, &store),
+            Outcome::Upstream,
+            "request {n} after the probe closed the breaker"
+        );
+    }
+    worker.tick(1, stepped_down + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(0));
+    assert_eq!(worker.counter("seawall.circuit_breaker.payments.closed"), 1);
 }
 
 #[test]

@@ -452,7 +452,7 @@ impl Engine {
                 Ok(Some((health, _))) if claim(health.lease, me, now_nanos, ttl).is_some()
             );
             let breaker_open = match self.watched_breaker(policy) {
-                Some(breaker) if may_lead => Some(self.breaker_is_open(breaker, store)),
+                Some(breaker) if may_lead => Some(self.breaker_is_open(breaker, now_nanos, store)),
                 Some(_) => None,
                 None => Some(false),
             };
@@ -640,9 +640,13 @@ impl Engine {
         }
     }
 
-    /// Whether any key of breaker `breaker` is open or half-open. Read by every worker on its
-    /// tick, never on the request path.
-    fn breaker_is_open(&self, breaker: usize, store: &impl SharedStore) -> bool {
+    /// Whether any key of breaker `breaker` is open, refusing requests at `now`. Read on the tick
+    /// by a worker that may lead, never on the request path.
+    ///
+    /// An open period that has run out, and a half-open breaker, count as "may probe", not open:
+    /// only a request moves a breaker on from there, so a level that answered every request with
+    /// its fallback while the breaker waited for one would never end.
+    fn breaker_is_open(&self, breaker: usize, now: u64, store: &impl SharedStore) -> bool {
         let Some(policy) = self.config.circuit_breakers.get(breaker) else {
             return false;
         };
@@ -651,11 +655,11 @@ impl Engine {
                 cas::read::<RECORD_LEN, BreakerState, _>(store, key),
                 Ok(Some((
                     BreakerState {
-                        circuit: Circuit::Open { .. } | Circuit::HalfOpen { .. },
+                        circuit: Circuit::Open { until },
                         ..
                     },
                     _
-                )))
+                ))) if until > now
             )
         };
         match &policy.table {
