@@ -25,6 +25,11 @@ impl AttributeSource for Preset {
             .find(|(a, _)| a == attribute)
             .map(|(_, v)| v.clone())
     }
+
+    fn remove_header(&mut self, name: &str) {
+        self.0
+            .retain(|(a, _)| !matches!(a, Attribute::Header(h) if h == name));
+    }
 }
 
 const CONFIG: &str = r#"{

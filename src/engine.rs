@@ -35,7 +35,7 @@ use crate::policy::rate_limit::{
 };
 use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
 use crate::policy::route::{without_query, Route, RouteBreaker, RouteIndex};
-use crate::request::{AttributeSource, RequestView};
+use crate::request::{AttributeId, AttributeSource, RequestView};
 use crate::state::cas::ensure;
 use crate::state::cas::UpdateError;
 use crate::state::slots::{hash_parts, KeyBuf};
@@ -70,6 +70,9 @@ pub struct Engine {
     config: PluginConfig,
     route_requests: Vec<MetricId>,
     unmatched: MetricId,
+    /// The reroute headers of every degradation policy: a client's own is removed.
+    steering_headers: Vec<AttributeId>,
+    steering_stripped: MetricId,
     rate_limits: Vec<RateLimitMetrics>,
     circuit_breakers: Vec<BreakerRuntime>,
     faults: Vec<FaultRuntime>,
@@ -304,8 +307,8 @@ pub struct RequestDecision<'a> {
     pub strip_headers: &'a [String],
     /// Retry headers to set, on routes with a retry policy.
     pub retry: Option<RetryHeaders<'a>>,
-    /// A header that picks the Envoy route's cluster: set (degradation's reroute) or removed (a
-    /// client's own, which must not choose the cluster).
+    /// A header to set that picks the Envoy route's cluster (degradation's reroute). A client's
+    /// own is removed before anything else reads the request.
     pub reroute: Option<Reroute<'a>>,
 }
 
@@ -330,10 +333,11 @@ impl<'a> RequestDecision<'a> {
     }
 }
 
+/// Sends the request to another Envoy cluster through a `cluster_header` route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reroute<'a> {
-    Set { header: &'a str, cluster: &'a str },
-    Remove { header: &'a str },
+pub struct Reroute<'a> {
+    pub header: &'a str,
+    pub cluster: &'a str,
 }
 
 /// What to add to a response.
@@ -374,6 +378,16 @@ impl Engine {
             MetricKind::Counter,
             &metric_name("plugin", &config.name, "unmatched_requests"),
         )?;
+        let steering_stripped = registry.define(
+            MetricKind::Counter,
+            &metric_name("plugin", &config.name, "client_reroute_headers_removed"),
+        )?;
+        let mut steering_headers: Vec<AttributeId> = Vec::new();
+        for (_, id) in config.degradations.iter().flat_map(|d| &d.reroute_headers) {
+            if !steering_headers.contains(id) {
+                steering_headers.push(*id);
+            }
+        }
         let mut rate_limits = Vec::with_capacity(config.rate_limits.len());
         for policy in &config.rate_limits {
             let mut counter = |name: &str| {
@@ -492,6 +506,8 @@ impl Engine {
             config,
             route_requests,
             unmatched,
+            steering_headers,
+            steering_stripped,
             rate_limits,
             circuit_breakers,
             faults,
@@ -582,6 +598,14 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) -> RequestDecision<'_> {
+        // A header that steers Envoy's routing never comes from a client, whatever the route:
+        // it goes before anything reads `xds.*` or matches a route.
+        for &id in &self.steering_headers {
+            if request.get(id).is_some() {
+                request.remove_header(id);
+                metrics.increment(self.steering_stripped, 1);
+            }
+        }
         let index = self.config.routes.find(request);
         let mut stream = StreamState {
             route: index,

@@ -77,6 +77,11 @@ impl Attribute {
     pub fn cluster_name() -> Self {
         Attribute::Property(PropertyPath::new(&["xds", "cluster_name"]))
     }
+
+    /// An `xds.*` property: what Envoy's route match decided.
+    pub fn describes_routing(&self) -> bool {
+        matches!(self, Attribute::Property(path) if path.as_bytes().starts_with(b"xds\0"))
+    }
 }
 
 /// Index of an attribute in the [`AttributePlan`].
@@ -143,6 +148,8 @@ impl AttributePlan {
 pub trait AttributeSource {
     /// Reads one attribute: one host call. `None` when the request does not have it.
     fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>>;
+    /// Removes a request header before the request goes on: one host call.
+    fn remove_header(&mut self, name: &str);
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +180,10 @@ pub struct RequestView<'a, S: AttributeSource> {
     plan: &'a AttributePlan,
     source: &'a mut S,
     slots: &'a mut [Slot],
+    /// A request header was removed. Envoy then matches its route again only when the router
+    /// asks, so until this callback returns its `xds.*` properties still describe the route it
+    /// chose before: they are not read, and count as absent.
+    routing_stale: bool,
 }
 
 impl<'a, S: AttributeSource> RequestView<'a, S> {
@@ -189,6 +200,7 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
             plan,
             source,
             slots: &mut scratch.slots,
+            routing_stale: false,
         }
     }
 
@@ -206,6 +218,10 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
         let slot = self.slots.get_mut(id.index())?;
         if matches!(slot, Slot::Unread) {
             let attribute = self.plan.get(id)?;
+            if self.routing_stale && attribute.describes_routing() {
+                *slot = Slot::Absent;
+                return None;
+            }
             *slot = match self.source.read(attribute) {
                 Some(value) => Slot::Present(value),
                 None => Slot::Absent,
@@ -214,6 +230,22 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
         match slot {
             Slot::Present(value) => Some(value.as_slice()),
             Slot::Absent | Slot::Unread => None,
+        }
+    }
+}
+
+impl<S: AttributeSource> RequestView<'_, S> {
+    /// Removes a request header (an attribute that is not a header is left alone), so that
+    /// nothing after seawall sees it: Envoy matches its route again once a filter changes the
+    /// request's headers. Later reads see it absent, without asking the host.
+    pub fn remove_header(&mut self, id: AttributeId) {
+        let Some(Attribute::Header(name)) = self.plan.get(id) else {
+            return;
+        };
+        self.source.remove_header(name);
+        self.routing_stale = true;
+        if let Some(slot) = self.slots.get_mut(id.index()) {
+            *slot = Slot::Absent;
         }
     }
 }
@@ -233,6 +265,8 @@ impl<S: AttributeSource> Drop for RequestView<'_, S> {
 pub struct FakeRequest {
     values: Vec<(Attribute, Vec<u8>)>,
     pub reads: Vec<Attribute>,
+    /// The headers removed, in order, each with how many reads had been made before it.
+    pub removed: Vec<(String, usize)>,
 }
 
 impl FakeRequest {
@@ -264,6 +298,12 @@ impl AttributeSource for FakeRequest {
             .iter()
             .find(|(a, _)| a == attribute)
             .map(|(_, v)| v.clone())
+    }
+
+    fn remove_header(&mut self, name: &str) {
+        let header = Attribute::header(name);
+        self.values.retain(|(attribute, _)| *attribute != header);
+        self.removed.push((name.to_owned(), self.reads.len()));
     }
 }
 

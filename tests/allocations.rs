@@ -61,6 +61,12 @@ impl AttributeSource for Host {
         self.handed_out += 1;
         Some(value.1.clone())
     }
+
+    /// The host removes in place: no buffer crosses, so nothing is counted.
+    fn remove_header(&mut self, name: &str) {
+        self.values
+            .retain(|(attribute, _)| !matches!(attribute, Attribute::Header(h) if h == name));
+    }
 }
 
 const CONFIG: &str = r#"{

@@ -461,17 +461,10 @@ fn a_slow_dependency_degrades_the_level_and_each_action_applies_to_its_routes() 
         worker.call(with_priority("/api", "low"), T0, 200, MS, &store),
         Outcome::Upstream
     );
-    let decision = worker.send(
-        get("/search").header("x-seawall-cluster", "admin"),
-        T0,
-        &store,
-    );
-    assert_eq!(
-        decision.reroute,
-        Some(Reroute::Remove {
-            header: "x-seawall-cluster"
-        })
-    );
+    let mut spoofed = get("/search").header("x-seawall-cluster", "admin");
+    let decision = worker.send_to(&mut spoofed, T0, &store);
+    assert_eq!(decision.reroute, None);
+    assert_eq!(spoofed.removed, [("x-seawall-cluster".to_owned(), 1)]);
 
     // Calls take 900 ms on two workers: 10 of 12 slower than 800 ms.
     for (n, took) in [900, 900, 900, 900, 900, 10, 900, 900, 900, 900, 900, 10]
@@ -539,7 +532,7 @@ fn a_slow_dependency_degrades_the_level_and_each_action_applies_to_its_routes() 
     assert_eq!(decision.verdict, Verdict::Continue);
     assert_eq!(
         decision.reroute,
-        Some(Reroute::Set {
+        Some(Reroute {
             header: "x-seawall-cluster",
             cluster: "payments-fallback"
         })
@@ -695,7 +688,10 @@ fn a_breaker_driven_fallback_ends_once_the_open_period_runs_out_and_the_probe_cl
         (worker.engine.degradation_level(0) == Some(0)).then_some(now)
     });
     let stepped_down = stepped_down.expect("the level steps down once the open period runs out");
-    assert!(stepped_down <= T0 + 2_100 * MS, "stepped down at {stepped_down}");
+    assert!(
+        stepped_down <= T0 + 2_100 * MS,
+        "stepped down at {stepped_down}"
+    );
     assert_eq!(
         worker.call(get("/api"), stepped_down + MS, 200, MS, &store),
         Outcome::Upstream
@@ -772,4 +768,61 @@ fn a_store_failure_is_no_evidence_of_recovery() {
     );
     worker.tick(1, T0 + 10 * SECOND + 100 * MS, &store, false);
     assert_eq!(worker.engine.degradation_level(0), Some(0));
+}
+
+/// Issue 14, point 1: a client's `x-seawall-cluster` was removed only on routes with a
+/// degradation policy, and after the breaker key (`xds.cluster_name`) had been read, so a client
+/// picked the cluster of `/admin` and the breaker record of a policy route. Now it goes first, on
+/// every request, before any route matcher or policy reads anything else.
+#[test]
+fn a_clients_reroute_header_is_removed_on_every_route_before_anything_reads_xds() {
+    const CONFIG: &str = r#"{
+        "circuit_breakers": {"payments": {"open_when": {"consecutive_failures": 3}}},
+        "degradation": {"payments": {
+            "levels": [{"name": "critical", "enter": {"failure_rate": 50},
+                        "reroute": {"cluster": "fallback", "routes": ["api"]}}]}},
+        "routes": [
+            {"name": "by-cluster", "match": {"cluster": "payments"}, "circuit_breaker": "payments"},
+            {"name": "api", "match": {"path": {"prefix": "/api"}}, "degradation": "payments"},
+            {"name": "admin", "match": {"path": {"prefix": "/admin"}}}
+        ]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONFIG, &store);
+    // Envoy chose its route with the client's header, so `xds.cluster_name` names the cluster
+    // the client picked until the router matches again: seawall must not believe it.
+    let cluster = seawall::request::Attribute::cluster_name();
+    for (path, route) in [
+        ("/admin", Some(2)),
+        ("/api/items", Some(1)),
+        ("/elsewhere", None),
+    ] {
+        let mut spoofed = get(path)
+            .header("x-seawall-cluster", "payments")
+            .with(cluster.clone(), "payments");
+        let decision = worker.send_to(&mut spoofed, T0, &store);
+        assert_eq!(decision.reroute, None, "{path}");
+        assert_eq!(decision.stream.route.map(|r| r.0), route, "{path}");
+        assert_eq!(
+            spoofed.removed,
+            [("x-seawall-cluster".to_owned(), 1)],
+            "{path}: removed first, after reading only the header itself"
+        );
+        assert!(
+            !spoofed.reads.contains(&cluster),
+            "{path}: xds.cluster_name not read"
+        );
+    }
+    // Without the client's header, the cluster Envoy chose is seawall's to match on.
+    let mut honest = get("/elsewhere").with(cluster.clone(), "payments");
+    let decision = worker.send_to(&mut honest, T0, &store);
+    assert_eq!(decision.stream.route.map(|r| r.0), Some(0));
+    assert_eq!(
+        worker.counter("seawall.plugin.seawall.client_reroute_headers_removed"),
+        3
+    );
+    // Without the header nothing is removed.
+    let mut plain = get("/admin");
+    worker.send_to(&mut plain, T0, &store);
+    assert!(plain.removed.is_empty());
 }

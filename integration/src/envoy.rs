@@ -100,6 +100,8 @@ pub struct EnvoyConfig {
     pub extra_http_filters: Vec<String>,
     pub xds_from_files: bool,
     pub log_level: String,
+    /// Extra fields of the route configuration, as YAML lines (e.g. `internal_only_headers`).
+    pub route_config_extra: Vec<String>,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -115,6 +117,7 @@ impl Default for EnvoyConfig {
             extra_http_filters: Vec::new(),
             xds_from_files: false,
             log_level: "info".into(),
+            route_config_extra: Vec::new(),
             listener_port: 0,
         }
     }
@@ -155,6 +158,13 @@ impl EnvoyConfig {
 
     pub fn http_filter_yaml(mut self, yaml: &str) -> Self {
         self.extra_http_filters.push(yaml.to_owned());
+        self
+    }
+
+    /// Adds a field to the route configuration: one YAML line such as
+    /// `internal_only_headers: [x-seawall-cluster]`.
+    pub fn route_config_field(mut self, yaml: &str) -> Self {
+        self.route_config_extra.push(yaml.to_owned());
         self
     }
 
@@ -209,6 +219,11 @@ impl EnvoyConfig {
                 plugin = serde_json::to_string(plugin).unwrap(),
             ));
         }
+        let route_config_extra: String = self
+            .route_config_extra
+            .iter()
+            .map(|line| format!("          {line}\n"))
+            .collect();
         format!(
             r#"  name: main
   address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
@@ -220,7 +235,7 @@ impl EnvoyConfig {
         stat_prefix: ingress
         route_config:
           name: local
-          virtual_hosts:
+{route_config_extra}          virtual_hosts:
           - name: all
             domains: ["*"]
             include_attempt_count_in_response: {attempts}

@@ -245,21 +245,12 @@ impl Engine {
                 });
             }
         }
-        // A client's own reroute header must not pick the cluster.
-        let client_reroute = policy
-            .reroute_headers
-            .iter()
-            .find(|(_, id)| request.get(*id).is_some())
-            .map(|(header, _)| Reroute::Remove { header });
         let level = runtime.level.get();
         let Some(current) = usize::from(level)
             .checked_sub(1)
             .and_then(|at| policy.levels.get(at))
         else {
-            return Ok(Actions {
-                reroute: client_reroute,
-                ..Actions::default()
-            });
+            return Ok(Actions::default());
         };
         let position = usize::from(level - 1);
         if let Some(fallback) = current
@@ -308,12 +299,12 @@ impl Engine {
         {
             Some(reroute) => {
                 metrics.increment(counters.rerouted, 1);
-                Some(Reroute::Set {
+                Some(Reroute {
                     header: &reroute.header,
                     cluster: &reroute.cluster,
                 })
             }
-            None => client_reroute,
+            None => None,
         };
         Ok(Actions {
             level,
@@ -351,7 +342,7 @@ impl Engine {
         if self.degradation(choice.policy).is_none() {
             return;
         }
-        let rerouted = matches!(actions.reroute, Some(Reroute::Set { .. }));
+        let rerouted = actions.reroute.is_some();
         stream.degradation = Some(super::DegradationTicket {
             level: actions.level,
             reported: upstream && !rerouted,

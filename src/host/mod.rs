@@ -388,14 +388,8 @@ impl HttpContext for Stream {
         }
         // Envoy clears the route cache when a filter changes request headers, so the router
         // picks its route (and a `cluster_header` cluster) again with this header.
-        match decision.reroute {
-            Some(Reroute::Set { header, cluster }) => {
-                abi::replace_request_header(header, cluster.as_bytes());
-            }
-            Some(Reroute::Remove { header }) => {
-                abi::remove_request_header(header);
-            }
-            None => {}
+        if let Some(Reroute { header, cluster }) = decision.reroute {
+            abi::replace_request_header(header, cluster.as_bytes());
         }
         match decision.verdict {
             Verdict::Continue => Action::Continue,
@@ -592,6 +586,10 @@ impl AttributeSource for HostRequest {
             Attribute::Header(name) => abi::request_header(name),
             Attribute::Property(path) => abi::property(path.as_bytes()),
         }
+    }
+
+    fn remove_header(&mut self, name: &str) {
+        abi::remove_request_header(name);
     }
 }
 

@@ -35,11 +35,18 @@ impl Worker {
         now: u64,
         store: &FakeStore,
     ) -> RequestDecision<'_> {
-        let mut view = RequestView::new(
-            &self.engine.config().attributes,
-            &mut request,
-            &mut self.scratch,
-        );
+        self.send_to(&mut request, now, store)
+    }
+
+    /// `send`, keeping the request to look at what was read and removed.
+    pub fn send_to(
+        &mut self,
+        request: &mut FakeRequest,
+        now: u64,
+        store: &FakeStore,
+    ) -> RequestDecision<'_> {
+        let mut view =
+            RequestView::new(&self.engine.config().attributes, request, &mut self.scratch);
         self.engine
             .on_request(&mut view, Timestamp::from_nanos(now), store, &self.metrics)
     }
