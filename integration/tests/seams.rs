@@ -3,7 +3,9 @@
 //! defect it pins (issue 14) and asserts on what the upstreams received.
 
 use seawall_integration::client::{Client, Request};
-use seawall_integration::{Envoy, EnvoyConfig, RouteSpec, Upstream};
+use std::time::{Duration, Instant};
+
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, RouteSpec, Upstream};
 
 const STEERED: &str = r#"{
     "debug": {"route_header": true},
@@ -127,4 +129,82 @@ fn with_internal_only_headers_envoy_removes_the_reroute_header_before_routing() 
         0
     );
     assert_eq!(stats.seawall("seawall.route.by-cluster.requests"), 5);
+}
+
+/// Point 2: a level entered on `circuit_breaker: open` whose fallback covers the breaker's route
+/// answered every request, so nothing moved the breaker on from its expired open period: after
+/// one trip the fallback was served forever (62 of 62 requests over 7 s with a healed upstream).
+/// Now the expired open period lets the level step down after its dwell, the next request is the
+/// breaker's probe, and the healed upstream closes it.
+#[test]
+fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{
+                    "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                                      "open_for": "1s", "half_open_probes": 1}},
+                    "degradation": {"payments": {
+                        "signals": {"circuit_breaker": "payments"},
+                        "levels": [{"name": "open", "enter": {"circuit_breaker": "open"}, "min_dwell": "1s",
+                                    "fallback": {"body": "cached\n"}}]}},
+                    "routes": [{"name": "api", "circuit_breaker": "payments", "degradation": "payments"}]
+                }"#,
+            ),
+    );
+    upstream.set_behaviour(Behaviour::ok().status(503));
+    let mut client = Client::connect(envoy.listener_addr());
+    for _ in 0..3 {
+        assert_eq!(client.send(&Request::get("/api")).unwrap().status, 503);
+    }
+    let level = "wasmcustom.seawall.degradation.payments.level";
+    assert_eq!(
+        envoy.wait_for_stat(level, Duration::from_secs(10), |v| v == 1),
+        1,
+        "the level follows the open breaker"
+    );
+    let response = client.send(&Request::get("/api")).unwrap();
+    assert_eq!(
+        response.text(),
+        "cached\n",
+        "the fallback answers while the breaker is open"
+    );
+    upstream.set_behaviour(Behaviour::ok());
+    let healed_at = upstream.total();
+    // Traffic keeps coming; the fallback must end and the upstream see requests again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut fallbacks = 0;
+    while upstream.total() == healed_at {
+        assert!(
+            Instant::now() < deadline,
+            "the fallback never ended: {fallbacks} fallback answers in 20 s with a healed upstream"
+        );
+        let response = client.send(&Request::get("/api")).unwrap();
+        if response.text() == "cached\n" {
+            fallbacks += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in 0..20 {
+        let response = client.send(&Request::get("/api")).unwrap();
+        assert_eq!(response.status, 200, "request {n} after the probe");
+        assert_eq!(response.text(), "ok\n", "request {n} after the probe");
+    }
+    let stats = envoy.stats();
+    eprintln!(
+        "[seams] breaker-driven fallback: {fallbacks} fallback answers after healing, then the upstream saw {} requests",
+        upstream.total() - healed_at
+    );
+    assert_eq!(
+        upstream.total() - healed_at,
+        21,
+        "the probe and the 20 after it"
+    );
+    assert_eq!(stats.seawall("seawall.circuit_breaker.payments.closed"), 1);
+    assert_eq!(
+        envoy.wait_for_stat(level, Duration::from_secs(10), |v| v == 0),
+        0
+    );
 }
