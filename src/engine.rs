@@ -35,7 +35,7 @@ use crate::policy::rate_limit::{
 };
 use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
 use crate::policy::route::{without_query, Route, RouteBreaker, RouteIndex};
-use crate::request::{AttributeId, AttributeSource, RequestView};
+use crate::request::{Attribute, AttributeId, AttributePlan, AttributeSource, RequestView};
 use crate::state::cas::ensure;
 use crate::state::cas::UpdateError;
 use crate::state::slots::{hash_parts, KeyBuf};
@@ -303,8 +303,9 @@ pub trait LocalReplies {
 pub struct RequestDecision<'a> {
     pub stream: StreamState,
     pub verdict: Verdict<'a>,
-    /// Request headers to remove before the request goes on (fault-control headers).
-    pub strip_headers: &'a [String],
+    /// Request headers to remove before the request goes on: the fault-control headers the
+    /// client sent.
+    pub strip_headers: HeaderSet<'a>,
     /// Retry headers to set, on routes with a retry policy.
     pub retry: Option<RetryHeaders<'a>>,
     /// A header to set that picks the Envoy route's cluster (degradation's reroute). A client's
@@ -318,7 +319,7 @@ impl<'a> RequestDecision<'a> {
         RequestDecision {
             stream,
             verdict: Verdict::Continue,
-            strip_headers: &[],
+            strip_headers: HeaderSet::default(),
             retry: None,
             reroute: None,
         }
@@ -330,6 +331,34 @@ impl<'a> RequestDecision<'a> {
             verdict: Verdict::Reply(reply),
             ..RequestDecision::passed(stream)
         }
+    }
+}
+
+/// Some of the config's fault-control headers, by position: a request's set is one word, so a
+/// decision carries no list of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeaderSet<'a> {
+    plan: Option<&'a AttributePlan>,
+    headers: &'a [AttributeId],
+    present: u64,
+}
+
+impl<'a> HeaderSet<'a> {
+    pub fn is_empty(&self) -> bool {
+        self.present == 0
+    }
+
+    /// The header names, lowercase.
+    pub fn names(self) -> impl Iterator<Item = &'a str> {
+        let present = self.present;
+        self.headers
+            .iter()
+            .enumerate()
+            .filter(move |(bit, _)| present & (1u64 << bit) != 0)
+            .filter_map(move |(_, &id)| match self.plan?.get(id)? {
+                Attribute::Header(name) => Some(name.as_str()),
+                Attribute::Property(_) => None,
+            })
     }
 }
 
@@ -598,6 +627,40 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) -> RequestDecision<'_> {
+        let mut decision = self.decide(request, now, store, metrics);
+        if matches!(decision.verdict, Verdict::Continue | Verdict::Pause { .. }) {
+            decision.strip_headers = self.fault_controls_sent(request);
+        }
+        decision
+    }
+
+    /// The fault-control headers the client sent, whatever the route and whether any fault
+    /// policy applies: the secret and the controls never reach an upstream.
+    fn fault_controls_sent<S: AttributeSource>(
+        &self,
+        request: &mut RequestView<'_, S>,
+    ) -> HeaderSet<'_> {
+        let headers = &self.config.fault_control_headers;
+        let mut present = 0u64;
+        for (bit, &id) in headers.iter().enumerate().take(64) {
+            if request.get(id).is_some() {
+                present |= 1 << bit;
+            }
+        }
+        HeaderSet {
+            plan: Some(&self.config.attributes),
+            headers,
+            present,
+        }
+    }
+
+    fn decide<S: AttributeSource>(
+        &self,
+        request: &mut RequestView<'_, S>,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) -> RequestDecision<'_> {
         // A header that steers Envoy's routing never comes from a client, whatever the route:
         // it goes before anything reads `xds.*` or matches a route.
         for &id in &self.steering_headers {
@@ -657,19 +720,10 @@ impl Engine {
                 return RequestDecision::answered(stream, reply);
             }
         }
-        let mut strip_headers: &[String] = &[];
         let verdict = if route.policies.faults.is_empty() {
             Verdict::Continue
         } else {
-            self.inject(
-                route,
-                request,
-                now,
-                store,
-                metrics,
-                &mut stream,
-                &mut strip_headers,
-            )
+            self.inject(route, request, now, store, metrics, &mut stream)
         };
         let retry = match (&verdict, route.policies.retry) {
             (Verdict::Continue | Verdict::Pause { .. }, Some(index)) => {
@@ -694,7 +748,7 @@ impl Engine {
         RequestDecision {
             stream,
             verdict,
-            strip_headers,
+            strip_headers: HeaderSet::default(),
             retry,
             reroute: degrade.reroute,
         }
@@ -888,7 +942,6 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
         stream: &mut StreamState,
-        strip_headers: &mut &'e [String],
     ) -> Verdict<'e> {
         let mut delay: Option<Duration> = None;
         for (position, &index) in route.policies.faults.iter().enumerate() {
@@ -910,7 +963,7 @@ impl Engine {
             if !policy.when.iter().all(|condition| condition.holds(request)) {
                 continue;
             }
-            let asked = self.header_control(policy, counters, request, metrics, strip_headers);
+            let asked = self.header_control(policy, counters, request, metrics);
             let draw = match &policy.cohort {
                 None => None,
                 Some(cohort) => {
@@ -1000,15 +1053,15 @@ impl Engine {
     }
 
     /// Reads the fault-control headers of a policy that allows them. They are honoured only with
-    /// the secret, capped by `max_percent`; without it they are counted and ignored. Either way
-    /// the host removes them, so they never reach the upstream.
-    fn header_control<'e, S: AttributeSource>(
+    /// the secret, capped by `max_percent`; without it, or with a percent that is not one, they
+    /// are counted and ignored. Either way they are removed (`fault_controls_sent`), so they
+    /// never reach the upstream.
+    fn header_control<S: AttributeSource>(
         &self,
-        policy: &'e FaultPolicy,
+        policy: &FaultPolicy,
         counters: &FaultMetrics,
         request: &mut RequestView<'_, S>,
         metrics: &impl MetricSink,
-        strip_headers: &mut &'e [String],
     ) -> AskedFaults {
         let Some(control) = &policy.header_control else {
             return AskedFaults::default();
@@ -1025,7 +1078,6 @@ impl Engine {
         if !present {
             return AskedFaults::default();
         }
-        *strip_headers = &control.strip;
         let asks = [control.abort, control.delay, control.percent]
             .into_iter()
             .any(|id| request.peek(id).is_some());
@@ -1037,12 +1089,18 @@ impl Engine {
             metrics.increment(counters.header_control_rejected, 1);
             return AskedFaults::default();
         }
+        // Absent, the percent is 100; present, it must be one (0 to 100): "5%" or "150" asks
+        // for nothing rather than for every request.
+        let ppm = match request.peek(control.percent).map(parse_percent) {
+            None => 1_000_000,
+            Some(Some(ppm)) => ppm,
+            Some(None) => {
+                metrics.increment(counters.header_control_rejected, 1);
+                return AskedFaults::default();
+            }
+        }
+        .min(control.max_ppm);
         metrics.increment(counters.header_control_applied, 1);
-        let ppm = request
-            .peek(control.percent)
-            .and_then(parse_percent)
-            .unwrap_or(1_000_000)
-            .min(control.max_ppm);
         AskedFaults {
             abort: request
                 .peek(control.abort)

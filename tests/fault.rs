@@ -373,13 +373,13 @@ fn header_control_needs_the_secret_and_is_capped() {
         let decision = worker.send(asking(secret), T0, &store);
         assert_eq!(decision.verdict, Verdict::Continue, "secret {secret:?}");
         assert_eq!(
-            decision.strip_headers,
+            decision.strip_headers.names().collect::<Vec<_>>(),
             [
                 "x-seawall-fault-abort",
-                "x-seawall-fault-delay",
                 "x-seawall-fault-percent",
                 "x-chaos-key"
-            ]
+            ],
+            "the controls sent are removed"
         );
     }
     assert_eq!(worker.metric("chaos.header_control_rejected"), 4);
@@ -510,5 +510,96 @@ fn fault_config_errors_name_their_paths() {
             "faults.f.header_control.secret: expected a secret of at least 8 bytes",
             "faults.g.abort.percent: expected a percentage from 0 to 100, got 101",
         ]
+    );
+}
+
+/// Issue 14, point 10: the controls were removed only inside header control, after the enabled,
+/// time-box and `when` checks, and with two policies on a route only the last one's list
+/// survived. So a policy that was off, expired or not matching forwarded the secret upstream.
+#[test]
+fn fault_control_headers_and_secrets_never_go_upstream_whatever_the_policy_state() {
+    const CONFIG: &str = r#"{
+        "faults": {
+            "off": {"enabled": false, "abort": {"percent": 100},
+                    "header_control": {"secret_header": "x-off-key", "secret": "off-secret-1"}},
+            "expired": {"abort": {"percent": 100},
+                        "active_between": {"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z"},
+                        "header_control": {"secret_header": "x-expired-key", "secret": "expired-secret"}},
+            "picky": {"abort": {"percent": 100}, "when": {"headers": [{"name": "x-chaos", "exact": "yes"}]},
+                      "header_control": {"secret_header": "x-picky-key", "secret": "picky-secret"}}
+        },
+        "routes": [
+            {"name": "two", "match": {"path": {"prefix": "/two"}}, "faults": ["off", "picky"]},
+            {"name": "expired", "match": {"path": {"prefix": "/expired"}}, "faults": ["expired"]},
+            {"name": "plain", "match": {"path": {"prefix": "/plain"}}}
+        ]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONFIG, &store);
+    for path in ["/two", "/expired", "/plain", "/unmatched"] {
+        let request = get(path)
+            .header("x-seawall-fault-abort", "503")
+            .header("x-seawall-fault-delay", "100")
+            .header("x-seawall-fault-percent", "100")
+            .header("x-off-key", "off-secret-1")
+            .header("x-expired-key", "expired-secret")
+            .header("x-picky-key", "picky-secret");
+        let decision = worker.send(request, T0, &store);
+        assert_eq!(
+            decision.verdict,
+            Verdict::Continue,
+            "{path}: nothing applies"
+        );
+        let mut stripped: Vec<&str> = decision.strip_headers.names().collect();
+        stripped.sort_unstable();
+        assert_eq!(
+            stripped,
+            [
+                "x-expired-key",
+                "x-off-key",
+                "x-picky-key",
+                "x-seawall-fault-abort",
+                "x-seawall-fault-delay",
+                "x-seawall-fault-percent"
+            ],
+            "{path}"
+        );
+    }
+    let plain = worker.send(get("/two"), T0, &store);
+    assert!(plain.strip_headers.is_empty());
+}
+
+/// Issue 14, point 12: a malformed or over-100 `x-seawall-fault-percent` meant 100%, capped only
+/// by `max_percent`: "5%" and "150" each aborted 200 of 200 requests.
+#[test]
+fn a_malformed_or_over_100_fault_percent_asks_for_nothing() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(CONTROLLED), &store);
+    for percent in ["5%", "150", "-1", "1e2", "", "100.00001"] {
+        let aborted = (0..200)
+            .filter(|&n| {
+                let request = get("/chaos")
+                    .header("x-seawall-fault-abort", "503")
+                    .header("x-seawall-fault-percent", percent)
+                    .header("x-chaos-key", "s3cret-key");
+                worker.fate(request, T0 + n, &store) != Fate::Passed
+            })
+            .count();
+        assert_eq!(aborted, 0, "percent {percent:?}");
+    }
+    assert_eq!(worker.metric("chaos.header_control_rejected"), 6 * 200);
+    assert_eq!(worker.metric("chaos.header_control_applied"), 0);
+    // Absent, the percent is 100, capped at max_percent (50).
+    let aborted = (0..2000)
+        .filter(|&n| {
+            let request = get("/chaos")
+                .header("x-seawall-fault-abort", "503")
+                .header("x-chaos-key", "s3cret-key");
+            worker.fate(request, T0 + n, &store) != Fate::Passed
+        })
+        .count();
+    assert!(
+        (900..=1100).contains(&aborted),
+        "{aborted} of 2000 at a 50% cap"
     );
 }

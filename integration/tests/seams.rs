@@ -208,3 +208,62 @@ fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
         0
     );
 }
+
+/// Point 10: the fault-control headers and the secret reached the upstream on 20 of 20 requests
+/// to a policy that was off and to one whose time box had ended: they were removed only once a
+/// policy applied.
+#[test]
+fn fault_control_headers_and_the_secret_never_reach_the_upstream() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{
+                    "faults": {
+                        "off": {"enabled": false, "abort": {"percent": 100},
+                                "header_control": {"secret_header": "x-chaos-key", "secret": "a-long-chaos-secret"}},
+                        "expired": {"abort": {"percent": 100},
+                                    "active_between": {"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z"},
+                                    "header_control": {"secret_header": "x-chaos-key", "secret": "a-long-chaos-secret"}}
+                    },
+                    "routes": [
+                        {"name": "off", "match": {"path": {"prefix": "/off"}}, "faults": ["off"]},
+                        {"name": "expired", "match": {"path": {"prefix": "/expired"}}, "faults": ["expired"]},
+                        {"name": "plain", "match": {"path": {"prefix": "/plain"}}}
+                    ]
+                }"#,
+            ),
+    );
+    let mut client = Client::connect(envoy.listener_addr());
+    for path in ["/off", "/expired", "/plain"] {
+        for _ in 0..20 {
+            let response = client
+                .send(
+                    &Request::get(path)
+                        .header("x-seawall-fault-abort", "503")
+                        .header("x-seawall-fault-delay", "50")
+                        .header("x-seawall-fault-percent", "100")
+                        .header("x-chaos-key", "a-long-chaos-secret"),
+                )
+                .unwrap();
+            assert_eq!(response.status, 200, "{path}: no fault applies");
+        }
+    }
+    assert_eq!(upstream.total(), 60);
+    for header in [
+        "x-seawall-fault-abort",
+        "x-seawall-fault-delay",
+        "x-seawall-fault-percent",
+        "x-chaos-key",
+    ] {
+        assert_eq!(
+            upstream.received_with_header(header).len(),
+            0,
+            "{header} reached the upstream"
+        );
+    }
+    let stats = envoy.stats();
+    assert_eq!(stats.seawall("seawall.fault.expired.inactive"), 20);
+    eprintln!("[seams] 60 requests with fault controls and the secret: the upstream saw none of those headers");
+}

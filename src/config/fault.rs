@@ -170,8 +170,13 @@ pub struct HeaderControl {
     pub abort: AttributeId,
     pub delay: AttributeId,
     pub percent: AttributeId,
-    /// Every control header, removed before the request goes upstream.
-    pub strip: Vec<String>,
+}
+
+impl HeaderControl {
+    /// Every header a client controls faults with; none of them may reach an upstream.
+    pub fn headers(&self) -> [AttributeId; 4] {
+        [self.abort, self.delay, self.percent, self.secret_header]
+    }
 }
 
 /// A compiled fault policy.
@@ -343,12 +348,6 @@ pub fn compile(
             percent: intern(PERCENT_HEADER)?,
             secret: control.secret.clone().into_bytes(),
             max_ppm: control.max_percent.ppm(),
-            strip: vec![
-                ABORT_HEADER.to_owned(),
-                DELAY_HEADER.to_owned(),
-                PERCENT_HEADER.to_owned(),
-                control.secret_header.to_ascii_lowercase(),
-            ],
         })
     });
     if !errors.is_empty() {

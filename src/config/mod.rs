@@ -48,8 +48,15 @@ pub struct PluginConfig {
     pub attributes: AttributePlan,
     /// `content-type`, read only when a rejection must tell gRPC from plain HTTP.
     pub content_type: Option<AttributeId>,
+    /// The fault-control headers (and secret headers) of every fault policy, each once: removed
+    /// from every request that goes upstream, whatever its route and whether a policy applies.
+    pub fault_control_headers: Vec<AttributeId>,
     pub debug: DebugOptions,
 }
+
+/// How many distinct fault-control headers (three fixed ones and each policy's secret header) a
+/// config may use: a request's set of them fits one 64-bit mask.
+pub const MAX_FAULT_CONTROL_HEADERS: usize = 64;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DebugOptions {
@@ -69,6 +76,7 @@ impl Default for PluginConfig {
             degradations: Vec::new(),
             attributes: AttributePlan::default(),
             content_type: None,
+            fault_control_headers: Vec::new(),
             debug: DebugOptions::default(),
         }
     }
@@ -271,6 +279,24 @@ impl Compiler {
         } else {
             self.attribute("", Attribute::header("content-type"))
         };
+        let mut fault_control_headers: Vec<AttributeId> = Vec::new();
+        for control in self.faults.iter().filter_map(|f| f.header_control.as_ref()) {
+            for id in control.headers() {
+                if !fault_control_headers.contains(&id) {
+                    fault_control_headers.push(id);
+                }
+            }
+        }
+        if fault_control_headers.len() > MAX_FAULT_CONTROL_HEADERS {
+            self.errors.push(ConfigError::invalid(
+                "faults",
+                format!(
+                    "expected at most {} distinct header_control.secret_header names, got {}",
+                    MAX_FAULT_CONTROL_HEADERS - 3,
+                    fault_control_headers.len() - 3
+                ),
+            ));
+        }
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }
@@ -284,6 +310,7 @@ impl Compiler {
             degradations: self.degradations,
             attributes: self.attributes,
             content_type,
+            fault_control_headers,
             debug,
         })
     }

@@ -380,7 +380,7 @@ impl HttpContext for Stream {
         let decision = engine.on_request(&mut view, now, &HostStore, &HostMetrics);
         drop(view);
         self.state = Some(decision.stream);
-        for header in decision.strip_headers {
+        for header in decision.strip_headers.names() {
             abi::remove_request_header(header);
         }
         if let Some(retry) = decision.retry {
