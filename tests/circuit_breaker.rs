@@ -657,3 +657,63 @@ fn threads_hammering_a_half_open_breaker_admit_exactly_the_probe_count() {
     let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(admitted, 2);
 }
+
+fn breaker_config(open_for: &str) -> String {
+    format!(
+        r#"{{"circuit_breakers": {{"payments": {{"key": "route", "open_when": {{"consecutive_failures": 3}},
+                                               "open_for": "{open_for}", "max_open_for": "{open_for}"}}}},
+            "routes": [{{"name": "api", "circuit_breaker": "payments"}}]}}"#
+    )
+}
+
+/// Issue 14, point 4: an open period is counted from a stored time, so a reload to a shorter
+/// `open_for` kept the old one, and a clock that stepped back stretched it by the step. The
+/// record now counts for no more than this config gives its trips, from now at the latest.
+#[test]
+fn an_open_period_is_never_longer_than_the_current_config_and_clock_allow() {
+    // A reload: open for an hour, reloaded as open for a second.
+    let store = FakeStore::new();
+    let mut slow = Worker::new(&breaker_config("1h"), &store);
+    for _ in 0..3 {
+        assert_eq!(slow.call(get("/"), T0, &store, 503), Seen::Upstream);
+    }
+    let Err(Seen::Refused { retry_after, .. }) = slow.start(get("/"), T0, &store) else {
+        panic!("open");
+    };
+    assert_eq!(retry_after, Some(3600));
+    let mut fast = Worker::new(&breaker_config("1s"), &store);
+    let Err(Seen::Refused { retry_after, .. }) = fast.start(get("/"), T0 + MS, &store) else {
+        panic!("still open right after the reload");
+    };
+    assert_eq!(
+        retry_after,
+        Some(1),
+        "the new open period, not the old hour"
+    );
+    assert_eq!(
+        fast.call(get("/"), T0 + MS + 1_000 * MS, &store, 200),
+        Seen::Upstream,
+        "a second later the probe goes through"
+    );
+    assert_eq!(
+        fast.call(get("/"), T0 + 1_100 * MS, &store, 200),
+        Seen::Upstream
+    );
+
+    // A clock step: opened under a clock an hour ahead, read after it stepped back.
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&breaker_config("2s"), &store);
+    let later = T0 + 3_600 * 1_000 * MS;
+    for _ in 0..3 {
+        assert_eq!(worker.call(get("/"), later, &store, 503), Seen::Upstream);
+    }
+    let Err(Seen::Refused { retry_after, .. }) = worker.start(get("/"), T0, &store) else {
+        panic!("open");
+    };
+    assert!(retry_after.is_some_and(|s| s <= 2), "{retry_after:?}");
+    assert_eq!(
+        worker.call(get("/"), T0 + 2_000 * MS, &store, 200),
+        Seen::Upstream,
+        "the open period ends two seconds after the step, not an hour"
+    );
+}

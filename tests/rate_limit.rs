@@ -492,3 +492,62 @@ proptest! {
         }
     }
 }
+
+/// The `Retry-After` a refused request gets, in seconds; `None` when it is admitted.
+fn retry_after(worker: &mut Worker, now: u64, store: &FakeStore) -> Option<u64> {
+    match worker.send(get("/"), now, store).verdict {
+        Verdict::Reply(reply) => Some(reply.retry_after_seconds().unwrap_or(0)),
+        _ => None,
+    }
+}
+
+/// Issue 14, point 4: reloading `10/h burst 10` as `1000/s burst 1000` under the same names kept
+/// the exhausted bucket's arrival time an hour ahead, so every request was refused with
+/// `Retry-After` ≈ 3599 s. The stored time now counts for no more than the new limit allows: an
+/// empty bucket, refilling at the new rate.
+#[test]
+fn a_reload_to_a_faster_limit_never_locks_clients_out() {
+    let store = FakeStore::new();
+    let slow = r#"{"rate_limits": {"quota": {"rate": "10/h", "burst": 10}},
+                   "routes": [{"name": "all", "rate_limits": ["quota"]}]}"#;
+    let fast = r#"{"rate_limits": {"quota": {"rate": "1000/s", "burst": 1000}},
+                   "routes": [{"name": "all", "rate_limits": ["quota"]}]}"#;
+    let mut before = Worker::new(slow, &store);
+    for _ in 0..10 {
+        assert_eq!(retry_after(&mut before, T0, &store), None);
+    }
+    assert!(retry_after(&mut before, T0, &store).unwrap() > 300);
+    let mut after = Worker::new(fast, &store);
+    // The old hour of debt counts as an empty bucket of the new limit: refused for at most
+    // one interval of the new rate (1 ms), then refilling at 1000/s.
+    let at = T0 + SECOND / 100;
+    let refused = retry_after(&mut after, at, &store);
+    assert!(refused.is_some_and(|seconds| seconds <= 1), "{refused:?}");
+    assert_eq!(retry_after(&mut after, at + SECOND / 1000, &store), None);
+    // Two seconds later the new bucket is full again: 1000 at once.
+    let full = (0..1001)
+        .filter(|_| retry_after(&mut after, at + 2 * SECOND, &store).is_none())
+        .count();
+    assert_eq!(full, 1000);
+}
+
+/// Issue 14, point 4: if the real-time clock stepped back, every bucket refused for the length of
+/// the step. Now a bucket written under the later clock counts as empty, and refills at its rate.
+#[test]
+fn a_clock_step_back_never_refuses_for_the_step() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(GLOBAL, &store);
+    let later = T0 + 3_600 * SECOND;
+    for _ in 0..10 {
+        assert_eq!(retry_after(&mut worker, later, &store), None);
+    }
+    assert!(retry_after(&mut worker, later, &store).is_some());
+    // The clock steps back an hour: the bucket is empty, not an hour in debt. 100/s refills one
+    // token every 10 ms.
+    assert!(retry_after(&mut worker, T0, &store).unwrap() <= 1);
+    assert_eq!(retry_after(&mut worker, T0 + SECOND / 100, &store), None);
+    let admitted = (0..20)
+        .filter(|_| retry_after(&mut worker, T0 + SECOND, &store).is_none())
+        .count();
+    assert_eq!(admitted, 10, "a second later the burst is back");
+}

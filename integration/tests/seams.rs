@@ -5,7 +5,7 @@
 use seawall_integration::client::{Client, Request};
 use std::time::{Duration, Instant};
 
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, RouteSpec, Upstream};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, LdsOutcome, RouteSpec, Upstream};
 
 const STEERED: &str = r#"{
     "debug": {"route_header": true},
@@ -266,4 +266,70 @@ fn fault_control_headers_and_the_secret_never_reach_the_upstream() {
     let stats = envoy.stats();
     assert_eq!(stats.seawall("seawall.fault.expired.inactive"), 20);
     eprintln!("[seams] 60 requests with fault controls and the secret: the upstream saw none of those headers");
+}
+
+/// Point 4: after a push from `10/h` to `1000/s` under the same names, every request was refused
+/// for 2 s with `Retry-After: 719`: the exhausted bucket's arrival time, an hour ahead under the
+/// old rate, was read as debt under the new one. Now it counts as an empty bucket of the new limit.
+#[test]
+fn a_reload_to_a_faster_limit_does_not_lock_clients_out() {
+    let upstream = Upstream::start();
+    let slow = r#"{"rate_limits": {"quota": {"rate": "10/h", "burst": 10}},
+                   "routes": [{"name": "all", "rate_limits": ["quota"]}]}"#;
+    let fast = r#"{"rate_limits": {"quota": {"rate": "1000/s", "burst": 1000}},
+                   "routes": [{"name": "all", "rate_limits": ["quota"]}]}"#;
+    let mut envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .xds_from_files(true)
+            .seawall(slow),
+    );
+    let mut client = Client::connect(envoy.listener_addr());
+    let statuses: Vec<u16> = (0..12)
+        .map(|_| client.send(&Request::get("/")).unwrap().status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    let refused = client.send(&Request::get("/")).unwrap();
+    assert!(refused.header_u64("retry-after").is_some_and(|s| s > 300));
+    drop(client);
+    assert_eq!(
+        envoy.push_listener(&envoy.config().seawall(fast)),
+        LdsOutcome::Accepted
+    );
+    // The first request under the new limit finds the old hour of debt, which now counts as an
+    // empty bucket of the new limit: refused for at most one interval (Retry-After rounds up to
+    // 1 s), never for the hour.
+    let mut client = Client::connect(envoy.listener_addr());
+    let first = client.send(&Request::get("/")).unwrap();
+    assert!(
+        first.status == 200 || first.header_u64("retry-after").is_some_and(|s| s <= 1),
+        "{} with Retry-After {:?}",
+        first.status,
+        first.header("retry-after")
+    );
+    drop(client);
+    // It refills at 1000 tokens a second: 200 ms later, 100 requests are well within it.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = upstream.total();
+    let mut client = Client::connect(envoy.listener_addr());
+    let mut longest_retry_after = 0;
+    let mut admitted = 0;
+    for _ in 0..100 {
+        let response = client.send(&Request::get("/")).unwrap();
+        if response.status == 200 {
+            admitted += 1;
+        } else {
+            longest_retry_after =
+                longest_retry_after.max(response.header_u64("retry-after").unwrap_or(u64::MAX));
+        }
+    }
+    eprintln!(
+        "[seams] after the reload: {admitted} of 100 admitted, longest Retry-After {longest_retry_after} s"
+    );
+    assert_eq!(admitted, 100);
+    assert_eq!(upstream.total() - before, 100, "the upstream saw them");
 }

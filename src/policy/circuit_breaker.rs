@@ -322,6 +322,16 @@ impl Breaker {
     /// Decides for a request at `now`. Returns the admission and, when the record must change, the
     /// new record.
     pub fn admit(&self, state: &BreakerState, now: u64) -> (Admission, Option<Change>) {
+        if let Some(clamped) = self.clamped(state, now) {
+            // The record was written under another clock (stepped back since) or another config
+            // (a shorter open period now): decide on what this one allows, and keep that.
+            let (admission, change) = self.admit(&clamped, now);
+            let change = change.or(Some(Change {
+                state: clamped,
+                transition: None,
+            }));
+            return (admission, change);
+        }
         match state.circuit {
             Circuit::Closed { .. } => (Admission::Pass, None),
             Circuit::Open { until } if now < until => (
@@ -367,6 +377,38 @@ impl Breaker {
                 }
             }
         }
+    }
+
+    /// The record with its times brought within what this config and clock allow: an open period
+    /// no longer than this config gives the record's trips, counted from now at the latest, and
+    /// no half-open episode or closed spell that starts after now. `None`: already within.
+    fn clamped(&self, state: &BreakerState, now: u64) -> Option<BreakerState> {
+        let circuit = match state.circuit {
+            Circuit::Open { until } => {
+                let latest = now.saturating_add(nanos(self.open_period(state.trips)));
+                (until > latest).then_some(Circuit::Open { until: latest })?
+            }
+            Circuit::HalfOpen {
+                since,
+                in_flight,
+                successes,
+            } if since > now => Circuit::HalfOpen {
+                since: now,
+                in_flight,
+                successes,
+            },
+            Circuit::Closed {
+                since,
+                consecutive_failures,
+                window,
+            } if since > now => Circuit::Closed {
+                since: now,
+                consecutive_failures,
+                window,
+            },
+            _ => return None,
+        };
+        Some(BreakerState { circuit, ..*state })
     }
 
     /// How long a half-open episode may wait for its probes before it assumes they are lost (a

@@ -90,7 +90,7 @@ impl Gcra {
     /// Decides for a request arriving at `now` (nanoseconds) on a bucket whose theoretical arrival
     /// time is `tat` (`None`: a fresh, full bucket).
     pub fn decide(&self, tat: Option<u64>, now: u64) -> GcraDecision {
-        let tat = tat.unwrap_or(0).max(now);
+        let tat = self.clamp(tat, now);
         let new_tat = tat.saturating_add(self.interval);
         let ahead = new_tat - now;
         if ahead <= self.tolerance {
@@ -106,6 +106,15 @@ impl Gcra {
                 full_in: Duration::from_nanos(tat - now),
             }
         }
+    }
+
+    /// The arrival time as this limit reads it at `now`: never before now (a bucket is full at
+    /// most), and never more than the tolerance ahead. This limit never writes a time further
+    /// ahead; one that is was written under a slower config (a reload) or a later clock (it has
+    /// stepped back since), and counts as an empty bucket, never as hours of debt.
+    pub fn clamp(&self, tat: Option<u64>, now: u64) -> u64 {
+        tat.unwrap_or(0)
+            .clamp(now, now.saturating_add(self.tolerance))
     }
 
     /// Gives back one token taken at any time: the arrival time moves one interval earlier. A
@@ -246,16 +255,23 @@ pub fn acquire<S: SharedStore + ?Sized>(
     key: &str,
     now: u64,
 ) -> (Acquired, u32) {
-    let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| match gcra
-        .decide(tat.map(|t| t.0), now)
-    {
-        GcraDecision::Allow {
-            new_tat,
-            remaining,
-            full_in,
-        } => Step::Write(Tat(new_tat), Acquired::Allowed { remaining, full_in }),
-        GcraDecision::Deny { retry_in, full_in } => {
-            Step::Keep(Acquired::Limited { retry_in, full_in })
+    let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| {
+        let stored = tat.map(|t| t.0);
+        match gcra.decide(stored, now) {
+            GcraDecision::Allow {
+                new_tat,
+                remaining,
+                full_in,
+            } => Step::Write(Tat(new_tat), Acquired::Allowed { remaining, full_in }),
+            GcraDecision::Deny { retry_in, full_in } => {
+                let limited = Acquired::Limited { retry_in, full_in };
+                // A time clamped on reading is written back, so the bucket refills from there
+                // rather than from a point that moves with now.
+                match gcra.clamp(stored, now) {
+                    clamped if Some(clamped) != stored => Step::Write(Tat(clamped), limited),
+                    _ => Step::Keep(limited),
+                }
+            }
         }
     });
     match outcome {
