@@ -222,6 +222,8 @@ pub struct RetryHeaders<'a> {
 pub struct FaultState {
     /// Positions holding an active-fault slot (and the `active` gauge) until the stream ends.
     pub holding: u8,
+    /// The epoch its `max_active` slots were taken in (all at one instant).
+    pub slot_epoch: u32,
     /// An abort to send when the delay is over (or at once without one): position and status.
     pub abort: Option<(u8, u16)>,
     /// The position whose response fault replaces the upstream's answer.
@@ -605,7 +607,7 @@ impl Engine {
         }
         for policy in &self.config.faults {
             if policy.max_active.is_some() {
-                created += usize::from(ensure(store, &policy.active_key, &Active(0))?);
+                created += usize::from(ensure(store, &policy.active_key, &Active::default())?);
             }
         }
         created += self.prepare_degradation_state(store)?;
@@ -1003,12 +1005,13 @@ impl Engine {
                 continue;
             }
             if let Some(max_active) = policy.max_active {
-                let (slot, races) = chaos::take_slot(store, &policy.active_key, max_active);
+                let (slot, races) =
+                    chaos::take_slot(store, &policy.active_key, max_active, now.as_nanos());
                 if races > 0 {
                     metrics.increment(counters.cas_retries, i64::from(races));
                 }
                 match slot {
-                    Slot::Taken => {}
+                    Slot::Taken { epoch } => stream.faults.slot_epoch = epoch,
                     Slot::Full => {
                         metrics.increment(counters.overflow, 1);
                         continue;
@@ -1369,7 +1372,7 @@ impl Engine {
         let Some(route) = stream.route.and_then(|index| self.config.routes.get(index)) else {
             return;
         };
-        self.release_faults(route, stream.faults.holding, store, metrics);
+        self.release_faults(route, &stream.faults, now, store, metrics);
         self.note_outcome(route, stream, facts);
         let Some(ticket) = stream.breaker else {
             return;
@@ -1402,12 +1405,13 @@ impl Engine {
     fn release_faults(
         &self,
         route: &Route,
-        holding: u8,
+        faults: &FaultState,
+        now: Timestamp,
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) {
         for (position, &index) in route.policies.faults.iter().enumerate().take(8) {
-            if holding & (1 << position) == 0 {
+            if faults.holding & (1 << position) == 0 {
                 continue;
             }
             let (Some(policy), Some(runtime)) =
@@ -1418,12 +1422,18 @@ impl Engine {
             let counters = &runtime.metrics;
             metrics.increment(counters.active, -1);
             if policy.max_active.is_some() {
-                match chaos::give_back_slot(store, &policy.active_key) {
+                match chaos::give_back_slot(
+                    store,
+                    &policy.active_key,
+                    faults.slot_epoch,
+                    now.as_nanos(),
+                ) {
                     Ok(races) if races > 0 => {
                         metrics.increment(counters.cas_retries, i64::from(races))
                     }
                     Ok(_) => {}
-                    // The cap stays stricter until the count is corrected by a reload.
+                    // The cap stays stricter until the slot's epoch is written off (at most
+                    // two `SLOT_EPOCH`s after it was taken).
                     Err(UpdateError::Exhausted { .. }) => {
                         metrics.increment(counters.cas_exhausted, 1)
                     }

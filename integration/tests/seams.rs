@@ -333,3 +333,76 @@ fn a_reload_to_a_faster_limit_does_not_lock_clients_out() {
     assert_eq!(admitted, 100);
     assert_eq!(upstream.total() - before, 100, "the upstream saw them");
 }
+
+/// Point 9: with `max_active: 1`, a slot that never came back made every later fault count as
+/// overflow. Streams that die mid-way give theirs back: a client that hangs up during its delay,
+/// and an upstream that resets under a response fault.
+#[test]
+fn fault_slots_come_back_however_the_stream_ends() {
+    use std::io::Write;
+    let upstream = Upstream::start();
+    upstream.set_rule(
+        seawall_integration::Match::PathPrefix("/reset".into()),
+        Behaviour::ok().resetting(),
+    );
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{
+                    "faults": {
+                        "slow": {"delay": {"fixed": "2s", "percent": 100}, "max_active": 1},
+                        "late": {"response": {"status": 418, "percent": 100}, "max_active": 1}
+                    },
+                    "routes": [
+                        {"name": "slow", "match": {"path": {"prefix": "/slow"}}, "faults": ["slow"]},
+                        {"name": "reset", "match": {"path": {"prefix": "/reset"}}, "faults": ["late"]}
+                    ]
+                }"#,
+            ),
+    );
+    let gauge = |name: &str| format!("wasmcustom.seawall.fault.{name}.active");
+    // A client hangs up while its request is held by the delay.
+    for _ in 0..3 {
+        let mut socket = std::net::TcpStream::connect(envoy.listener_addr()).unwrap();
+        socket
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: seawall\r\n\r\n")
+            .unwrap();
+        assert_eq!(
+            envoy.wait_for_stat(&gauge("slow"), Duration::from_secs(10), |v| v == 1),
+            1,
+            "the delay holds the slot"
+        );
+        drop(socket);
+        assert_eq!(
+            envoy.wait_for_stat(&gauge("slow"), Duration::from_secs(10), |v| v == 0),
+            0,
+            "the hung-up stream gave its slot back"
+        );
+    }
+    // The upstream resets under a response fault.
+    let mut client = Client::connect(envoy.listener_addr());
+    for _ in 0..3 {
+        let response = client.send(&Request::get("/reset"));
+        if response.is_err() {
+            client = Client::connect(envoy.listener_addr());
+        }
+        assert_eq!(
+            envoy.wait_for_stat(&gauge("late"), Duration::from_secs(10), |v| v == 0),
+            0,
+            "the reset stream gave its slot back"
+        );
+    }
+    let stats = envoy.stats();
+    eprintln!(
+        "[seams] max_active 1: {} delays and {} response faults over streams that died, {} overflows",
+        stats.seawall("seawall.fault.slow.delays"),
+        stats.seawall("seawall.fault.late.response_faults"),
+        stats.seawall("seawall.fault.slow.overflow") + stats.seawall("seawall.fault.late.overflow")
+    );
+    assert_eq!(stats.seawall("seawall.fault.slow.delays"), 3);
+    assert_eq!(stats.seawall("seawall.fault.slow.overflow"), 0);
+    assert_eq!(stats.seawall("seawall.fault.late.overflow"), 0);
+    assert_eq!(upstream.count_path("/slow"), 0, "hung-up requests never went upstream");
+    assert_eq!(upstream.count_path("/reset"), 3);
+}

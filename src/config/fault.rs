@@ -283,6 +283,18 @@ pub fn compile(
             "expected at least 1, got 0 (use \"enabled\": false to stop the experiment)",
         ));
     }
+    if let Some(max_active) = raw
+        .max_active
+        .filter(|&n| n > crate::policy::fault::MAX_ACTIVE)
+    {
+        errors.push(ConfigError::invalid(
+            child(path, "max_active"),
+            format!(
+                "expected at most {}, got {max_active}",
+                crate::policy::fault::MAX_ACTIVE
+            ),
+        ));
+    }
     let window = match &raw.active_between {
         None => TimeBox::default(),
         Some(between) => {

@@ -186,44 +186,106 @@ fn trim(value: &[u8]) -> &[u8] {
     &value[start..end]
 }
 
-/// The number of requests with an active fault of one policy, in shared data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Active(pub u64);
+/// How long a taken slot counts at least: slots are counted per epoch of this length, and a slot
+/// still held when its epoch is two behind is written off. So a slot whose stream never reported
+/// its end (a VM torn down, a release that lost every CAS race) comes back within two epochs.
+pub const SLOT_EPOCH: Duration = Duration::from_secs(60);
+
+fn epoch_of(now: u64) -> u32 {
+    let length = u64::try_from(SLOT_EPOCH.as_nanos()).unwrap_or(u64::MAX);
+    u32::try_from(now / length).unwrap_or(u32::MAX)
+}
+
+/// The active faults of one policy, in shared data: the slots taken in the current epoch and in
+/// the one before, still held. Older slots no longer count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Active {
+    pub epoch: u32,
+    pub current: u16,
+    pub previous: u16,
+}
+
+impl Active {
+    /// The record as seen from `epoch`: moved on by whole epochs, forgetting what is two behind.
+    /// A record from a later epoch (the clock stepped back) keeps its counts.
+    fn at(self, epoch: u32) -> Active {
+        match epoch.checked_sub(self.epoch) {
+            Some(0) | None => Active { epoch, ..self },
+            Some(1) => Active {
+                epoch,
+                current: 0,
+                previous: self.current,
+            },
+            Some(_) => Active {
+                epoch,
+                ..Active::default()
+            },
+        }
+    }
+
+    pub fn held(&self) -> u32 {
+        u32::from(self.current) + u32::from(self.previous)
+    }
+}
 
 impl Record<8> for Active {
     fn encode(&self) -> [u8; 8] {
-        self.0.to_le_bytes()
+        let mut out = [0u8; 8];
+        out[0..4].copy_from_slice(&self.epoch.to_le_bytes());
+        out[4..6].copy_from_slice(&self.current.to_le_bytes());
+        out[6..8].copy_from_slice(&self.previous.to_le_bytes());
+        out
     }
 
     fn decode(bytes: &[u8; 8]) -> Self {
-        Active(u64::from_le_bytes(*bytes))
+        Active {
+            epoch: u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            current: u16::from_le_bytes([bytes[4], bytes[5]]),
+            previous: u16::from_le_bytes([bytes[6], bytes[7]]),
+        }
     }
 }
+
+/// The most `max_active` can be: what one epoch's count holds.
+pub const MAX_ACTIVE: u64 = u16::MAX as u64;
 
 /// Whether an active-fault slot was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
-    Taken,
+    /// Taken in this epoch: the stream gives it back with it.
+    Taken {
+        epoch: u32,
+    },
     /// `max_active` faults are already active: this request gets none.
     Full,
     Failed(UpdateError),
 }
 
-/// Takes a slot under `max_active`: one read and, when a slot is free, one conditional write.
-/// Returns the outcome and the CAS races lost.
-pub fn take_slot<S: SharedStore + ?Sized>(store: &S, key: &str, max_active: u64) -> (Slot, u32) {
+/// Takes a slot under `max_active` at `now`: one read and, when a slot is free, one conditional
+/// write. Returns the outcome and the CAS races lost.
+pub fn take_slot<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    max_active: u64,
+    now: u64,
+) -> (Slot, u32) {
+    let epoch = epoch_of(now);
     let result = cas::update(store, key, MAX_CAS_ATTEMPTS, |active: Option<Active>| {
-        let active = active.map_or(0, |a| a.0);
-        if active >= max_active {
+        let active = active.unwrap_or_default().at(epoch);
+        if u64::from(active.held()) >= max_active.min(MAX_ACTIVE) {
             Step::Keep(false)
         } else {
-            Step::Write(Active(active + 1), true)
+            let taken = Active {
+                current: active.current.saturating_add(1),
+                ..active
+            };
+            Step::Write(taken, true)
         }
     });
     match result {
         Ok(updated) => {
             let slot = if updated.value {
-                Slot::Taken
+                Slot::Taken { epoch }
             } else {
                 Slot::Full
             };
@@ -239,17 +301,30 @@ pub fn take_slot<S: SharedStore + ?Sized>(store: &S, key: &str, max_active: u64)
     }
 }
 
-/// Gives a slot back when the stream that held it ends.
-pub fn give_back_slot<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<u32, UpdateError> {
-    cas::update(
-        store,
-        key,
-        MAX_CAS_ATTEMPTS,
-        |active: Option<Active>| match active {
-            Some(Active(count)) if count > 0 => Step::Write(Active(count - 1), ()),
-            _ => Step::Keep(()),
-        },
-    )
+/// Gives back a slot taken in `taken` when the stream that held it ends, at `now`. A slot whose
+/// epoch has been written off is not given back twice.
+pub fn give_back_slot<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    taken: u32,
+    now: u64,
+) -> Result<u32, UpdateError> {
+    let epoch = epoch_of(now).max(taken);
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |active: Option<Active>| {
+        let active = active.unwrap_or_default().at(epoch);
+        let released = match epoch - taken {
+            0 if active.current > 0 => Active {
+                current: active.current - 1,
+                ..active
+            },
+            1 if active.previous > 0 => Active {
+                previous: active.previous - 1,
+                ..active
+            },
+            _ => return Step::Keep(()),
+        };
+        Step::Write(released, ())
+    })
     .map(|updated| updated.attempts - 1)
 }
 
@@ -448,21 +523,56 @@ mod tests {
     #[test]
     fn slots_are_capped_and_given_back() {
         let store = FakeStore::new();
-        ensure(&store, "active", &Active(0)).unwrap();
-        assert_eq!(take_slot(&store, "active", 2).0, Slot::Taken);
-        assert_eq!(take_slot(&store, "active", 2).0, Slot::Taken);
-        assert_eq!(take_slot(&store, "active", 2).0, Slot::Full);
-        give_back_slot(&store, "active").unwrap();
-        assert_eq!(take_slot(&store, "active", 2).0, Slot::Taken);
+        let now = 1_800_000_000 * 1_000_000_000u64;
+        ensure(&store, "active", &Active::default()).unwrap();
+        let Slot::Taken { epoch } = take_slot(&store, "active", 2, now).0 else {
+            panic!("a slot is free");
+        };
+        assert!(matches!(
+            take_slot(&store, "active", 2, now).0,
+            Slot::Taken { .. }
+        ));
+        assert_eq!(take_slot(&store, "active", 2, now).0, Slot::Full);
+        give_back_slot(&store, "active", epoch, now).unwrap();
+        assert!(matches!(
+            take_slot(&store, "active", 2, now).0,
+            Slot::Taken { .. }
+        ));
         for _ in 0..5 {
-            give_back_slot(&store, "active").unwrap();
+            give_back_slot(&store, "active", epoch, now).unwrap();
         }
-        assert_eq!(
-            cas::read::<8, Active, _>(&store, "active")
-                .unwrap()
-                .map(|(a, _)| a),
-            Some(Active(0)),
-            "giving back never goes below zero"
-        );
+        let held = cas::read::<8, Active, _>(&store, "active")
+            .unwrap()
+            .map(|(a, _)| a.held());
+        assert_eq!(held, Some(0), "giving back never goes below zero");
+    }
+
+    /// Issue 14, point 9: a slot whose stream never gave it back (a VM torn down, a release that
+    /// lost every CAS race) was lost for good; with `max_active: 1`, every later fault counted as
+    /// overflow. Now it is written off two epochs after it was taken.
+    #[test]
+    fn a_slot_never_given_back_is_written_off_within_two_epochs() {
+        let store = FakeStore::new();
+        let epoch = u64::try_from(SLOT_EPOCH.as_nanos()).unwrap();
+        let now = 1_800_000_000 * 1_000_000_000u64;
+        assert!(matches!(
+            take_slot(&store, "active", 1, now).0,
+            Slot::Taken { .. }
+        ));
+        assert_eq!(take_slot(&store, "active", 1, now).0, Slot::Full);
+        assert_eq!(take_slot(&store, "active", 1, now + epoch).0, Slot::Full);
+        let later = now + 2 * epoch;
+        let Slot::Taken { epoch: taken } = take_slot(&store, "active", 1, later).0 else {
+            panic!("the leaked slot is written off two epochs on");
+        };
+        // A late give-back of the written-off slot does not free the one taken since.
+        give_back_slot(&store, "active", epoch_of(now), later).unwrap();
+        assert_eq!(take_slot(&store, "active", 1, later).0, Slot::Full);
+        // A slot given back in the next epoch comes out of the count it was taken in.
+        give_back_slot(&store, "active", taken, later + epoch).unwrap();
+        assert!(matches!(
+            take_slot(&store, "active", 1, later + epoch).0,
+            Slot::Taken { .. }
+        ));
     }
 }
