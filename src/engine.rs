@@ -1249,13 +1249,13 @@ impl Engine {
         };
         // Reading content-type now is one header read; asking Envoy for the gRPC status of every
         // response would be a property read each (the dearest kind of host call).
-        let grpc = matches!(admission, Admission::Pass | Admission::Probe { .. })
+        let grpc = matches!(admission, Admission::Pass { .. } | Admission::Probe { .. })
             && policy.classifier.grpc_codes != 0
             && self.is_grpc(request);
         match admission {
-            Admission::Pass => Ok(Some(BreakerTicket {
+            Admission::Pass { generation } => Ok(Some(BreakerTicket {
                 at,
-                role: Role::Counted,
+                role: Role::Counted { generation },
                 grpc,
             })),
             Admission::Probe { generation } => {

@@ -717,3 +717,53 @@ fn an_open_period_is_never_longer_than_the_current_config_and_clock_allow() {
         "the open period ends two seconds after the step, not an hour"
     );
 }
+
+/// Issue 14, point 3: ordinary calls carried no breaker generation. With a hung upstream, a 15 s
+/// route timeout and `open_for: 5s`, the breaker half-opened, its probe succeeded and it closed at
+/// about 6 s; then the timeouts of calls admitted before the trip landed in the new window,
+/// reopened it as a repeat trip, and doubled the open period.
+#[test]
+fn calls_admitted_before_a_trip_do_not_count_after_the_close() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        r#"{"circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                              "open_for": "5s", "half_open_probes": 1}},
+            "routes": [{"name": "api", "circuit_breaker": "payments"}]}"#,
+        &store,
+    );
+    // Ten calls go out to an upstream that hangs.
+    let hung: Vec<StreamState> = (0..10)
+        .map(|n| worker.start(get("/"), T0 + n, &store).unwrap())
+        .collect();
+    // Three fast failures trip the breaker.
+    for n in 0..3 {
+        assert_eq!(
+            worker.call(get("/"), T0 + MS + n, &store, 503),
+            Seen::Upstream
+        );
+    }
+    assert!(worker.start(get("/"), T0 + 2 * MS, &store).is_err(), "open");
+    // Five seconds on, the probe succeeds and the breaker closes.
+    assert_eq!(
+        worker.call(get("/"), T0 + 5_100 * MS, &store, 200),
+        Seen::Upstream
+    );
+    assert_eq!(worker.metric("payments.closed"), 1);
+    // The hung calls time out at 15 s: they were admitted before the trip.
+    for stream in hung {
+        worker.end(
+            stream,
+            15 * SECOND,
+            Ended::status(504),
+            T0 + 15 * SECOND,
+            &store,
+        );
+    }
+    assert_eq!(
+        worker.call(get("/"), T0 + 15 * SECOND + MS, &store, 200),
+        Seen::Upstream,
+        "the breaker stays closed"
+    );
+    assert_eq!(worker.metric("payments.opened"), 1);
+    assert_eq!(worker.metric("payments.reopened"), 0);
+}

@@ -403,6 +403,106 @@ fn fault_slots_come_back_however_the_stream_ends() {
     assert_eq!(stats.seawall("seawall.fault.slow.delays"), 3);
     assert_eq!(stats.seawall("seawall.fault.slow.overflow"), 0);
     assert_eq!(stats.seawall("seawall.fault.late.overflow"), 0);
-    assert_eq!(upstream.count_path("/slow"), 0, "hung-up requests never went upstream");
+    assert_eq!(
+        upstream.count_path("/slow"),
+        0,
+        "hung-up requests never went upstream"
+    );
     assert_eq!(upstream.count_path("/reset"), 3);
+}
+
+/// Point 3: calls admitted before a trip carried no generation. Their late timeouts landed in the
+/// window of the close that followed the probe, reopened the breaker as a repeat trip and doubled
+/// its open period. Here the upstream hangs on `/hang` past a 4 s route timeout while the breaker
+/// trips, half-opens after 1 s and closes; the timeouts that land afterwards are ignored.
+#[test]
+fn timeouts_of_calls_admitted_before_a_trip_do_not_reopen_the_closed_breaker() {
+    let upstream = Upstream::start();
+    upstream.set_rule(
+        seawall_integration::Match::PathPrefix("/hang".into()),
+        Behaviour::ok().delay(Duration::from_secs(30)),
+    );
+    upstream.set_rule(
+        seawall_integration::Match::PathPrefix("/fail".into()),
+        Behaviour::ok().status(503),
+    );
+    let mut route = RouteSpec::prefix("default", "/", "upstream");
+    route.route_extra = Some("timeout: 4s".into());
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .concurrency(2)
+            .cluster("upstream", upstream.addr())
+            .route(route)
+            .seawall(
+                r#"{"circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
+                                                      "open_for": "1s", "half_open_probes": 1}},
+                    "routes": [{"name": "api", "circuit_breaker": "payments"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    let hung: Vec<_> = (0..5)
+        .map(|_| {
+            std::thread::spawn(move || {
+                Client::connect(addr)
+                    .send(&Request::get("/hang"))
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.count_path("/hang") < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the hung calls reach the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = Client::connect(addr);
+    for _ in 0..3 {
+        assert_eq!(client.send(&Request::get("/fail")).unwrap().status, 503);
+    }
+    let stat = |name: &str| format!("wasmcustom.seawall.circuit_breaker.payments.{name}");
+    assert_eq!(envoy.stats().get(&stat("opened")), Some(1));
+    // The probe goes through once the open period is over, and closes the breaker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client.send(&Request::get("/ok")).unwrap();
+        if response.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker never let a probe through"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(envoy.stats().get(&stat("closed")), Some(1));
+    assert!(
+        hung.iter().all(|h| !h.is_finished()),
+        "the hung calls are still in flight when the breaker closes"
+    );
+    for call in hung {
+        assert_eq!(
+            call.join().unwrap().unwrap(),
+            504,
+            "the route timeout answers"
+        );
+    }
+    // Their timeouts came after the close and belong to the generation before the trip.
+    for n in 0..10 {
+        assert_eq!(
+            client.send(&Request::get("/ok")).unwrap().status,
+            200,
+            "request {n}"
+        );
+    }
+    let stats = envoy.stats();
+    eprintln!(
+        "[seams] hung calls ended after the close: opened {}, reopened {}, closed {}",
+        stats.get(&stat("opened")).unwrap_or(0),
+        stats.get(&stat("reopened")).unwrap_or(0),
+        stats.get(&stat("closed")).unwrap_or(0)
+    );
+    assert_eq!(stats.get(&stat("opened")), Some(1), "no second trip");
+    assert_eq!(upstream.count_path("/ok"), 11);
 }

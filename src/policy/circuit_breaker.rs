@@ -263,8 +263,9 @@ pub struct Breaker {
 /// What the request path decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Closed: the request goes through and its outcome is counted.
-    Pass,
+    /// Closed: the request goes through and its outcome is counted, while the record is still
+    /// at `generation`.
+    Pass { generation: u32 },
     /// Half-open: the request is one of the probes of episode `generation`.
     Probe { generation: u32 },
     /// Open, or half-open with every probe slot taken.
@@ -303,8 +304,14 @@ pub enum Outcome {
 /// A request's part in the breaker, carried from its admission to its outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Counted,
-    Probe { generation: u32 },
+    /// Admitted while closed at `generation`: its outcome counts only while the record is still
+    /// there, so a call admitted before a trip cannot land in the window of a later close.
+    Counted {
+        generation: u32,
+    },
+    Probe {
+        generation: u32,
+    },
 }
 
 /// What the state machine wants done with the record.
@@ -333,7 +340,12 @@ impl Breaker {
             return (admission, change);
         }
         match state.circuit {
-            Circuit::Closed { .. } => (Admission::Pass, None),
+            Circuit::Closed { .. } => (
+                Admission::Pass {
+                    generation: state.generation,
+                },
+                None,
+            ),
             Circuit::Open { until } if now < until => (
                 Admission::Reject {
                     retry_after: Duration::from_nanos(until - now),
@@ -453,13 +465,13 @@ impl Breaker {
     ) -> Option<Change> {
         match (role, state.circuit) {
             (
-                Role::Counted,
+                Role::Counted { generation },
                 Circuit::Closed {
                     since,
                     consecutive_failures,
                     mut window,
                 },
-            ) => {
+            ) if generation == state.generation => {
                 let Outcome::Completed { failed, slow } = outcome else {
                     return None;
                 };
@@ -692,7 +704,8 @@ pub fn admit<S: SharedStore + ?Sized>(
                             window: Window::starting(epoch),
                         },
                     };
-                    return Step::Write(claimed, Some((Admission::Pass, None)));
+                    let generation = claimed.generation;
+                    return Step::Write(claimed, Some((Admission::Pass { generation }, None)));
                 }
                 match breaker.admit(&state, now) {
                     (admission, None) => Step::Keep(Some((admission, None))),
