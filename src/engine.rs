@@ -199,6 +199,8 @@ pub struct DegradationTicket {
 pub struct RetryTicket {
     /// Taken from the budget, so the unused part can go back.
     pub reserved: u32,
+    /// When: the unused part goes back to the window bucket it was taken from.
+    pub granted_at: u64,
 }
 
 /// The retry headers to set on a request, overwriting whatever the client sent.
@@ -848,9 +850,15 @@ impl Engine {
             metrics.increment(counters.granted, i64::from(max_retries));
         }
         if policy.budget.is_some() && reserved > 0 {
-            stream.retry = Some(RetryTicket { reserved });
+            stream.retry = Some(RetryTicket {
+                reserved,
+                granted_at: now.as_nanos(),
+            });
         } else if max_retries > 0 {
-            stream.retry = Some(RetryTicket { reserved: 0 });
+            stream.retry = Some(RetryTicket {
+                reserved: 0,
+                granted_at: now.as_nanos(),
+            });
         }
         Some(RetryHeaders {
             max_retries,
@@ -903,9 +911,9 @@ impl Engine {
                 0
             }
         };
-        if policy.budget.is_none() {
+        let Some(budget) = &policy.budget else {
             return;
-        }
+        };
         // The status the host already read for the breaker or degradation, if it did.
         let status = match stream.response_status {
             Some(status) => Some(u64::from(status)),
@@ -923,7 +931,14 @@ impl Engine {
         if unused > 0 {
             metrics.increment(counters.refunded, i64::from(unused));
         }
-        match retry::settle(store, &policy.key, unused, pushed_back_until) {
+        match retry::settle(
+            budget,
+            store,
+            &policy.key,
+            unused,
+            ticket.granted_at,
+            pushed_back_until,
+        ) {
             Ok(races) if races > 0 => metrics.increment(counters.cas_retries, i64::from(races)),
             Ok(_) => {}
             // The grant stays spent: the budget errs strict.

@@ -200,17 +200,22 @@ pub fn take<S: SharedStore + ?Sized>(
     }
 }
 
-/// Settles a request: gives back `unused` retries of its grant and records the upstream's
-/// push-back (`until`, nanoseconds). Writes only when there is something to write.
+/// Settles a granted request: gives back the `unused` part of the grant it took at `granted_at`
+/// (nanoseconds) to the bucket that grant went into, and records the upstream's push-back. A
+/// grant whose bucket has left the window has nothing left to give back: its retries no longer
+/// count against the budget anyway. One read and one conditional write, or nothing at all.
 pub fn settle<S: SharedStore + ?Sized>(
+    budget: &Budget,
     store: &S,
     key: &str,
     unused: u32,
+    granted_at: u64,
     pushed_back_until: Option<u64>,
 ) -> Result<u32, UpdateError> {
     if unused == 0 && pushed_back_until.is_none() {
         return Ok(0);
     }
+    let granted = budget.epoch(granted_at);
     cas::update(
         store,
         key,
@@ -219,20 +224,10 @@ pub fn settle<S: SharedStore + ?Sized>(
             let Some(mut state) = state else {
                 return Step::Keep(());
             };
-            // Refunds come out of the newest buckets first; a grant whose bucket has left the window
-            // has nothing left to refund.
-            let mut left = unused;
-            for step in 0..WINDOW_BUCKETS as u64 {
-                let Some(epoch) = state.epoch.checked_sub(step) else {
-                    break;
-                };
-                let bucket = &mut state.buckets[bucket_index(epoch)];
-                let taken = left.min(bucket.retries);
-                bucket.retries -= taken;
-                left -= taken;
-                if left == 0 {
-                    break;
-                }
+            let in_window = granted <= state.epoch && state.epoch - granted < WINDOW_BUCKETS as u64;
+            if in_window {
+                let bucket = &mut state.buckets[bucket_index(granted)];
+                bucket.retries -= unused.min(bucket.retries);
             }
             if let Some(until) = pushed_back_until {
                 state.pushed_back_until = state.pushed_back_until.max(until);
@@ -271,6 +266,25 @@ mod tests {
             floor: 10,
             bucket_nanos: SECOND,
         }
+    }
+
+    /// Issue 14, point 11: a refund came out of the newest window bucket rather than the grant's.
+    /// Grants of 5 at 0 s and 5 at 9 s, and a refund of the first at 9.5 s: at 10 s the budget
+    /// granted 10 (the refund had emptied the 9 s bucket, and the 0 s one then expired) where it
+    /// should grant 5.
+    #[test]
+    fn a_refund_goes_back_to_the_bucket_its_grant_came_from() {
+        let store = FakeStore::new();
+        let t0 = 1_800_000_000 * SECOND;
+        let granted = |wanted, now| match take(&budget(), &store, "b", wanted, now).0 {
+            Ok(Grant::Granted { retries, .. }) => retries,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(granted(5, t0), 5);
+        assert_eq!(granted(5, t0 + 9 * SECOND), 5);
+        settle(&budget(), &store, "b", 5, t0, None).unwrap();
+        // At 10 s the 0 s bucket leaves the window; the 9 s grant still counts.
+        assert_eq!(granted(10, t0 + 10 * SECOND), 5);
     }
 
     #[test]
@@ -320,7 +334,7 @@ mod tests {
                 short: true
             })
         );
-        settle(&store, "b", 3, None).unwrap();
+        settle(&budget(), &store, "b", 3, now, None).unwrap();
         assert_eq!(
             take(&budget(), &store, "b", 3, now).0,
             Ok(Grant::Granted {
@@ -343,7 +357,7 @@ mod tests {
         let store = FakeStore::new();
         ensure(&store, "b", &BudgetState::empty()).unwrap();
         let now = 1_000 * SECOND;
-        settle(&store, "b", 0, Some(now + 2 * SECOND)).unwrap();
+        settle(&budget(), &store, "b", 0, now, Some(now + 2 * SECOND)).unwrap();
         assert_eq!(
             take(&budget(), &store, "b", 2, now).0,
             Ok(Grant::PushedBack)
