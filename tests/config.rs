@@ -145,7 +145,7 @@ fn a_bad_degradation_policy_names_each_problem_by_its_path() {
     assert_eq!(
         found,
         [
-            "degradation.payments.signals.window: expected a window of at least 100ms, got 50ms",
+            "degradation.payments.signals.window: expected a window of at least 1000ms (one 100ms tick for each of its 10 buckets), got 50ms",
             "degradation.payments.signals.probe.cluster: expected the name of an Envoy cluster",
             r#"degradation.payments.signals.probe.path: expected a path starting with '/', got "healthz""#,
             "degradation.payments.signals.probe.timeout: expected a timeout of at least 1ms and at most the interval (1s), got 2s",
@@ -524,4 +524,54 @@ fn the_readme_policy_examples_compile() {
         checked += 1;
     }
     assert_eq!(checked, 3, "policy examples found");
+}
+
+/// Issue 14, point 13: a 64-byte plugin name with a 64-byte policy name was refused, and the
+/// message named neither field. The longest names the config allows now always fit the keys.
+#[test]
+fn the_longest_names_fit_every_shared_data_key() {
+    let plugin = "p".repeat(64);
+    let policy = "q".repeat(64);
+    let json = format!(
+        r#"{{"name": "{plugin}",
+            "rate_limits": {{"{policy}": {{"rate": "1/s", "burst": 1, "key": [{{"header": "x-user"}}], "max_keys": 100000}}}},
+            "circuit_breakers": {{"{policy}": {{"key": {{"header": "x-user"}}, "max_keys": 100000,
+                                                "open_when": {{"consecutive_failures": 5}}}}}},
+            "routes": [{{"name": "{policy}", "rate_limits": ["{policy}"], "circuit_breaker": "{policy}"}}]}}"#
+    );
+    let compiled = compile(json.as_bytes()).unwrap_or_else(|errors| panic!("{errors}"));
+    let mut metrics = seawall::metrics::FakeMetrics::new();
+    let engine = seawall::engine::Engine::new(compiled, &mut metrics).unwrap();
+    let store = seawall::state::fake::FakeStore::new();
+    assert!(engine.prepare_state(&store).unwrap() > 100_000);
+}
+
+/// Issue 14, point 13: windows shorter than the tick can fill, probe intervals under the tick,
+/// `max_reject: 100` and `max_keys` beyond what Envoy can hold cheaply were accepted.
+#[test]
+fn settings_that_cannot_work_are_refused_with_their_paths() {
+    let found = errors(
+        r#"{"degradation": {"d": {
+              "signals": {"window": "500ms", "probe": {"cluster": "health", "interval": "50ms", "timeout": "10ms"}},
+              "levels": [{"name": "down", "enter": {"probe": "unhealthy"}}],
+              "admission_control": {"window": "100ms"}}},
+            "rate_limits": {"r": {"rate": "1/s", "burst": 1, "key": [{"header": "x-user"}], "max_keys": 100001}}}"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "rate_limits.r.max_keys: expected a number of keys from 1 to 100000, got 100001",
+            "degradation.d.signals.window: expected a window of at least 1000ms (one 100ms tick for each of its 10 buckets), got 500ms",
+            "degradation.d.signals.probe.interval: expected an interval of at least 100ms (probes go out on the tick), got 50ms",
+            "degradation.d.admission_control.window: expected a window of at least 1000ms (one 100ms tick for each of its 10 buckets), got 100ms",
+        ]
+    );
+    let found = errors(
+        r#"{"degradation": {"d": {"levels": [{"name": "down", "enter": {"failure_rate": 50}}],
+                                  "admission_control": {"max_reject": 100}}}}"#,
+    );
+    assert_eq!(
+        found,
+        ["degradation.d.admission_control.max_reject: expected a percentage below 100 (at 100 nothing reaches the upstream, so nothing shows it has recovered), got 100"]
+    );
 }

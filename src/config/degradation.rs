@@ -19,7 +19,8 @@ use super::reply::{RawReply, Reply};
 use super::units::{Percent, TimeSpan};
 use crate::policy::circuit_breaker::StatusSet;
 use crate::policy::degradation::{
-    Conditions, Evidence, LevelRules, ProbeThresholds, MAX_LATENCY_THRESHOLDS, WINDOW_BUCKETS,
+    Conditions, Evidence, LevelRules, ProbeThresholds, MAX_LATENCY_THRESHOLDS, MIN_WINDOW, TICK,
+    WINDOW_BUCKETS,
 };
 use crate::request::{Attribute, AttributeId, AttributePlan};
 
@@ -373,11 +374,13 @@ pub fn compile(
     let mut errors = Vec::new();
     let signals_path = child(path, "signals");
     let window = raw.signals.window.as_duration();
-    if window.as_millis() < 100 {
+    if window < MIN_WINDOW {
         errors.push(ConfigError::invalid(
             child(&signals_path, "window"),
             format!(
-                "expected a window of at least 100ms, got {}",
+                "expected a window of at least {}ms (one {}ms tick for each of its {WINDOW_BUCKETS} buckets), got {}",
+                MIN_WINDOW.as_millis(),
+                TICK.as_millis(),
                 raw.signals.window
             ),
         ));
@@ -576,12 +579,24 @@ pub fn compile(
             ));
             return None;
         }
-        if admission.window.as_duration().as_millis() < 100 {
+        if admission.window.as_duration() < MIN_WINDOW {
             errors.push(ConfigError::invalid(
                 child(&at, "window"),
                 format!(
-                    "expected a window of at least 100ms, got {}",
+                    "expected a window of at least {}ms (one {}ms tick for each of its {WINDOW_BUCKETS} buckets), got {}",
+                    MIN_WINDOW.as_millis(),
+                    TICK.as_millis(),
                     admission.window
+                ),
+            ));
+            return None;
+        }
+        if admission.max_reject.ppm() >= 1_000_000 {
+            errors.push(ConfigError::invalid(
+                child(&at, "max_reject"),
+                format!(
+                    "expected a percentage below 100 (at 100 nothing reaches the upstream, so nothing shows it has recovered), got {}",
+                    f64::from(admission.max_reject.ppm()) / 10_000.0
                 ),
             ));
             return None;
@@ -647,11 +662,12 @@ fn compile_probe(path: &str, raw: &RawProbe, errors: &mut Vec<ConfigError>) -> P
         ));
     }
     let interval = raw.interval.as_duration();
-    if interval.as_millis() < 10 {
+    if interval < TICK {
         errors.push(ConfigError::invalid(
             child(path, "interval"),
             format!(
-                "expected an interval of at least 10ms, got {}",
+                "expected an interval of at least {}ms (probes go out on the tick), got {}",
+                TICK.as_millis(),
                 raw.interval
             ),
         ));

@@ -28,8 +28,7 @@ use crate::state::cas::{self, ensure, Step, UpdateError};
 use crate::state::slots::KeyBuf;
 use crate::state::{SharedStore, StoreError};
 
-/// How often each worker shares its tally and reads the level back.
-pub const TICK: Duration = Duration::from_millis(100);
+pub use crate::policy::degradation::TICK;
 
 /// How long a lease lasts without renewal: ten ticks, so a busy worker keeps it and a dead one
 /// hands it on within a second.

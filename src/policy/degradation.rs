@@ -20,6 +20,14 @@ use crate::state::cas::Record;
 /// Time buckets of the shared outcome window.
 pub const WINDOW_BUCKETS: usize = 10;
 
+/// How often each worker shares its tally and reads the level back. A window bucket shorter than
+/// this, or a probe interval, would see nothing between two ticks.
+pub const TICK: core::time::Duration = core::time::Duration::from_millis(100);
+
+/// The shortest window the tick can fill: one tick per bucket.
+pub const MIN_WINDOW: core::time::Duration =
+    core::time::Duration::from_millis(100 * WINDOW_BUCKETS as u64);
+
 /// Latency thresholds one policy can test (each keeps a counter of calls slower than it).
 pub const MAX_LATENCY_THRESHOLDS: usize = 4;
 

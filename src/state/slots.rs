@@ -74,7 +74,9 @@ impl Default for KeyBuf {
 }
 
 impl KeyBuf {
-    pub const CAPACITY: usize = 128;
+    /// Enough for every key seawall builds from two names of at most 64 bytes (the plugin's and
+    /// a policy's), its fixed parts and a ten-digit slot: `sw:<plugin>:rl:<policy>:<slot>`.
+    pub const CAPACITY: usize = 160;
 
     fn clear(&mut self) {
         self.len = 0;
