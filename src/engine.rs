@@ -289,6 +289,9 @@ pub struct LocalReply<'a> {
     pub grpc_status: Option<u32>,
     /// Sent as `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
     pub rate_limit: Option<RateLimitStatus>,
+    /// Sent as `x-seawall-degraded`: the degradation level in force when a later stage (the
+    /// breaker, a rate limit) answers.
+    pub degraded: Option<&'a str>,
 }
 
 impl LocalReply<'_> {
@@ -710,12 +713,22 @@ impl Engine {
                 &mut stream.breaker_open,
             ) {
                 Ok(ticket) => stream.breaker = ticket,
-                Err(reply) => return RequestDecision::answered(stream, reply),
+                Err(reply) => {
+                    let reply = LocalReply {
+                        degraded: degrade.level_name,
+                        ..reply
+                    };
+                    return RequestDecision::answered(stream, reply);
+                }
             }
         }
         match self.rate_limit(route, request, now, store, metrics, degrade.rate_limit_ppm) {
             Ok(status) => stream.rate_limit = status,
             Err(reply) => {
+                let reply = LocalReply {
+                    degraded: degrade.level_name,
+                    ..reply
+                };
                 // The request never reaches the upstream, so it says nothing about it: a probe
                 // slot it took goes back.
                 if let Some(ticket) = stream.breaker.take() {
@@ -921,8 +934,10 @@ impl Engine {
                 .header(":status")
                 .and_then(|value| crate::policy::fault::parse_decimal(&value)),
         };
+        // A 503 speaks for the service; a 429 speaks for one client (RFC 6585), so it must not
+        // stop every client's retries.
         let pushed_back_until = match status {
-            Some(429 | 503) => response
+            Some(503) => response
                 .header("retry-after")
                 .and_then(|value| retry::retry_after(&value, MAX_PUSH_BACK))
                 .map(|wait| now.saturating_add(wait).as_nanos()),
@@ -1164,23 +1179,25 @@ impl Engine {
             retry_after: None,
             grpc_status: stream.faults.grpc.then_some(grpc_status),
             rate_limit: None,
+            degraded: None,
         })
     }
 
-    /// The host could not queue a delayed request (its queue is full): the request goes on at
-    /// once, and the skipped delay is counted as an overflow.
-    pub fn delay_not_queued(&self, stream: &StreamState, metrics: &impl MetricSink) {
-        let route = stream.route.and_then(|index| self.config.routes.get(index));
-        let first = route.and_then(|route| {
-            let position = stream.faults.holding.trailing_zeros() as usize;
-            route.policies.faults.get(position)
-        });
+    /// The host could not queue a delayed request (its queue is full): the delay is skipped and
+    /// counted as an overflow, and the request goes on at once, or gets its abort at once if the
+    /// delay carried one.
+    pub fn delay_not_queued(&self, stream: &StreamState, metrics: &impl MetricSink) -> Verdict<'_> {
+        let Some(route) = stream.route.and_then(|index| self.config.routes.get(index)) else {
+            return Verdict::Continue;
+        };
+        let position = stream.faults.holding.trailing_zeros() as usize;
+        let first = route.policies.faults.get(position);
         if let Some(runtime) = first.and_then(|&index| self.faults.get(index)) {
             metrics.increment(runtime.metrics.overflow, 1);
         }
+        self.abort_now(route, stream, metrics)
     }
 
-    /// The body of the stream's response fault, if it replaces the body.
     pub fn response_fault_body(&self, stream: &StreamState) -> Option<&[u8]> {
         let position = stream.faults.response?;
         let route = self.config.routes.get(stream.route?)?;
@@ -1307,6 +1324,7 @@ impl Engine {
         request: &mut RequestView<'_, S>,
     ) -> LocalReply<'e> {
         LocalReply {
+            degraded: None,
             status: policy.on_open.status,
             body: &policy.on_open.body,
             headers: if half_open {
@@ -1568,6 +1586,7 @@ impl Engine {
             self.give_back(route, taken, request, store, scale_ppm);
             let grpc = self.is_grpc(request);
             return Err(LocalReply {
+                degraded: None,
                 status: policy.on_limit.status,
                 body: &policy.on_limit.body,
                 headers: &policy.on_limit.headers,
@@ -1742,6 +1761,7 @@ mod tests {
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
         let reply = |wait| LocalReply {
+            degraded: None,
             status: 429,
             body: b"",
             headers: &[],

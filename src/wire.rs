@@ -5,7 +5,7 @@
 //! a rejection as allocation-free as an admission. It is pure byte shuffling, so it lives in the
 //! core where native tests reach it; the host only hands the bytes to Envoy.
 
-use crate::engine::LocalReply;
+use crate::engine::{LocalReply, DEGRADED_HEADER};
 
 /// The IETF draft's headers, lowercase as HTTP/2 requires.
 pub const RATELIMIT_LIMIT: &str = "ratelimit-limit";
@@ -57,8 +57,12 @@ impl ReplyBuffer {
                 Decimal::new(status.reset_seconds()),
             )
         });
-        let mut pairs: [(&[u8], &[u8]); 4] = [(b"", b""); 4];
+        let mut pairs: [(&[u8], &[u8]); 5] = [(b"", b""); 5];
         let mut extra = 0;
+        if let Some(level) = reply.degraded {
+            pairs[extra] = (DEGRADED_HEADER.as_bytes(), level.as_bytes());
+            extra += 1;
+        }
         if let Some(seconds) = &retry_after {
             pairs[extra] = (b"retry-after", seconds.as_bytes());
             extra += 1;
@@ -112,6 +116,7 @@ mod tests {
     fn headers_serialize_in_the_proxy_wasm_map_form() {
         let headers = vec![("x-a".to_owned(), "1".to_owned())];
         let reply = LocalReply {
+            degraded: None,
             status: 429,
             body: b"slow down",
             headers: &headers,
@@ -131,8 +136,32 @@ mod tests {
     }
 
     #[test]
+    fn the_level_in_force_is_a_header_of_its_own() {
+        let reply = LocalReply {
+            degraded: Some("critical"),
+            status: 503,
+            body: b"",
+            headers: &[],
+            retry_after: None,
+            grpc_status: None,
+            rate_limit: None,
+        };
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        for len in [18u32, 8] {
+            expected.extend_from_slice(&len.to_le_bytes());
+        }
+        expected.extend_from_slice(b"x-seawall-degraded\x00critical\x00");
+        assert_eq!(
+            ReplyBuffer::default().serialize(&reply),
+            expected.as_slice()
+        );
+    }
+
+    #[test]
     fn no_headers_is_a_zero_count() {
         let reply = LocalReply {
+            degraded: None,
             status: 503,
             body: b"",
             headers: &[],

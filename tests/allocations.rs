@@ -297,6 +297,7 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
 fn local_replies_reuse_their_buffer() {
     let headers = vec![("x-seawall".to_owned(), "rate-limited".to_owned())];
     let reply = LocalReply {
+        degraded: None,
         status: 429,
         body: b"slow down\n",
         headers: &headers,

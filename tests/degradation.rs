@@ -305,11 +305,15 @@ impl Degrading for Worker {
         match decision.verdict {
             Verdict::Reply(reply) => Outcome::Replied {
                 status: reply.status,
-                degraded: reply
-                    .headers
-                    .iter()
-                    .find(|(name, _)| name == DEGRADED_HEADER)
-                    .map(|(_, value)| value.clone()),
+                // Degradation's own replies carry it among their headers; a later stage's
+                // reply gets it from the level in force.
+                degraded: reply.degraded.map(str::to_owned).or_else(|| {
+                    reply
+                        .headers
+                        .iter()
+                        .find(|(name, _)| name == DEGRADED_HEADER)
+                        .map(|(_, value)| value.clone())
+                }),
                 retry_after: reply.retry_after_seconds(),
                 body: reply.body.to_vec(),
             },
@@ -825,4 +829,44 @@ fn a_clients_reroute_header_is_removed_on_every_route_before_anything_reads_xds(
     let mut plain = get("/admin");
     worker.send_to(&mut plain, T0, &store);
     assert!(plain.removed.is_empty());
+}
+
+/// Issue 14, point 14: during a degraded level, the breaker's and the rate limit's replies lacked
+/// `x-seawall-degraded`, which the README says every reply of a degraded route carries.
+#[test]
+fn breaker_and_rate_limit_replies_name_the_level_in_force() {
+    const CONFIG: &str = r#"{
+        "rate_limits": {"tight": {"rate": "1/h", "burst": 2}},
+        "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 2}}},
+        "degradation": {"payments": {
+            "signals": {"min_requests": 2},
+            "levels": [{"name": "degraded", "enter": {"failure_rate": 50}}]}},
+        "routes": [
+            {"name": "limited", "match": {"path": {"prefix": "/limited"}}, "rate_limits": ["tight"], "degradation": "payments"},
+            {"name": "guarded", "match": {"path": {"prefix": "/guarded"}}, "circuit_breaker": "payments", "degradation": "payments"}
+        ]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONFIG, &store);
+    for path in ["/limited", "/limited", "/guarded", "/guarded"] {
+        assert_eq!(
+            worker.call(get(path), T0, 503, MS, &store),
+            Outcome::Upstream
+        );
+    }
+    worker.tick(1, T0 + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    for (path, status) in [("/limited", 429), ("/guarded", 503)] {
+        match worker.call(get(path), T0 + 200 * MS, 200, MS, &store) {
+            Outcome::Replied {
+                status: got,
+                degraded,
+                ..
+            } => {
+                assert_eq!(got, status, "{path}");
+                assert_eq!(degraded.as_deref(), Some("degraded"), "{path}");
+            }
+            Outcome::Upstream => panic!("{path}: refused by its own policy"),
+        }
+    }
 }

@@ -603,3 +603,25 @@ fn a_malformed_or_over_100_fault_percent_asks_for_nothing() {
         "{aborted} of 2000 at a 50% cap"
     );
 }
+
+/// Issue 14, point 14: when the worker's pause queue was full, a skipped delay also dropped the
+/// abort that was to follow it. The README says a skipped delay is skipped, not the fault.
+#[test]
+fn a_delay_that_cannot_be_queued_still_sends_its_abort() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        &config(
+            r#"{"abort": {"status": 503, "percent": 100}, "delay": {"fixed": "1s", "percent": 100}}"#,
+        ),
+        &store,
+    );
+    let decision = worker.send(get("/chaos"), T0, &store);
+    assert!(matches!(decision.verdict, Verdict::Pause { .. }));
+    let stream = decision.stream;
+    let metrics = &worker.metrics;
+    match worker.engine.delay_not_queued(&stream, metrics) {
+        Verdict::Reply(reply) => assert_eq!(reply.status, 503),
+        other => panic!("the abort is sent at once: {other:?}"),
+    }
+    assert_eq!(worker.metric("chaos.overflow"), 1);
+}

@@ -247,6 +247,28 @@ fn upstream_push_back_stops_retries_on_every_worker_until_it_expires() {
     );
 }
 
+/// Issue 14, point 14: push-back was global per retry policy, so one client that provoked a 429
+/// with `Retry-After` stopped retries for everyone for up to 60 s.
+#[test]
+fn a_429_with_retry_after_does_not_stop_other_clients_retries() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(BUDGETED), &store);
+    let mut other = Worker::new(&config(BUDGETED), &store);
+    let (_, stream) = worker.grant(get("/"), T0, &store);
+    worker.settle(
+        &stream,
+        Answer {
+            status: 429,
+            attempts: Some(1),
+            retry_after: Some(60),
+        },
+        T0,
+        &store,
+    );
+    assert_eq!(other.grant(get("/"), T0 + SECOND, &store).0.max_retries, 2);
+    assert_eq!(other.metric("api.pushed_back"), 0);
+}
+
 #[test]
 fn a_missing_attempt_count_is_counted_and_refunds_nothing() {
     let store = FakeStore::new();

@@ -146,6 +146,8 @@ impl DegradationRuntime {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Actions<'e> {
     pub level: u8,
+    /// The level's name, for `x-seawall-degraded` on the replies of the stages after this one.
+    pub level_name: Option<&'e str>,
     pub rate_limit_ppm: Option<u32>,
     pub retries: bool,
     pub reroute: Option<Reroute<'e>>,
@@ -155,6 +157,7 @@ impl Default for Actions<'_> {
     fn default() -> Self {
         Actions {
             level: 0,
+            level_name: None,
             rate_limit_ppm: None,
             retries: true,
             reroute: None,
@@ -235,6 +238,7 @@ impl Engine {
                 admission.pending.set((requests.saturating_add(1), accepts));
                 metrics.increment(counters.throttled, 1);
                 return Err(LocalReply {
+                    degraded: None,
                     status: policy.on_shed.status,
                     body: &policy.on_shed.body,
                     headers: &runtime.throttle_headers,
@@ -259,6 +263,7 @@ impl Engine {
         {
             metrics.increment(counters.fallback, 1);
             return Err(LocalReply {
+                degraded: None,
                 status: fallback.reply.status,
                 body: &fallback.reply.body,
                 headers: at_level(&runtime.fallback_headers, position),
@@ -282,6 +287,7 @@ impl Engine {
                     .saturating_add(dwell)
                     .saturating_sub(now.as_nanos());
                 return Err(LocalReply {
+                    degraded: None,
                     status: policy.on_shed.status,
                     body: &policy.on_shed.body,
                     headers: at_level(&runtime.shed_headers, position),
@@ -307,6 +313,7 @@ impl Engine {
         };
         Ok(Actions {
             level,
+            level_name: Some(&current.name),
             rate_limit_ppm: current.rate_limit_ppm,
             retries: current.retries,
             reroute,

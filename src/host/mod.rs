@@ -409,8 +409,13 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             Verdict::Pause { .. } => {
-                engine.delay_not_queued(&decision.stream, &HostMetrics);
-                Action::Continue
+                match engine.delay_not_queued(&decision.stream, &HostMetrics) {
+                    Verdict::Reply(reply) => {
+                        worker.reply.send_local_reply(&reply);
+                        Action::Pause
+                    }
+                    Verdict::Continue | Verdict::Pause { .. } => Action::Continue,
+                }
             }
         }
     }
