@@ -116,6 +116,19 @@ impl Client {
         }
     }
 
+    /// Connects now rather than on the first request, so the connection exists (and Envoy has a
+    /// worker for it) before anything is sent.
+    pub fn open_now(addr: SocketAddr) -> io::Result<Self> {
+        let mut client = Client::connect(addr);
+        client.open()?;
+        Ok(client)
+    }
+
+    /// Whether a connection is open (requests then go on it rather than on a new one).
+    pub fn is_connected(&self) -> bool {
+        self.connection.is_some()
+    }
+
     fn open(&mut self) -> io::Result<()> {
         let stream = TcpStream::connect_timeout(&self.addr, self.timeout)?;
         stream.set_nodelay(true)?;

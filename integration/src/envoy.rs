@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::client::{send_once, Request};
+use crate::client::{send_once, Client, Request};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -102,6 +102,8 @@ pub struct EnvoyConfig {
     pub log_level: String,
     /// Extra fields of the route configuration, as YAML lines (e.g. `internal_only_headers`).
     pub route_config_extra: Vec<String>,
+    /// Writes Envoy's access log (see [`Envoy::access_log`]).
+    pub access_log: bool,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -118,6 +120,7 @@ impl Default for EnvoyConfig {
             xds_from_files: false,
             log_level: "info".into(),
             route_config_extra: Vec::new(),
+            access_log: false,
             listener_port: 0,
         }
     }
@@ -173,7 +176,13 @@ impl EnvoyConfig {
         self
     }
 
-    fn render_listener(&self, wasm: &Path) -> String {
+    /// Has Envoy log every request with its own timings (read with [`Envoy::access_log`]).
+    pub fn access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
+    }
+
+    fn render_listener(&self, dir: &Path, wasm: &Path) -> String {
         let mut routes = String::new();
         for route in &self.routes {
             let prefix = serde_json::to_string(&route.prefix).unwrap();
@@ -224,6 +233,29 @@ impl EnvoyConfig {
             .iter()
             .map(|line| format!("          {line}\n"))
             .collect();
+        let access_log = if self.access_log {
+            // Durations in microseconds between Envoy's own stream timestamps: from the first
+            // byte of the request to the last byte sent upstream, and to the last byte of the
+            // response sent downstream.
+            format!(
+                r#"        access_log:
+        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {path}
+            log_format:
+              json_format:
+                path: "%REQ(:PATH)%"
+                status: "%RESPONSE_CODE%"
+                request: "%REQ(X-REQUEST)%"
+                forwarded_us: "%COMMON_DURATION(DS_RX_BEG:US_TX_END:us)%"
+                duration_us: "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%"
+"#,
+                path = serde_json::to_string(&dir.join(ACCESS_LOG).display().to_string()).unwrap()
+            )
+        } else {
+            String::new()
+        };
         format!(
             r#"  name: main
   address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
@@ -233,7 +265,7 @@ impl EnvoyConfig {
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
         stat_prefix: ingress
-        route_config:
+{access_log}        route_config:
           name: local
 {route_config_extra}          virtual_hosts:
           - name: all
@@ -281,9 +313,9 @@ impl EnvoyConfig {
                 dir = dir.display()
             )
         } else {
-            let listener = self
-                .render_listener(wasm)
-                .replacen("  name: main", "- name: main", 1);
+            let listener =
+                self.render_listener(dir, wasm)
+                    .replacen("  name: main", "- name: main", 1);
             format!(
                 "{node}{admin}static_resources:\n  listeners:\n{}  clusters:\n{}",
                 indent(&listener, 2),
@@ -292,10 +324,10 @@ impl EnvoyConfig {
         }
     }
 
-    fn lds_document(&self, wasm: &Path) -> String {
+    fn lds_document(&self, dir: &Path, wasm: &Path) -> String {
         format!(
             "resources:\n- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n{}",
-            self.render_listener(wasm)
+            self.render_listener(dir, wasm)
         )
     }
 }
@@ -327,6 +359,37 @@ impl Stats {
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, v)| v)
             .sum()
+    }
+}
+
+/// The access log's file in Envoy's work directory.
+const ACCESS_LOG: &str = "access.log";
+
+/// One request as Envoy's access log has it, timed by Envoy itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogEntry {
+    pub path: String,
+    pub status: u16,
+    /// The request's `x-request` header, if it had one.
+    pub request: Option<String>,
+    /// From the first byte of the request to the last byte sent upstream (`None`: nothing was
+    /// sent upstream): how long Envoy held the request before passing it on.
+    pub forwarded: Option<Duration>,
+    /// From the first byte of the request to the last byte of the response sent downstream.
+    pub duration: Option<Duration>,
+}
+
+impl AccessLogEntry {
+    fn parse(line: &str) -> Option<AccessLogEntry> {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        let micros = |name: &str| json[name].as_u64().map(Duration::from_micros);
+        Some(AccessLogEntry {
+            path: json["path"].as_str()?.to_owned(),
+            status: u16::try_from(json["status"].as_u64()?).ok()?,
+            request: json["request"].as_str().map(str::to_owned),
+            forwarded: micros("forwarded_us"),
+            duration: micros("duration_us"),
+        })
     }
 }
 
@@ -374,7 +437,7 @@ impl Envoy {
                 "cds.yaml",
                 &format!("resources:\n{}", config.render_clusters(true)),
             );
-            write_atomically(&dir, "lds.yaml", &config.lds_document(&wasm));
+            write_atomically(&dir, "lds.yaml", &config.lds_document(&dir, &wasm));
         }
         fs::write(
             dir.join("bootstrap.yaml"),
@@ -393,6 +456,9 @@ impl Envoy {
             dir.join("admin.txt").display().to_string(),
             "--use-dynamic-base-id".to_owned(),
             "--disable-hot-restart".to_owned(),
+            // The access log reaches its file within 100 ms rather than Envoy's default 10 s.
+            "--file-flush-interval-msec".to_owned(),
+            "100".to_owned(),
         ];
         let mut command = match std::env::var("SEAWALL_ENVOY_DOCKER_IMAGE") {
             Ok(image) => {
@@ -550,6 +616,102 @@ impl Envoy {
         }
     }
 
+    /// Envoy's access log so far (the config must have [`EnvoyConfig::access_log`] on). Envoy
+    /// flushes it every 100 ms: see [`Envoy::wait_for_access_log`].
+    pub fn access_log(&self) -> Vec<AccessLogEntry> {
+        assert!(
+            self.config.access_log,
+            "access_log needs EnvoyConfig::access_log(true)"
+        );
+        let text = fs::read_to_string(self.dir.join(ACCESS_LOG)).unwrap_or_default();
+        // Only whole lines: the last one may still be being written.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .map(|line| {
+                AccessLogEntry::parse(line)
+                    .unwrap_or_else(|| panic!("unreadable access log line {line:?}"))
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until the access log holds at least `count` entries, and returns them.
+    pub fn wait_for_access_log(&self, count: usize, timeout: Duration) -> Vec<AccessLogEntry> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = self.access_log();
+            if entries.len() >= count {
+                return entries;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the access log had {} of {count} entries after {timeout:?}",
+                entries.len()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Connections accepted by each worker so far, from Envoy's per-worker listener stats
+    /// (`listener.<address>.worker_<n>.downstream_cx_total`; the address is the configured one,
+    /// so port 0 for `main`; the admin listener has no workers).
+    fn accepted_per_worker(&self) -> Vec<u64> {
+        let stats = self.stats();
+        let mut accepted = vec![0; self.config.concurrency as usize];
+        for (name, value) in &stats.values {
+            let worker = name
+                .strip_prefix("listener.")
+                .filter(|rest| !rest.starts_with("admin."))
+                .and_then(|rest| rest.strip_suffix(".downstream_cx_total"))
+                .and_then(|rest| rest.rsplit_once(".worker_"))
+                .and_then(|(_, worker)| worker.parse::<usize>().ok());
+            if let Some(count) = worker.and_then(|worker| accepted.get_mut(worker)) {
+                *count += value;
+            }
+        }
+        accepted
+    }
+
+    /// One open connection to each of Envoy's workers, by worker number. The kernel spreads new
+    /// connections over the workers, so this opens connections one at a time and keeps each that
+    /// Envoy's per-worker stats show landed on a worker that has none yet (a connection whose
+    /// worker cannot be told, because another one was accepted meanwhile, is dropped).
+    pub fn client_per_worker(&self) -> Vec<Client> {
+        let workers = self.config.concurrency as usize;
+        let mut found: Vec<Option<Client>> = (0..workers).map(|_| None).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut before = self.accepted_per_worker();
+        while found.iter().any(Option::is_none) {
+            assert!(
+                Instant::now() < deadline,
+                "no connection landed on workers {:?} within 20 s",
+                (0..workers)
+                    .filter(|&w| found[w].is_none())
+                    .collect::<Vec<_>>()
+            );
+            let client = Client::open_now(self.listener).expect("connect to Envoy");
+            // The worker counts the connection when its event loop accepts it.
+            let accepted_by = Instant::now() + Duration::from_secs(5);
+            let after = loop {
+                let after = self.accepted_per_worker();
+                if after.iter().sum::<u64>() > before.iter().sum::<u64>()
+                    || Instant::now() > accepted_by
+                {
+                    break after;
+                }
+                thread::sleep(Duration::from_millis(5));
+            };
+            let risen: Vec<usize> = (0..workers).filter(|&w| after[w] != before[w]).collect();
+            if let [worker] = risen[..] {
+                if after[worker] == before[worker] + 1 && found[worker].is_none() {
+                    found[worker] = Some(client);
+                }
+            }
+            before = after;
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// The config this Envoy runs, with its listener port pinned: change it and push it.
     pub fn config(&self) -> EnvoyConfig {
         self.config.clone()
@@ -573,7 +735,11 @@ impl Envoy {
         let rejected = before
             .get("listener_manager.lds.update_rejected")
             .unwrap_or(0);
-        write_atomically(&self.dir, "lds.yaml", &config.lds_document(&self.wasm));
+        write_atomically(
+            &self.dir,
+            "lds.yaml",
+            &config.lds_document(&self.dir, &self.wasm),
+        );
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let stats = self.stats();

@@ -16,5 +16,5 @@ pub mod envoy;
 pub mod upstream;
 
 pub use client::{Client, LoadReport, LoadSpec, Request, Response};
-pub use envoy::{Envoy, EnvoyConfig, LdsOutcome, RouteSpec, Stats};
-pub use upstream::{Behaviour, Match, Upstream};
+pub use envoy::{AccessLogEntry, Envoy, EnvoyConfig, LdsOutcome, RouteSpec, Stats};
+pub use upstream::{Behaviour, Gate, Match, Upstream};

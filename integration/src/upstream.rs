@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ pub struct Behaviour {
     pub failure: Option<(f64, u16)>,
     /// Closes the connection instead of answering (after `delay`).
     pub reset: bool,
+    /// Holds the answer (after `delay`) until the gate opens.
+    pub gate: Option<Gate>,
 }
 
 impl Behaviour {
@@ -31,6 +33,7 @@ impl Behaviour {
             headers: Vec::new(),
             failure: None,
             reset: false,
+            gate: None,
         }
     }
 
@@ -63,6 +66,55 @@ impl Behaviour {
     pub fn resetting(mut self) -> Self {
         self.reset = true;
         self
+    }
+
+    /// Holds every answer until `gate` opens: requests stay in flight exactly as long as the
+    /// scenario needs, whatever the machine's load.
+    pub fn held(mut self, gate: &Gate) -> Self {
+        self.gate = Some(gate.clone());
+        self
+    }
+}
+
+/// Longest an answer waits for its gate, so a scenario that fails before opening it leaves no
+/// thread behind for good (Envoy's route timeout, 15 s, has answered the client by then).
+const MAX_HOLD: Duration = Duration::from_secs(20);
+
+/// A gate the upstream holds answers behind (see [`Behaviour::held`]); closed until opened.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate::default()
+    }
+
+    /// Lets every held answer (and every later one) go.
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let (open, changed) = &*self.0;
+        let guard = open.lock().unwrap();
+        let _ = changed
+            .wait_timeout_while(guard, MAX_HOLD, |open| !*open)
+            .unwrap();
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = *self.0 .0.lock().unwrap();
+        f.debug_struct("Gate").field("open", &open).finish()
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -99,6 +151,8 @@ struct Record {
     in_flight: u64,
     peak: u64,
     in_flight_by_prefix: HashMap<String, (u64, u64)>,
+    /// Requests counted but not recorded (beyond `MAX_RECORDED`).
+    unrecorded: u64,
 }
 
 struct Shared {
@@ -200,6 +254,44 @@ impl Upstream {
 
     pub fn received(&self) -> Vec<Received> {
         self.shared.record.lock().unwrap().received.clone()
+    }
+
+    /// When the requests `keep` selects arrived, in order: the upstream's own clock, which is
+    /// what a time-derived expectation must use (not the client's, which also counts connection
+    /// setup and its own scheduling).
+    pub fn arrivals_where(&self, keep: impl Fn(&Received) -> bool) -> Vec<Instant> {
+        let record = self.shared.record.lock().unwrap();
+        assert_eq!(
+            record.unrecorded, 0,
+            "the upstream recorded only the first {MAX_RECORDED} requests: arrival times are incomplete"
+        );
+        let mut arrivals: Vec<Instant> = record
+            .received
+            .iter()
+            .filter(|r| keep(r))
+            .map(|r| r.at)
+            .collect();
+        arrivals.sort();
+        arrivals
+    }
+
+    /// Arrivals of the requests whose path starts with `prefix`, in order.
+    pub fn arrivals(&self, prefix: &str) -> Vec<Instant> {
+        self.arrivals_where(|r| r.path.starts_with(prefix))
+    }
+
+    /// The first and the last arrival of the requests `keep` selects (`None`: none arrived).
+    pub fn arrival_window_where(
+        &self,
+        keep: impl Fn(&Received) -> bool,
+    ) -> Option<(Instant, Instant)> {
+        let arrivals = self.arrivals_where(keep);
+        Some((*arrivals.first()?, *arrivals.last()?))
+    }
+
+    /// The first and the last arrival of the requests whose path starts with `prefix`.
+    pub fn arrival_window(&self, prefix: &str) -> Option<(Instant, Instant)> {
+        self.arrival_window_where(|r| r.path.starts_with(prefix))
     }
 
     pub fn received_with_header(&self, name: &str) -> Vec<Received> {
@@ -326,11 +418,16 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                     body_len,
                     at: started,
                 });
+            } else {
+                record.unrecorded += 1;
             }
         }
         let (behaviour, status) = choose(&shared, &bare, &headers);
         if !behaviour.delay.is_zero() {
             thread::sleep(behaviour.delay);
+        }
+        if let Some(gate) = &behaviour.gate {
+            gate.wait();
         }
         if behaviour.reset {
             let mut record = shared.record.lock().unwrap();
@@ -477,5 +574,39 @@ mod tests {
             upstream.received_with_header("x-raw")[0].header("x-raw"),
             Some(&[0xff, 0xfe][..])
         );
+    }
+
+    #[test]
+    fn holds_answers_behind_a_gate_and_reports_arrival_windows() {
+        let upstream = Upstream::start();
+        let gate = Gate::new();
+        upstream.set_rule(
+            Match::PathPrefix("/held".into()),
+            Behaviour::ok().held(&gate),
+        );
+        let addr = upstream.addr();
+        let held = thread::spawn(move || Client::connect(addr).send(&Request::get("/held")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while upstream.count_path("/held") == 0 {
+            assert!(Instant::now() < deadline, "the held request never arrived");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut client = Client::connect(addr);
+        for _ in 0..2 {
+            assert_eq!(client.send(&Request::get("/a")).unwrap().status, 200);
+        }
+        assert!(!held.is_finished(), "the gate holds the answer");
+        assert_eq!(upstream.peak_in_flight(), 2);
+        gate.open();
+        assert_eq!(held.join().unwrap().unwrap().status, 200);
+        let arrivals = upstream.arrivals("/a");
+        assert_eq!(arrivals.len(), 2);
+        assert_eq!(
+            upstream.arrival_window("/a"),
+            Some((arrivals[0], arrivals[1]))
+        );
+        let (first, last) = upstream.arrival_window("/").unwrap();
+        assert!(first <= arrivals[0] && last == arrivals[1]);
+        assert_eq!(upstream.arrival_window("/none"), None);
     }
 }

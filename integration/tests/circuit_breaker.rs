@@ -4,12 +4,14 @@
 //! a growing open period, counts resets from Envoy's response flags, and frees the slot of a probe
 //! whose client went away.
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seawall_integration::client::{load, Client, LoadSpec, Request};
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, RouteSpec, Upstream};
+use seawall_integration::client::{load, Client, LoadSpec, Request, Response};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Gate, RouteSpec, Upstream};
 
 fn guarded(upstream: &Upstream, plugin: &str) -> Envoy {
     Envoy::start(
@@ -30,6 +32,29 @@ fn wait_for(envoy: &Envoy, counter: &str, at_least: u64) -> u64 {
     )
 }
 
+fn refused_as_open(response: &Response) -> bool {
+    response.status == 503 && response.header("x-seawall-circuit") == Some("open")
+}
+
+/// Sends `request` once the open period is over, and returns the first answer that is not an
+/// open breaker's refusal. Each refusal says in `retry-after` how long the period still runs
+/// (Envoy's clock, rounded up), so that is how long to wait before asking again; bounded.
+fn after_the_open_period(client: &mut Client, request: &Request) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = client.send(request).unwrap();
+        if !refused_as_open(&response) {
+            return response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker was still open after 20 s"
+        );
+        let wait = response.header_u64("retry-after").unwrap();
+        std::thread::sleep(Duration::from_secs(wait));
+    }
+}
+
 #[test]
 fn an_open_breaker_shields_the_upstream_then_exactly_the_probes_go_through_and_close_it() {
     let upstream = Upstream::start();
@@ -46,12 +71,12 @@ fn an_open_breaker_shields_the_upstream_then_exactly_the_probes_go_through_and_c
         assert_eq!(client.send(&Request::get("/pay")).unwrap().status, 200);
     }
 
-    // The upstream goes down: 8 connections flood for 2 s, less than the open period.
+    // The upstream goes down: 8 connections flood for 1 s, a third of the open period.
     upstream.set_behaviour(Behaviour::ok().status(503));
     upstream.reset_counters();
     let flood = load(
         addr,
-        LoadSpec::new(8, Duration::from_secs(2), |_| Request::get("/pay")),
+        LoadSpec::new(8, Duration::from_secs(1), |_| Request::get("/pay")),
     );
     let reached = upstream.total();
     let stats = envoy.stats();
@@ -90,26 +115,65 @@ fn an_open_breaker_shields_the_upstream_then_exactly_the_probes_go_through_and_c
         "a refusal never reaches the upstream"
     );
 
-    // The upstream heals but answers slowly, so the probes are all out at once. After the open
-    // period, 8 connections flood for 600 ms: only three requests may reach the upstream.
-    upstream.set_behaviour(Behaviour::ok().delay(Duration::from_millis(1500)));
+    // The upstream heals but holds its answers until the scenario lets them go, so the probes
+    // are all out at once. 8 connections flood from now on: refused while the breaker is open,
+    // then only three requests may reach the upstream, however long the flood goes on while they
+    // are out (here 600 ms after the third arrived).
+    let gate = Gate::new();
+    upstream.set_behaviour(Behaviour::ok().held(&gate));
     upstream.reset_counters();
-    std::thread::sleep(Duration::from_secs(retry_after) + Duration::from_millis(200));
-    let probing = load(
-        addr,
-        LoadSpec::new(8, Duration::from_millis(600), |_| Request::get("/pay")),
-    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let flooders: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, stopped) = (Arc::clone(&stop), Arc::clone(&stopped));
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    statuses.push(client.send(&Request::get("/pay")).unwrap().status);
+                }
+                stopped.fetch_add(1, Ordering::SeqCst);
+                statuses
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while upstream.total() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the probes did not reach the upstream within 20 s ({} did)",
+            upstream.total()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::SeqCst);
+    // The five connections without a probe stop; the three probes wait for the gate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stopped.load(Ordering::SeqCst) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood did not stop within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (total, peak) = (upstream.total(), upstream.peak_in_flight());
+    gate.open();
+    let statuses: Vec<u16> = flooders
+        .into_iter()
+        .flat_map(|flooder| flooder.join().unwrap())
+        .collect();
     let stats = envoy.stats();
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
     eprintln!(
-        "[breaker] half-open flood: {} requests, upstream saw {} (peak {} in flight), statuses {:?}",
-        probing.sent(),
-        upstream.total(),
-        upstream.peak_in_flight(),
-        probing.statuses
+        "[breaker] half-open flood: {} requests, upstream saw {total} (peak {peak} in flight), {ok} answered 200",
+        statuses.len(),
     );
-    assert_eq!(upstream.total(), 3, "exactly half_open_probes requests");
-    assert_eq!(upstream.peak_in_flight(), 3);
-    assert_eq!(probing.count(200), 3);
+    assert_eq!(total, 3, "exactly half_open_probes requests");
+    assert_eq!(peak, 3);
+    assert_eq!(ok, 3);
+    assert_eq!(upstream.total(), 3);
     assert_eq!(stats.seawall(&format!("{CB}.probes")), 3);
     assert_eq!(stats.seawall(&format!("{CB}.half_opened")), 1);
     assert_eq!(
@@ -163,12 +227,10 @@ fn a_slow_upstream_trips_the_slow_call_rule_and_each_failed_probe_doubles_the_op
         spec
     });
     assert_eq!(slow.count(200), upstream.total(), "{:?}", slow.statuses);
-    assert_eq!(wait_for(&envoy, "opened", 1), 1);
-    let stats = envoy.stats();
-    assert!(stats.seawall(&format!("{CB}.slow_calls")) >= 4);
-    assert_eq!(stats.seawall(&format!("{CB}.failures")), 0);
 
-    // Each probe is slow again, so the breaker reopens, for twice as long each time.
+    // The first four slow calls opened it for 1 s, at most 250 ms ago (the calls still in flight
+    // then): the first refusal comes at once, before anything else. Each probe is slow again, so
+    // the breaker reopens, for twice as long each time.
     let mut client = Client::connect(addr);
     let mut periods = Vec::new();
     for _ in 0..4 {
@@ -181,16 +243,65 @@ fn a_slow_upstream_trips_the_slow_call_rule_and_each_failed_probe_doubles_the_op
             before,
             "nothing reaches the upstream while open"
         );
-        let wait = refused.header_u64("retry-after").unwrap();
-        periods.push(wait);
-        std::thread::sleep(Duration::from_secs(wait));
-        let probe = client.send(&Request::get("/pay")).unwrap();
+        periods.push(refused.header_u64("retry-after").unwrap());
+        let probe = after_the_open_period(&mut client, &Request::get("/pay"));
         assert_eq!(probe.status, 200, "the probe reaches the upstream");
         assert_eq!(upstream.total(), before + 1);
     }
     eprintln!("[breaker] open periods after repeated slow probes: {periods:?} s");
     assert_eq!(periods, [1, 2, 4, 8]);
     assert_eq!(wait_for(&envoy, "reopened", 4), 4);
+    let stats = envoy.stats();
+    assert_eq!(stats.seawall(&format!("{CB}.opened")), 1);
+    assert!(stats.seawall(&format!("{CB}.slow_calls")) >= 4);
+    assert_eq!(stats.seawall(&format!("{CB}.failures")), 0);
+}
+
+/// Sends a request on a raw connection once the open period is over (each refusal before that
+/// says how long to wait), and hangs up as soon as that request, the probe, reached the
+/// upstream.
+fn send_a_probe_and_hang_up(addr: SocketAddr, upstream: &Upstream) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'attempt: loop {
+        let before = upstream.total();
+        let mut probe = TcpStream::connect(addr).unwrap();
+        probe
+            .write_all(b"GET /pay HTTP/1.1\r\nhost: seawall.test\r\n\r\n")
+            .unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        loop {
+            if upstream.total() > before {
+                assert_eq!(upstream.total(), before + 1);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no probe reached the upstream within 20 s"
+            );
+            let mut chunk = [0u8; 1024];
+            match probe.read(&mut chunk) {
+                Ok(0) => panic!("Envoy closed the probe's connection without an answer"),
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = &text[..end];
+                // Refused: the breaker is still open for `retry-after` seconds.
+                assert!(head.contains("x-seawall-circuit: open"), "{head}");
+                let wait: u64 = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("retry-after: "))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("a refusal without retry-after: {head}"));
+                std::thread::sleep(Duration::from_secs(wait));
+                continue 'attempt;
+            }
+        }
+    }
 }
 
 #[test]
@@ -218,27 +329,11 @@ fn resets_count_from_envoys_flags_and_a_probe_whose_client_leaves_frees_its_slot
 
     // The probe's client hangs up while the upstream is still thinking.
     upstream.set_behaviour(Behaviour::ok().delay(Duration::from_secs(3)));
-    std::thread::sleep(Duration::from_millis(1200));
-    let before = upstream.total();
-    {
-        let mut probe = TcpStream::connect(addr).unwrap();
-        probe
-            .write_all(b"GET /pay HTTP/1.1\r\nhost: seawall.test\r\n\r\n")
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while upstream.total() == before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(
-            upstream.total(),
-            before + 1,
-            "the probe reached the upstream"
-        );
-    }
+    send_a_probe_and_hang_up(addr, &upstream);
     assert_eq!(wait_for(&envoy, "probes", 1), 1);
     // Its slot comes back when Envoy ends the stream, so the next request is a probe, not a 503.
     upstream.set_behaviour(Behaviour::ok());
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = 0;
     while Instant::now() < deadline {
         last = client.send(&Request::get("/pay")).unwrap().status;

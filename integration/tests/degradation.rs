@@ -5,12 +5,16 @@
 //! reroutes through an Envoy `cluster_header` route; and with four workers the health path sees
 //! one probe per interval.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
 use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, RouteSpec, Upstream};
 
 const LEVEL: &str = "wasmcustom.seawall.degradation.payments.level";
+
+const DEGRADED: &str = "x-seawall-degraded";
 
 fn stat(envoy: &Envoy, name: &str) -> u64 {
     envoy
@@ -28,17 +32,45 @@ fn probed(upstream: &Upstream, health: &Upstream, workers: u32, plugin: &str) ->
     )
 }
 
-/// Polls the level gauge until it shows `level` (bounded) and returns when it did, after giving
-/// every worker one tick to read the new level (they refresh every 100 ms).
-fn wait_for_level(envoy: &Envoy, level: u64, within: Duration) -> Instant {
+/// Polls the level gauge until it shows `level` (bounded), then waits (bounded) until every
+/// worker applies it: each worker reads the shared level on its own tick, so `probe` is sent on
+/// a connection to each worker until the answer carries `x-seawall-degraded: shown` (`None`:
+/// no such header, the normal level). Returns how many probes were answered before their worker
+/// showed the level.
+fn wait_for_level(
+    envoy: &Envoy,
+    level: u64,
+    shown: Option<&str>,
+    probe: &Request,
+    within: Duration,
+) -> u64 {
     let value = envoy.wait_for_stat(LEVEL, within, |value| value == level);
     assert_eq!(
         value, level,
         "the level did not reach {level} in {within:?}"
     );
-    let seen = Instant::now();
-    std::thread::sleep(Duration::from_millis(250));
-    seen
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut early = 0;
+    for (worker, mut client) in envoy.client_per_worker().into_iter().enumerate() {
+        loop {
+            let response = client.send(probe).unwrap();
+            assert!(
+                client.is_connected(),
+                "Envoy closed the connection to worker {worker}"
+            );
+            if response.header(DEGRADED) == shown {
+                break;
+            }
+            early += 1;
+            assert!(
+                Instant::now() < deadline,
+                "worker {worker} still answers with {DEGRADED} {:?}, not {shown:?}, 10 s after the level gauge showed {level}",
+                response.header(DEGRADED)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    early
 }
 
 #[test]
@@ -80,10 +112,17 @@ fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traf
     let started = Instant::now();
     let slow =
         std::thread::spawn(move || load(addr, LoadSpec::new(8, Duration::from_secs(3), mixed)));
-    let degraded_at = wait_for_level(&envoy, 1, Duration::from_secs(10));
+    let critical_probe = Request::get("/api").header("x-priority", "critical");
+    wait_for_level(
+        &envoy,
+        1,
+        Some("degraded"),
+        &critical_probe,
+        Duration::from_secs(10),
+    );
     eprintln!(
-        "[degradation] level 1 {:?} after the upstream slowed",
-        degraded_at - started
+        "[degradation] level 1 on every worker {:?} after the upstream slowed",
+        started.elapsed()
     );
     slow.join().unwrap();
 
@@ -146,9 +185,9 @@ fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traf
             }),
         )
     });
-    wait_for_level(&envoy, 0, Duration::from_secs(10));
+    wait_for_level(&envoy, 0, None, &critical_probe, Duration::from_secs(10));
     eprintln!(
-        "[degradation] back to normal {:?} after the upstream healed",
+        "[degradation] back to normal on every worker {:?} after the upstream healed",
         healed.elapsed()
     );
     feed.join().unwrap();
@@ -186,14 +225,52 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
         client.send(&Request::get("/catalog")).unwrap().text(),
         "ok\n"
     );
+    // A request on the checkout route shows each worker's level without touching the catalog.
+    let level_probe = Request::get("/level");
+
+    // Throughout, one connection per worker asks for its own catalog path back to back: the
+    // upstream's record of their arrivals shows how long the fallback kept each worker's catalog
+    // traffic away.
+    let watchers = envoy.client_per_worker();
+    let workers = watchers.len();
+    let watch_path = |worker: usize| format!("/catalog/watch-{worker}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let watching = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut watchers = watchers;
+            let round = |watchers: &mut Vec<Client>| {
+                for (worker, watcher) in watchers.iter_mut().enumerate() {
+                    let response = watcher.send(&Request::get(&watch_path(worker))).unwrap();
+                    assert_eq!(response.status, 200);
+                    assert!(
+                        watcher.is_connected(),
+                        "worker {worker}'s watcher lost its connection"
+                    );
+                }
+            };
+            while !stop.load(Ordering::SeqCst) {
+                round(&mut watchers);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Once every worker is back to normal: each one's catalog traffic reaches the
+            // upstream again.
+            round(&mut watchers);
+        })
+    };
 
     // The health path fails: after two failed probes the level goes critical.
     health.set_rule(
         Match::PathPrefix("/healthz".into()),
         Behaviour::ok().status(503),
     );
-    let entered = wait_for_level(&envoy, 1, Duration::from_secs(5));
-    upstream.reset_counters();
+    wait_for_level(
+        &envoy,
+        1,
+        Some("critical"),
+        &level_probe,
+        Duration::from_secs(10),
+    );
     for _ in 0..100 {
         let response = client.send(&Request::get("/catalog/items")).unwrap();
         assert_eq!(response.status, 200);
@@ -202,7 +279,7 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
         assert_eq!(response.header("x-seawall-degraded"), Some("critical"));
     }
     assert_eq!(
-        upstream.count_path("/catalog"),
+        upstream.count_path("/catalog/items"),
         0,
         "the fallback route must not reach the upstream"
     );
@@ -218,10 +295,27 @@ fn failing_probes_serve_the_fallback_and_recovery_waits_for_the_dwell() {
     // The health path recovers at once; two good probes take 400 ms, but the level must stay
     // for its 3 s dwell.
     health.set_rule(Match::PathPrefix("/healthz".into()), Behaviour::ok());
-    let recovered = wait_for_level(&envoy, 0, Duration::from_secs(8));
-    let held = recovered - entered;
+    wait_for_level(&envoy, 0, None, &level_probe, Duration::from_secs(10));
+    stop.store(true, Ordering::SeqCst);
+    watching.join().unwrap();
+    // The level is entered and left on the lease holder's tick, and each other worker reads it
+    // on its own next tick: the worker that entered it kept its catalog traffic away for at
+    // least the dwell (less only the last request's trip to the upstream), the others for up to
+    // a tick less or more. So the longest silence on the upstream is the dwell.
+    let silences: Vec<Duration> = (0..workers)
+        .map(|worker| {
+            let path = watch_path(worker);
+            let arrivals = upstream.arrivals_where(|r| r.path == path);
+            arrivals
+                .windows(2)
+                .map(|pair| pair[1] - pair[0])
+                .max()
+                .unwrap_or_else(|| panic!("{path} reached the upstream {} times", arrivals.len()))
+        })
+        .collect();
+    let held = silences.iter().copied().max().unwrap();
     eprintln!(
-        "[degradation] critical held for {held:?} (dwell 3s) though probes recovered at once"
+        "[degradation] critical held for {held:?} (dwell 3s) though probes recovered at once: the upstream heard nothing from each worker's catalog watcher for {silences:?}"
     );
     assert!(
         held >= Duration::from_millis(2900),
@@ -257,18 +351,61 @@ fn with_four_workers_the_health_path_sees_one_probe_per_interval() {
             LoadSpec::new(8, Duration::from_secs(5), |_| Request::get("/")),
         )
     });
+    // After a second to settle, a sample of about 3 s: the probes that arrived in it, between the
+    // last one before it and the first one after it (waited for), as the health path saw them.
     std::thread::sleep(Duration::from_secs(1));
-    let before = health.count_path("/healthz");
+    let opened = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    let probes = health.count_path("/healthz") - before;
+    let closed = Instant::now();
+    let deadline = closed + Duration::from_secs(10);
+    while health
+        .arrivals("/healthz")
+        .last()
+        .is_none_or(|&last| last <= closed)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no probe reached the health path within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     traffic.join().unwrap();
     // Read one after the other, the two totals may differ by a probe in flight.
     let sent = stat(&envoy, "probes_sent");
     let received = health.count_path("/healthz");
-    eprintln!("[degradation] 4 workers, 200 ms interval: the health path saw {probes} probes in 3 s (15 expected)");
+    let arrivals = health.arrivals("/healthz");
+    let probes = arrivals
+        .iter()
+        .filter(|&&at| at > opened && at <= closed)
+        .count() as u64;
+    let before = *arrivals
+        .iter()
+        .filter(|&&at| at <= opened)
+        .max()
+        .expect("probes before the sample");
+    let after = *arrivals
+        .iter()
+        .filter(|&&at| at > closed)
+        .min()
+        .expect("a probe after the sample");
+    // One probe per 200 ms interval: probes + 1 intervals between the two that frame the sample
+    // (each probe leaves on the first tick after it is due, so each end may be up to a tick
+    // late: ±1). However the ticks fall, a 200 ms schedule never puts more than
+    // (window + 200 ms) / 200 ms + 1 probes in a window of the client's clock.
+    let framed = (after - before).as_secs_f64();
+    let expected = framed / 0.2 - 1.0;
+    let window = (closed - opened).as_secs_f64();
+    let ceiling = ((window + 0.2) / 0.2).floor() as u64 + 1;
+    eprintln!(
+        "[degradation] 4 workers, 200 ms interval: the health path saw {probes} probes in the sample, framed by probes {framed:.3} s apart ({expected:.1} expected; ceiling {ceiling} over the client's {window:.3} s)"
+    );
     assert!(
-        (14..=16).contains(&probes),
-        "{probes} probes in 3 s at one per 200 ms"
+        (probes as f64 - expected).abs() <= 1.0,
+        "{probes} probes between two {framed:.3} s apart, at one per 200 ms"
+    );
+    assert!(
+        probes <= ceiling,
+        "{probes} probes in {window:.3} s at one per 200 ms"
     );
     assert!(
         sent.abs_diff(received) <= 1,
@@ -320,8 +457,17 @@ fn a_degraded_level_reroutes_through_an_envoy_cluster_header_route_and_clients_c
         Match::PathPrefix("/healthz".into()),
         Behaviour::ok().status(500),
     );
-    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    wait_for_level(
+        &envoy,
+        1,
+        Some("degraded"),
+        &Request::get("/pay"),
+        Duration::from_secs(10),
+    );
+    // The probes above went to either cluster, as their worker's level said.
     primary.reset_counters();
+    fallback.reset_counters();
+    let rerouted = stat(&envoy, "rerouted");
     for _ in 0..50 {
         let response = client.send(&Request::get("/pay")).unwrap();
         assert_eq!(response.status, 200);
@@ -337,7 +483,7 @@ fn a_degraded_level_reroutes_through_an_envoy_cluster_header_route_and_clients_c
         fallback.received()[0].header("x-seawall-cluster"),
         Some(&b"payments-fallback"[..])
     );
-    assert_eq!(stat(&envoy, "rerouted"), 50);
+    assert_eq!(stat(&envoy, "rerouted") - rerouted, 50);
 }
 
 #[test]
@@ -415,14 +561,29 @@ fn a_probe_to_a_cluster_envoy_does_not_know_counts_as_failed_and_is_not_logged_p
                     "routes": [{"name": "all", "degradation": "payments"}]}"#,
             ),
     );
-    wait_for_level(&envoy, 1, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(500));
+    // Probes that met a worker still at normal went to the upstream; nothing else may.
+    let early = wait_for_level(
+        &envoy,
+        1,
+        Some("critical"),
+        &Request::get("/"),
+        Duration::from_secs(10),
+    );
+    // Over a dozen unsent probes, so the log shows whether each one was logged.
+    let failures = envoy.wait_for_stat(
+        "wasmcustom.seawall.degradation.payments.probe_failures",
+        Duration::from_secs(10),
+        |failures| failures >= 12,
+    );
+    assert!(
+        failures >= 12,
+        "{failures} failed probes in 10 s at one per 100 ms"
+    );
     let response = Client::connect(envoy.listener_addr())
         .send(&Request::get("/"))
         .unwrap();
     assert_eq!((response.status, response.text().as_str()), (503, "down\n"));
-    assert_eq!(upstream.total(), 0);
-    assert!(stat(&envoy, "probe_failures") >= 5);
+    assert_eq!(upstream.total(), early);
     assert_eq!(stat(&envoy, "probe_successes"), 0);
     // Over a dozen unsent probes, logged once by the lease holder (a lease that changed hands
     // could add one line per worker, never one per probe).
@@ -465,7 +626,14 @@ fn a_degraded_level_turns_retries_off_and_halves_the_rate_limits() {
         Match::PathPrefix("/healthz".into()),
         Behaviour::ok().status(503),
     );
-    wait_for_level(&envoy, 1, Duration::from_secs(5));
+    // A /flaky request shows each worker's level without touching the api route's bucket.
+    wait_for_level(
+        &envoy,
+        1,
+        Some("degraded"),
+        &Request::get("/flaky-probe"),
+        Duration::from_secs(10),
+    );
     upstream.reset_counters();
     let response = client.send(&Request::get("/flaky")).unwrap();
     assert_eq!(response.status, 503);
@@ -476,7 +644,10 @@ fn a_degraded_level_turns_retries_off_and_halves_the_rate_limits() {
         "no retries while degraded"
     );
 
-    // The bucket (20/s, burst 20) is scaled to 10/s, burst 10: a burst of 40 gets about 10.
+    // The bucket (20/s, burst 20) is scaled to 10/s, burst 10: a burst of 40 gets about 10, and
+    // one more each 100 ms from the first admission to the last, as the upstream saw them arrive
+    // (±1: the refill is counted in whole tokens). By the client's clock, never more than the
+    // refill over the whole burst allows.
     let started = Instant::now();
     let mut admitted = 0;
     for _ in 0..40 {
@@ -484,14 +655,23 @@ fn a_degraded_level_turns_retries_off_and_halves_the_rate_limits() {
             admitted += 1;
         }
     }
-    let refill = (started.elapsed().as_secs_f64() * 10.0).floor() as u64;
+    let wall = started.elapsed().as_secs_f64();
+    let window = upstream
+        .arrival_window("/api")
+        .map_or(0.0, |(first, last)| (last - first).as_secs_f64());
+    let expected = 10.0 + 10.0 * window;
+    let ceiling = 10 + (wall * 10.0).floor() as u64 + 1;
     eprintln!(
-        "[degradation] degraded rate limit: {admitted} of 40 admitted in {:?} (burst 10 + {refill} refilled)",
-        started.elapsed()
+        "[degradation] degraded rate limit: {admitted} of 40 admitted over the upstream's {window:.3} s (expected {expected:.1} ± 1: burst 10 + 10/s; ceiling {ceiling} from the client's {wall:.3} s)"
+    );
+    assert!(admitted >= 10, "{admitted} admitted: the burst is 10");
+    assert!(
+        (admitted as f64 - expected).abs() <= 1.0,
+        "{admitted} admitted, expected {expected:.1} ± 1"
     );
     assert!(
-        (10..=10 + refill + 1).contains(&admitted),
-        "{admitted} admitted"
+        admitted <= ceiling,
+        "{admitted} admitted, more than burst 10 + 10/s over {wall:.3} s"
     );
     assert_eq!(upstream.count_path("/api"), admitted);
 }

@@ -20,10 +20,12 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Envoy with these faults, and its access log on: delays are timed by Envoy itself.
 fn chaos(upstream: &Upstream, workers: u32, faults: &str, routes: &str) -> Envoy {
     Envoy::start(
         EnvoyConfig::to_upstream(upstream.addr())
             .concurrency(workers)
+            .access_log(true)
             .seawall(&format!(r#"{{"faults": {faults}, "routes": {routes}}}"#)),
     )
 }
@@ -34,6 +36,30 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
     envoy
         .stats()
         .seawall(&format!("seawall.fault.chaos.{name}"))
+}
+
+/// Waits (bounded) until no fault is active: a stream gives its slot back when Envoy ends it,
+/// just after its client had the answer.
+fn wait_until_no_fault_is_active(envoy: &Envoy) {
+    let active = envoy.wait_for_stat(
+        "wasmcustom.seawall.fault.chaos.active",
+        Duration::from_secs(10),
+        |active| active == 0,
+    );
+    assert_eq!(
+        active, 0,
+        "faults still active 10 s after the streams ended"
+    );
+}
+
+/// The `p`th percentile of `spans` (sorted here), as `LoadReport::percentile` computes it.
+fn percentile(spans: &mut [Duration], p: f64) -> Duration {
+    spans.sort();
+    if spans.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (spans.len() - 1) as f64).round() as usize;
+    spans[rank.min(spans.len() - 1)]
 }
 
 #[test]
@@ -66,7 +92,7 @@ fn a_thirty_percent_abort_aborts_thirty_percent_and_a_cohort_is_sticky() {
     assert_eq!(report.count(200) + aborted, 2000, "{:?}", report.statuses);
     assert_eq!(upstream.total(), report.count(200));
     assert_eq!(stat(&envoy, "aborts"), aborted);
-    assert_eq!(stat(&envoy, "active"), 0);
+    wait_until_no_fault_is_active(&envoy);
 
     // Sticky: every user's 50 requests share one fate, whichever worker serves them.
     let mut aborted_users = 0;
@@ -110,7 +136,16 @@ fn a_delay_holds_requests_without_slowing_other_routes() {
             LoadSpec::new(200, Duration::from_secs(3), |_| Request::get("/chaos")),
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // The calm route is used once the delayed requests are all out.
+    let active = envoy.wait_for_stat(
+        "wasmcustom.seawall.fault.chaos.active",
+        Duration::from_secs(10),
+        |active| active >= 150,
+    );
+    assert!(
+        active >= 150,
+        "only {active} delayed requests in flight after 10 s"
+    );
     let calm = std::thread::spawn(move || {
         load(
             addr,
@@ -124,15 +159,35 @@ fn a_delay_holds_requests_without_slowing_other_routes() {
     }
     let calm = calm.join().unwrap();
     let delayed = delayed.join().unwrap();
-    let p50 = delayed.percentile(50.0);
+    // Timed by Envoy: how long it held each delayed request before sending it upstream, and how
+    // long each calm request took from its first byte in to its last byte out. The client's own
+    // latencies (printed beside) also count its 200 threads' scheduling.
+    let log = envoy.wait_for_access_log(
+        (delayed.sent() + calm.sent()) as usize,
+        Duration::from_secs(20),
+    );
+    let mut held: Vec<Duration> = log
+        .iter()
+        .filter(|entry| entry.path.starts_with("/chaos"))
+        .map(|entry| entry.forwarded.expect("a delayed request went upstream"))
+        .collect();
+    let mut calm_took: Vec<Duration> = log
+        .iter()
+        .filter(|entry| entry.path.starts_with("/calm"))
+        .map(|entry| entry.duration.expect("a calm request was answered"))
+        .collect();
+    assert_eq!(held.len() as u64, delayed.sent());
+    assert_eq!(calm_took.len() as u64, calm.sent());
+    let p50 = percentile(&mut held, 50.0);
+    let calm_p50 = percentile(&mut calm_took, 50.0);
     eprintln!(
-        "[fault] 200 ms delay with {peak_active} delayed in flight: p50 {:?}, p99 {:?} over {} requests; calm route p50 {:?}, p99 {:?} over {}",
-        p50,
-        delayed.percentile(99.0),
+        "[fault] 200 ms delay with {peak_active} delayed in flight: Envoy held them p50 {p50:?}, p99 {:?} over {} requests; calm route p50 {calm_p50:?}, p99 {:?} over {} (client latencies: delayed p50 {:?}, calm p50 {:?})",
+        percentile(&mut held, 99.0),
         delayed.sent(),
+        percentile(&mut calm_took, 99.0),
+        calm.sent(),
+        delayed.percentile(50.0),
         calm.percentile(50.0),
-        calm.percentile(99.0),
-        calm.sent()
     );
     assert_eq!(delayed.errors + calm.errors, 0);
     assert_eq!(delayed.count(200), delayed.sent());
@@ -145,12 +200,11 @@ fn a_delay_holds_requests_without_slowing_other_routes() {
         "delayed p50 {p50:?}"
     );
     assert!(
-        calm.percentile(50.0) < Duration::from_millis(50),
-        "calm p50 {:?}",
-        calm.percentile(50.0)
+        calm_p50 < Duration::from_millis(50),
+        "calm p50 {calm_p50:?}"
     );
     assert_eq!(stat(&envoy, "delays"), delayed.sent());
-    assert_eq!(stat(&envoy, "active"), 0);
+    wait_until_no_fault_is_active(&envoy);
 }
 
 #[test]
@@ -164,28 +218,29 @@ fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_sl
         ONE_ROUTE,
     );
     let addr = envoy.listener_addr();
-    // 40 clients; each request says who it is, so the upstream's arrivals can be matched up.
+    // 40 clients; each request says who it is, so Envoy's access log and the upstream's arrivals
+    // can be matched up.
     let sequence = Arc::new(Mutex::new(0u64));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     let clients: Vec<_> = (0..40)
         .map(|_| {
-            let (sequence, latencies) = (Arc::clone(&sequence), Arc::clone(&latencies));
+            let sequence = Arc::clone(&sequence);
             std::thread::spawn(move || {
                 let mut client = Client::connect(addr);
+                let mut sent = 0u64;
                 while started.elapsed() < Duration::from_secs(2) {
                     let id = {
                         let mut next = sequence.lock().unwrap();
                         *next += 1;
                         *next
                     };
-                    let sent = Instant::now();
                     let response = client
                         .send(&Request::get("/chaos").header("x-request", id.to_string()))
                         .unwrap();
                     assert_eq!(response.status, 200);
-                    latencies.lock().unwrap().push((id, sent.elapsed()));
+                    sent += 1;
                 }
+                sent
             })
         })
         .collect();
@@ -194,16 +249,19 @@ fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_sl
         gauge_peak = gauge_peak.max(stat(&envoy, "active"));
         std::thread::sleep(Duration::from_millis(20));
     }
-    for client in clients {
-        client.join().unwrap();
-    }
-    // A delayed request reached the upstream when its delay ended: it was held during the
-    // 400 ms before its arrival.
-    let latencies = latencies.lock().unwrap();
-    let delayed: std::collections::HashSet<String> = latencies
+    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    // Which requests were delayed, as Envoy timed them: held 400 ms before going upstream (the
+    // others passed at once). A delayed request reached the upstream when its delay ended: it
+    // was held during the 400 ms before its arrival.
+    let log = envoy.wait_for_access_log(sent as usize, Duration::from_secs(20));
+    let delayed: std::collections::HashSet<String> = log
         .iter()
-        .filter(|(_, latency)| *latency >= Duration::from_millis(400))
-        .map(|(id, _)| id.to_string())
+        .filter(|entry| {
+            entry
+                .forwarded
+                .is_some_and(|held| held >= Duration::from_millis(400))
+        })
+        .filter_map(|entry| entry.request.clone())
         .collect();
     let mut edges: Vec<(Instant, i32)> = Vec::new();
     for received in upstream.received() {
@@ -221,34 +279,67 @@ fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_sl
     }
     let overflow = stat(&envoy, "overflow");
     eprintln!(
-        "[fault] max_active 10 with 40 clients: {} delayed, {overflow} passed undelayed; at most {upstream_peak} delayed at once (from the upstream's arrivals), gauge peak {gauge_peak}",
+        "[fault] max_active 10 with 40 clients: {sent} requests, {} delayed, {overflow} passed undelayed; at most {upstream_peak} delayed at once (from the upstream's arrivals), gauge peak {gauge_peak}",
         delayed.len()
     );
+    assert_eq!(upstream.total(), sent);
     assert_eq!(stat(&envoy, "delays"), delayed.len() as u64);
     assert!(upstream_peak <= 10, "{upstream_peak} delayed at once");
     assert!(upstream_peak >= 8, "the cap was reached: {upstream_peak}");
     assert!((1..=10).contains(&gauge_peak), "gauge peak {gauge_peak}");
     assert!(overflow > 0);
-    assert_eq!(stat(&envoy, "active"), 0);
+    wait_until_no_fault_is_active(&envoy);
 
-    // A client that hangs up mid-delay gives its slot back when Envoy ends the stream.
-    let before = stat(&envoy, "delays");
-    {
-        let mut gone = TcpStream::connect(addr).unwrap();
-        gone.write_all(b"GET /chaos HTTP/1.1\r\nhost: seawall.test\r\n\r\n")
+    // A client that hangs up mid-delay gives its slot back when Envoy ends the stream. It leaves
+    // once Envoy counted the delay; that it left before the delay ended shows in the access log
+    // (nothing went upstream). A client that could not leave within the 400 ms tries again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for attempt in 1.. {
+        assert!(
+            Instant::now() < deadline,
+            "no client managed to hang up mid-delay within 30 s ({attempt} tries)"
+        );
+        let id = format!("gone-{attempt}");
+        let before = stat(&envoy, "delays");
+        let logged = envoy.access_log().len();
+        let active_then = {
+            let mut gone = TcpStream::connect(addr).unwrap();
+            gone.write_all(
+                format!("GET /chaos HTTP/1.1\r\nhost: seawall.test\r\nx-request: {id}\r\n\r\n")
+                    .as_bytes(),
+            )
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while stat(&envoy, "active") == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            let delays = envoy.wait_for_stat(
+                "wasmcustom.seawall.fault.chaos.delays",
+                Duration::from_secs(10),
+                |delays| delays > before,
+            );
+            assert_eq!(delays, before + 1, "the request was delayed");
+            stat(&envoy, "active")
+        };
+        let active = envoy.wait_for_stat(
+            "wasmcustom.seawall.fault.chaos.active",
+            Duration::from_secs(10),
+            |active| active == 0,
+        );
+        assert_eq!(active, 0, "the slot came back");
+        let log = envoy.wait_for_access_log(logged + 1, Duration::from_secs(10));
+        let entry = log
+            .iter()
+            .find(|entry| entry.request.as_deref() == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} is not in the access log"));
+        if entry.forwarded.is_none() {
+            assert_eq!(active_then, 1, "the delayed request held its slot");
+            assert!(
+                upstream
+                    .received()
+                    .iter()
+                    .all(|r| r.header("x-request") != Some(id.as_bytes())),
+                "{id} reached the upstream"
+            );
+            break;
         }
-        assert_eq!(stat(&envoy, "active"), 1);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stat(&envoy, "active") != 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(stat(&envoy, "active"), 0, "the slot came back");
-    assert_eq!(stat(&envoy, "delays"), before + 1);
 }
 
 const CONTROLLED: &str = r#"{"chaos": {"header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-key", "max_percent": 50}}}"#;

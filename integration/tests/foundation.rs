@@ -2,7 +2,7 @@
 //! through untouched, refuses bad configs at startup and over xDS without dropping a request,
 //! matches routes, and survives hostile requests.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
 use seawall_integration::{Envoy, EnvoyConfig, LdsOutcome, RouteSpec, Upstream};
@@ -19,6 +19,20 @@ const ROUTES: &str = r#"{
         {"name": "everything-else"}
     ]
 }"#;
+
+/// Waits (bounded) until the upstream has seen `more` requests beyond `seen`: a background load
+/// is then under way.
+fn wait_for_traffic(upstream: &Upstream, seen: u64, more: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.total() < seen + more {
+        assert!(
+            Instant::now() < deadline,
+            "the load sent {} requests in 10 s",
+            upstream.total() - seen
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 #[test]
 fn seawall_loads_in_v8_and_passes_traffic_through_untouched() {
@@ -158,7 +172,8 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
             }),
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // The push happens while requests are flowing.
+    wait_for_traffic(&upstream, 0, 20);
     let bad = envoy.config().seawall(r#"{"routes": [{"name": "a", "match": {"path": {"prefix": "no-slash"}}, "retry": "none"}]}"#);
     assert_eq!(envoy.push_listener(&bad), LdsOutcome::Rejected);
     let report = background.join().unwrap();
@@ -183,13 +198,14 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
     assert_eq!(response.header("x-seawall-route"), Some("checkout"));
 
     // A good push after the bad one takes effect, under load too, without a failed request.
+    let seen = upstream.total();
     let background = std::thread::spawn(move || {
         load(
             addr,
             LoadSpec::new(4, Duration::from_secs(3), |_| Request::get("/")),
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_traffic(&upstream, seen, 20);
     let renamed = envoy
         .config()
         .seawall(r#"{"debug": {"route_header": true}, "routes": [{"name": "renamed"}]}"#);
@@ -205,16 +221,13 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
         Some(1),
         "Envoy updated the listener in place"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let response = Client::connect(addr).send(&Request::get("/")).unwrap();
         if response.header("x-seawall-route") == Some("renamed") {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new listener never served"
-        );
+        assert!(Instant::now() < deadline, "the new listener never served");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

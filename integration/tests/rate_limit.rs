@@ -2,7 +2,7 @@
 //! buckets are independent, shadow mode never rejects, rejections carry the right headers, and a
 //! flood of distinct keys does not grow Envoy's memory.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
 use seawall_integration::{Envoy, EnvoyConfig, Upstream};
@@ -13,6 +13,16 @@ fn limited(upstream: &Upstream, plugin: &str) -> Envoy {
             .concurrency(4)
             .seawall(plugin),
     )
+}
+
+/// Seconds between the first and the last of `window` (the upstream's arrivals).
+fn span(window: Option<(Instant, Instant)>) -> f64 {
+    window.map_or(0.0, |(first, last)| (last - first).as_secs_f64())
+}
+
+/// Whole seconds, rounded up, as seawall writes `retry-after` and `ratelimit-reset`.
+fn ceil_seconds(span: Duration) -> u64 {
+    span.as_secs() + u64::from(span.subsec_nanos() > 0)
 }
 
 #[test]
@@ -27,10 +37,17 @@ fn a_global_limit_holds_exactly_across_four_workers() {
         LoadSpec::new(8, Duration::from_secs(5), |_| Request::get("/flood")),
     );
     let accepted = report.count(200);
-    let seconds = report.elapsed.as_secs_f64();
-    let expected = 100.0 * seconds + 10.0;
+    // The bucket starts full and then refills at 100/s, so from the first admission to the last
+    // it admits the burst plus 100 per second in between: the window is the upstream's, which saw
+    // each admitted request arrive. The client's wall time also counts thread and connection
+    // setup, and the tail of the last requests, so it only gives a ceiling: the limiter can never
+    // have admitted more than the burst plus the refill over the whole flood.
+    let window = span(upstream.arrival_window("/flood"));
+    let expected = 10.0 + 100.0 * window;
+    let wall = report.elapsed.as_secs_f64();
+    let ceiling = (10.0 + 100.0 * wall).floor() as u64 + 1;
     eprintln!(
-        "[rate-limit] {} requests in {seconds:.2}s: {accepted} accepted (expected {expected:.0}), {} limited, upstream saw {}",
+        "[rate-limit] {} requests; upstream window {window:.3} s: {accepted} accepted (expected {expected:.0} ± 3%, ceiling {ceiling} from the client's {wall:.3} s), {} limited, upstream saw {}",
         report.sent(),
         report.count(429),
         upstream.total()
@@ -43,7 +60,11 @@ fn a_global_limit_holds_exactly_across_four_workers() {
     );
     assert!(
         (accepted as f64 - expected).abs() <= expected * 0.03,
-        "{accepted} accepted, expected {expected:.0} ± 3%"
+        "{accepted} accepted, expected {expected:.0} ± 3% (burst 10 + 100/s over the upstream's {window:.3} s)"
+    );
+    assert!(
+        accepted <= ceiling,
+        "{accepted} accepted, more than burst 10 + 100/s over the whole {wall:.3} s flood ({ceiling})"
     );
     assert_eq!(
         upstream.total(),
@@ -81,7 +102,13 @@ fn two_keys_keep_their_quota_while_a_third_floods() {
             }),
         )
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Alice and Bob come once Mallory is being limited.
+    let limited = envoy.wait_for_stat(
+        "wasmcustom.seawall.rate_limit.per-user.limited",
+        Duration::from_secs(10),
+        |limited| limited > 0,
+    );
+    assert!(limited > 0, "mallory's flood was never limited within 10 s");
     for user in ["alice", "bob"] {
         let mut client = Client::connect(addr);
         for n in 0..5 {
@@ -97,12 +124,6 @@ fn two_keys_keep_their_quota_while_a_third_floods() {
         "mallory was limited: {:?}",
         flood.statuses
     );
-    // Mallory: burst 5 plus 5/s for about 2 s.
-    assert!(
-        flood.count(200) <= 5 + 11,
-        "mallory got {}",
-        flood.count(200)
-    );
     let for_user = |name: &str| {
         upstream
             .received()
@@ -113,6 +134,25 @@ fn two_keys_keep_their_quota_while_a_third_floods() {
     assert_eq!(for_user("alice"), 5);
     assert_eq!(for_user("bob"), 5);
     assert_eq!(for_user("mallory") as u64, flood.count(200));
+    // Mallory: burst 5 plus 5/s between her first and her last admission, as the upstream saw
+    // them arrive (±1: the refill is counted in whole tokens); and never more than burst 5 plus
+    // 5/s over the whole flood by the client's clock.
+    let mallory = flood.count(200);
+    let window = span(upstream.arrival_window_where(|r| r.header("x-user") == Some(b"mallory")));
+    let expected = 5.0 + 5.0 * window;
+    let wall = flood.elapsed.as_secs_f64();
+    let ceiling = (5.0 + 5.0 * wall).floor() as u64 + 1;
+    eprintln!(
+        "[rate-limit] mallory: {mallory} admitted over the upstream's {window:.3} s (expected {expected:.1} ± 1, ceiling {ceiling} from the client's {wall:.3} s)"
+    );
+    assert!(
+        (mallory as f64 - expected).abs() <= 1.0,
+        "mallory got {mallory}, expected {expected:.1} ± 1 (burst 5 + 5/s over {window:.3} s)"
+    );
+    assert!(
+        mallory <= ceiling,
+        "mallory got {mallory}, more than burst 5 + 5/s over the whole {wall:.3} s flood"
+    );
 }
 
 #[test]
@@ -135,9 +175,24 @@ fn shadow_mode_never_rejects_but_counts() {
     let shadow = stats.seawall("seawall.rate_limit.trial.shadow_limited");
     let allowed = stats.seawall("seawall.rate_limit.trial.allowed");
     assert_eq!(shadow + allowed, 300);
+    // Every request reached the upstream, so its record spans the whole load: the bucket allowed
+    // its burst of 10 plus 10/s over that span, and would have refused all the others. It counts
+    // whole tokens (up to one short of E, the refill in progress when the load ended) and the
+    // span is the upstream's (a few ms off Envoy's decisions at either end), hence E - 2 ≤ it.
+    let window = span(upstream.arrival_window("/"));
+    let expected = 10.0 + 10.0 * window;
+    let wall = report.elapsed.as_secs_f64();
+    let ceiling = (10.0 + 10.0 * wall).floor() as u64 + 1;
+    eprintln!(
+        "[rate-limit] shadow: {allowed} allowed and {shadow} shadow-limited over the upstream's {window:.3} s (expected {expected:.1} allowed, ceiling {ceiling} from the client's {wall:.3} s)"
+    );
     assert!(
-        shadow > 200,
-        "most of 300 quick requests exceed 10/s: {shadow}"
+        allowed as f64 <= expected + 1.0 && allowed as f64 >= expected - 2.0,
+        "{allowed} allowed, expected {expected:.1} (burst 10 + 10/s over {window:.3} s): the other {shadow} exceed 10/s"
+    );
+    assert!(
+        allowed <= ceiling,
+        "{allowed} allowed, more than burst 10 + 10/s over the whole {wall:.3} s"
     );
     assert_eq!(stats.seawall("seawall.rate_limit.trial.limited"), 0);
 }
@@ -152,6 +207,7 @@ fn rejections_carry_retry_after_and_ratelimit_headers() {
             "routes": [{"name": "all", "rate_limits": ["slow"]}]}"#,
     );
     let mut client = Client::connect(envoy.listener_addr());
+    let started = Instant::now();
     let first = client.send(&Request::get("/")).unwrap();
     assert_eq!(first.status, 200);
     assert_eq!(first.header_u64("ratelimit-limit"), Some(2));
@@ -160,19 +216,35 @@ fn rejections_carry_retry_after_and_ratelimit_headers() {
     let second = client.send(&Request::get("/")).unwrap();
     assert_eq!(second.header_u64("ratelimit-remaining"), Some(0));
     let refused = client.send(&Request::get("/")).unwrap();
+    let client_span = started.elapsed();
     assert_eq!(refused.status, 429);
     assert_eq!(refused.text(), "slow down\n");
     assert_eq!(refused.header("x-limited-by"), Some("slow"));
-    // The next token is 60 s after the first request, which was under a second ago.
+    // The next token is 60 s after the first request, and the bucket is full 120 s after it; the
+    // refusal says how long is left from the moment it was decided, in whole seconds rounded up.
+    // That moment came after the upstream saw the second request, and the first request was
+    // decided before the upstream saw it; and it all happened within the client's span.
+    let arrivals = upstream.arrivals("/");
+    assert_eq!(arrivals.len(), 2);
+    let upstream_span = arrivals[1] - arrivals[0];
+    let within = |full: u64| {
+        let full = Duration::from_secs(full);
+        ceil_seconds(full.saturating_sub(client_span))..=ceil_seconds(full - upstream_span)
+    };
     let retry_after = refused.header_u64("retry-after").unwrap();
     assert!(
-        (59..=60).contains(&retry_after),
-        "retry-after {retry_after}"
+        within(60).contains(&retry_after),
+        "retry-after {retry_after}, expected {:?}: 60 s after the first request, {upstream_span:?} to {client_span:?} ago",
+        within(60)
     );
     assert_eq!(refused.header_u64("ratelimit-remaining"), Some(0));
     assert_eq!(refused.header_u64("ratelimit-limit"), Some(2));
     let reset = refused.header_u64("ratelimit-reset").unwrap();
-    assert!((119..=120).contains(&reset), "ratelimit-reset {reset}");
+    assert!(
+        within(120).contains(&reset),
+        "ratelimit-reset {reset}, expected {:?}",
+        within(120)
+    );
     assert_eq!(upstream.total(), 2);
 
     // gRPC callers get RESOURCE_EXHAUSTED rather than a bare HTTP status.
