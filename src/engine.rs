@@ -703,7 +703,13 @@ impl Engine {
                 Err(reply) => return RequestDecision::answered(stream, reply),
             },
         };
-        if let Some(choice) = &route.policies.circuit_breaker {
+        // A rerouted request goes to another cluster: the primary's breaker neither refuses it
+        // nor counts it, and it takes none of the primary's probe slots.
+        let breaker = match degrade.reroute {
+            Some(_) => None,
+            None => route.policies.circuit_breaker.as_ref(),
+        };
+        if let Some(choice) = breaker {
             match self.admit(
                 choice,
                 request,

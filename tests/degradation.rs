@@ -870,3 +870,50 @@ fn breaker_and_rate_limit_replies_name_the_level_in_force() {
         }
     }
 }
+
+/// Issue 14, point 5: rerouted requests went through the primary's breaker. In half-open a
+/// rerouted request took the probe slot, succeeded on the fallback cluster and closed the
+/// primary's breaker; while closed, fallback successes diluted the primary's failure rate; and an
+/// open breaker's 503 won over the reroute.
+#[test]
+fn a_rerouted_request_is_none_of_the_primary_breakers_business() {
+    const CONFIG: &str = r#"{
+        "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 2},
+                                          "open_for": "1s", "half_open_probes": 1}},
+        "degradation": {"payments": {
+            "signals": {"circuit_breaker": "payments"},
+            "levels": [{"name": "open", "enter": {"circuit_breaker": "open"}, "min_dwell": "10s",
+                        "reroute": {"cluster": "payments-fallback"}}]}},
+        "routes": [{"name": "api", "circuit_breaker": "payments", "degradation": "payments"}]
+    }"#;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(CONFIG, &store);
+    for _ in 0..2 {
+        assert_eq!(
+            worker.call(get("/api"), T0, 503, MS, &store),
+            Outcome::Upstream
+        );
+    }
+    worker.tick(1, T0 + 100 * MS, &store, false);
+    assert_eq!(worker.engine.degradation_level(0), Some(1));
+    // Open: the request is rerouted, not refused with the breaker's 503.
+    let decision = worker.send(get("/api"), T0 + 200 * MS, &store);
+    assert!(decision.reroute.is_some());
+    assert_eq!(decision.verdict, Verdict::Continue);
+    assert_eq!(decision.stream.breaker, None, "no breaker ticket");
+    // Past the open period, rerouted requests succeed on the fallback: they take no probe slot
+    // and do not close the primary's breaker.
+    for n in 0..20 {
+        assert_eq!(
+            worker.call(get("/api"), T0 + 2 * 1_000 * MS + n, 200, MS, &store),
+            Outcome::Upstream
+        );
+    }
+    assert_eq!(worker.counter("seawall.circuit_breaker.payments.closed"), 0);
+    assert_eq!(worker.counter("seawall.circuit_breaker.payments.probes"), 0);
+    assert_eq!(
+        worker.counter("seawall.circuit_breaker.payments.rejected"),
+        0
+    );
+    assert_eq!(worker.counter("seawall.degradation.payments.rerouted"), 21);
+}
