@@ -16,7 +16,7 @@ use core::time::Duration;
 use crate::clock::Timestamp;
 use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
 use crate::config::fault::FaultPolicy;
-use crate::config::rate_limit::{KeyPart, MAX_KEY_PARTS};
+use crate::config::rate_limit::KeyPart;
 use crate::config::retry::RetryMode;
 use crate::config::{CircuitBreakerPolicy, PluginConfig, RateLimitPolicy};
 use crate::metrics::{
@@ -30,15 +30,15 @@ use crate::policy::fault::{
     self as chaos, parse_decimal, parse_percent, secret_matches, Active, Draw, Random, Slot,
     SALT_ABORT, SALT_COHORT, SALT_DELAY, SALT_RESPONSE,
 };
+use crate::policy::key::{Form, KeyHasher, Secret};
 use crate::policy::rate_limit::{
-    self, AcquireFailure, Acquired, BucketChoice, FailureMode, Mode, Tat,
+    self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Mode, Tat,
 };
 use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
-use crate::policy::route::{without_query, Route, RouteBreaker, RouteIndex};
+use crate::policy::route::{Route, RouteBreaker, RouteIndex};
 use crate::request::{Attribute, AttributeId, AttributePlan, AttributeSource, RequestView};
-use crate::state::cas::ensure;
-use crate::state::cas::UpdateError;
-use crate::state::slots::{hash_parts, KeyBuf};
+use crate::state::cas::{self, ensure, UpdateError};
+use crate::state::slots::KeyBuf;
 use crate::state::{SharedStore, StoreError};
 
 /// Adds `x-seawall-route: <name>` to responses when `debug.route_header` is on.
@@ -80,6 +80,10 @@ pub struct Engine {
     degradations: Vec<degradation::DegradationRuntime>,
     /// This worker's draws for fault percentages; seeded by the host.
     random: Cell<Random>,
+    /// The deployment's secret for client-key hashes (see `policy::key`), adopted by
+    /// `prepare_state`, and its shared-data key.
+    secret: Cell<u64>,
+    secret_key: String,
 }
 
 /// A fault policy's metrics and ready-made abort headers.
@@ -538,6 +542,7 @@ impl Engine {
             .iter()
             .map(|policy| degradation::DegradationRuntime::new(policy, registry))
             .collect::<Result<Vec<_>, _>>()?;
+        let secret_key = format!("sw:{}:secret", config.name);
         Ok(Engine {
             config,
             route_requests,
@@ -550,6 +555,8 @@ impl Engine {
             retries,
             degradations,
             random: Cell::new(Random::seeded(0x5ea_0a11)),
+            secret: Cell::new(0),
+            secret_key,
         })
     }
 
@@ -586,8 +593,18 @@ impl Engine {
     /// Creates every shared-data key the policies can touch, before any request does (see
     /// `SharedStore` on why inserts race). Existing keys keep their state across reloads. Returns
     /// how many keys were written.
-    pub fn prepare_state(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
-        let mut created = 0;
+    /// Creates every shared-data key this config can touch, and adopts the deployment's secret
+    /// for client-key hashes: the one in shared data, or `fresh_secret` (random, from the host)
+    /// if this is the first config to load. Returns how many keys it created.
+    pub fn prepare_state(
+        &self,
+        store: &impl SharedStore,
+        fresh_secret: u64,
+    ) -> Result<usize, StoreError> {
+        let mut created = usize::from(ensure(store, &self.secret_key, &Secret(fresh_secret))?);
+        let secret = cas::read::<8, Secret, _>(store, &self.secret_key)?
+            .map_or(fresh_secret, |(secret, _)| secret.0);
+        self.secret.set(secret);
         for policy in &self.config.rate_limits {
             policy.buckets.all_keys(|key| {
                 created += usize::from(ensure(store, key, &Tat(0))?);
@@ -1005,9 +1022,9 @@ impl Engine {
             let draw = match &policy.cohort {
                 None => None,
                 Some(cohort) => {
-                    let hash = with_key(&cohort.key, request, |parts| {
-                        parts.map(|parts| hash_parts(cohort.seed, parts))
-                    });
+                    // No secret: a cohort is the same on every Envoy and across restarts, and
+                    // choosing one's own membership gains a client nothing.
+                    let hash = key_hash(&cohort.key, request, cohort.seed, 0);
                     // Without its key a request is outside the cohort.
                     let Some(hash) = hash else { continue };
                     if !Draw::Sticky(hash).hits(cohort.ppm, SALT_COHORT) {
@@ -1364,7 +1381,9 @@ impl Engine {
             (BreakerKey::Cluster(id) | BreakerKey::Header(id), Some(table), _) => {
                 // A missing value is a key of its own (the empty value).
                 let value = request.get(*id).unwrap_or_default();
-                let fingerprint = hash_parts(policy.seed, &[value]);
+                let mut hasher = KeyHasher::new(policy.seed, self.secret.get());
+                hasher.part(value, Form::Exact);
+                let fingerprint = hasher.finish();
                 Some((Records::Table(table), fingerprint.max(1)))
             }
             _ => None,
@@ -1537,7 +1556,8 @@ impl Engine {
                 continue;
             };
             let mut buffer = KeyBuf::default();
-            let BucketChoice::Key(key) = bucket(policy, request, &mut buffer) else {
+            let BucketChoice::Key(key) = bucket(policy, request, self.secret.get(), &mut buffer)
+            else {
                 metrics.increment(counters.exempt, 1);
                 continue;
             };
@@ -1621,7 +1641,8 @@ impl Engine {
                 continue;
             };
             let mut buffer = KeyBuf::default();
-            if let BucketChoice::Key(key) = bucket(policy, request, &mut buffer) {
+            if let BucketChoice::Key(key) = bucket(policy, request, self.secret.get(), &mut buffer)
+            {
                 // A refund that fails leaves the limit stricter, never looser.
                 let gcra = scale_ppm.map_or(policy.gcra, |ppm| policy.gcra.scaled(ppm));
                 let _ = rate_limit::refund(&gcra, store, key);
@@ -1708,54 +1729,35 @@ fn is_grpc(content_type: &[u8]) -> bool {
 fn bucket<'k, S: AttributeSource>(
     policy: &'k RateLimitPolicy,
     request: &mut RequestView<'_, S>,
+    secret: u64,
     buffer: &'k mut KeyBuf,
 ) -> BucketChoice<'k> {
-    with_key(&policy.key, request, |parts| {
-        policy.buckets.choose(parts, buffer)
-    })
+    let hash = match &policy.buckets {
+        Buckets::Keyed { seed, .. } => key_hash(&policy.key, request, *seed, secret),
+        Buckets::Single { .. } => None,
+    };
+    policy.buckets.choose(hash, buffer)
 }
 
-/// Reads each part of a client key once (the view caches it) and hands them to `use_parts` from
-/// a fixed array: no allocation. `None` when a part is missing.
-fn with_key<S: AttributeSource, R>(
+/// The keyed hash of a client key, each part read once (the view caches it) and hashed in its
+/// canonical form: no allocation. `None` when a part is missing.
+fn key_hash<S: AttributeSource>(
     key: &[KeyPart],
     request: &mut RequestView<'_, S>,
-    use_parts: impl FnOnce(Option<&[&[u8]]>) -> R,
-) -> R {
-    let mut complete = true;
+    seed: u64,
+    secret: u64,
+) -> Option<u64> {
+    let mut hasher = KeyHasher::new(seed, secret);
     for part in key {
-        let (KeyPart::Raw(id) | KeyPart::ClientIp(id) | KeyPart::Path(id)) = *part;
-        complete &= request.get(id).is_some();
-    }
-    if !complete {
-        return use_parts(None);
-    }
-    let mut parts: [&[u8]; MAX_KEY_PARTS] = [&[]; MAX_KEY_PARTS];
-    for (slot, part) in parts.iter_mut().zip(key) {
-        *slot = match *part {
-            KeyPart::Raw(id) => request.peek(id).unwrap_or_default(),
-            KeyPart::ClientIp(id) => request.peek(id).map(strip_port).unwrap_or_default(),
-            KeyPart::Path(id) => request.peek(id).map(without_query).unwrap_or_default(),
+        let (id, form) = match *part {
+            KeyPart::Raw(id) => (id, Form::Exact),
+            KeyPart::ClientIp(id) => (id, Form::Address),
+            KeyPart::Path(id) => (id, Form::Path),
+            KeyPart::Authority(id) => (id, Form::Authority),
         };
+        hasher.part(request.get(id)?, form);
     }
-    let used = key.len().min(MAX_KEY_PARTS);
-    use_parts(Some(&parts[..used]))
-}
-
-/// `10.0.0.1:5678` -> `10.0.0.1`; `[::1]:5678` -> `::1`; a bare IPv6 address stays as it is.
-fn strip_port(address: &[u8]) -> &[u8] {
-    if address.first() == Some(&b'[') {
-        let close = address
-            .iter()
-            .position(|&b| b == b']')
-            .unwrap_or(address.len());
-        return &address[1..close];
-    }
-    let colons = address.iter().filter(|&&b| b == b':').count();
-    match address.iter().rposition(|&b| b == b':') {
-        Some(colon) if colons == 1 => &address[..colon],
-        _ => address,
-    }
+    Some(hasher.finish())
 }
 
 #[cfg(test)]
@@ -1788,15 +1790,6 @@ mod tests {
             Some(1)
         );
         assert_eq!(reply(None).retry_after_seconds(), None);
-    }
-
-    #[test]
-    fn client_addresses_lose_their_port() {
-        assert_eq!(strip_port(b"10.0.0.1:5678"), b"10.0.0.1");
-        assert_eq!(strip_port(b"[2001:db8::1]:443"), b"2001:db8::1");
-        assert_eq!(strip_port(b"2001:db8::1"), b"2001:db8::1");
-        assert_eq!(strip_port(b"10.0.0.1"), b"10.0.0.1");
-        assert_eq!(strip_port(b"[broken"), b"broken");
     }
 
     #[test]

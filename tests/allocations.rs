@@ -91,7 +91,7 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
     let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let limited = |user: &[u8]| {
         vec![
             (Attribute::path(), b"/limited/x".to_vec()),
@@ -217,7 +217,7 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
     let engine = Engine::new(compile(BREAKER_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let start = 1_800_000_000 * SECOND;
     // (path, time offset, response status, admitted): two failures open the clustered breaker,
     // the next request is refused, a second later a probe goes through and closes it; the routed
@@ -335,7 +335,7 @@ fn fault_injection_allocates_only_the_host_buffers() {
     let engine = Engine::new(compile(FAULT_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
     let mut verdicts = std::collections::BTreeSet::new();
     for user in 0..64u8 {
@@ -425,7 +425,7 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
     let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
     for round in 0..50u64 {
         let mut host = Host {
@@ -489,7 +489,7 @@ fn degradation_decisions_and_outcomes_allocate_only_the_host_buffers() {
     .unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let start = 1_800_000_000 * SECOND;
     // (path, priority, level to be in, goes upstream): normal first, then degraded by a failed
     // probe: shed, fallback, reroute and a critical call that passes.

@@ -543,7 +543,7 @@ fn the_longest_names_fit_every_shared_data_key() {
     let mut metrics = seawall::metrics::FakeMetrics::new();
     let engine = seawall::engine::Engine::new(compiled, &mut metrics).unwrap();
     let store = seawall::state::fake::FakeStore::new();
-    assert!(engine.prepare_state(&store).unwrap() > 100_000);
+    assert!(engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap() > 100_000);
 }
 
 /// Issue 14, point 13: windows shorter than the tick can fill, probe intervals under the tick,

@@ -199,8 +199,8 @@ fn distinct_keys_never_grow_shared_data_beyond_max_keys() {
     let mut worker = Worker::new(json, &store);
     let prepared = store.key_count();
     assert_eq!(
-        prepared, 501,
-        "500 slots and the bucket for requests without the header"
+        prepared, 502,
+        "500 slots, the bucket for requests without the header, and the deployment's secret"
     );
     for n in 0..100_000u32 {
         let mut value = n.to_le_bytes().to_vec();

@@ -506,3 +506,44 @@ fn timeouts_of_calls_admitted_before_a_trip_do_not_reopen_the_closed_breaker() {
     assert_eq!(stats.get(&stat("opened")), Some(1), "no second trip");
     assert_eq!(upstream.count_path("/ok"), 11);
 }
+
+/// Point 8: key parts were hashed as sent, so each spelling of one path or authority got a fresh
+/// bucket; and the slot hash was seeded by names alone. Now variants share one bucket (and the
+/// hash is keyed by a secret each deployment makes once in shared data).
+#[test]
+fn spellings_of_one_path_or_authority_share_a_bucket() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(2)
+            .seawall(
+                r#"{"rate_limits": {
+                        "by-path": {"rate": "1/h", "burst": 2, "key": ["path"], "max_keys": 1000},
+                        "by-host": {"rate": "1/h", "burst": 2, "key": ["authority"], "max_keys": 1000}},
+                    "routes": [{"name": "hosts", "match": {"headers": [{"name": "x-by", "exact": "host"}]}, "rate_limits": ["by-host"]},
+                               {"name": "paths", "rate_limits": ["by-path"]}]}"#,
+            ),
+    );
+    let mut client = Client::connect(envoy.listener_addr());
+    let paths = ["/p/items", "/P//items?page=2", "/%70/%49tems", "/p/other"];
+    let statuses: Vec<u16> = paths
+        .iter()
+        .map(|path| client.send(&Request::get(path)).unwrap().status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 200], "{paths:?}");
+    let hosts = [
+        "shop.example.com",
+        "Shop.Example.COM:10000",
+        "SHOP.example.com:443",
+        "other.example.com",
+    ];
+    let statuses: Vec<u16> = hosts
+        .iter()
+        .map(|host| {
+            let request = Request::get("/h").authority(host).header("x-by", "host");
+            client.send(&request).unwrap().status
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 200], "{hosts:?}");
+    assert_eq!(upstream.total(), 6);
+}

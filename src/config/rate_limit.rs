@@ -122,8 +122,10 @@ pub enum KeyPart {
     Raw(AttributeId),
     /// `source.address` without its port.
     ClientIp(AttributeId),
-    /// `:path` without its query string.
+    /// `:path` without its query string, in its canonical form.
     Path(AttributeId),
+    /// `:authority`, lowercased and without its port.
+    Authority(AttributeId),
 }
 
 /// A compiled rate-limit policy.
@@ -187,9 +189,9 @@ pub fn compile_key(
             RawKeyPart::Named(NamedPart::Method) => {
                 attributes.intern(Attribute::method()).map(KeyPart::Raw)
             }
-            RawKeyPart::Named(NamedPart::Authority) => {
-                attributes.intern(Attribute::authority()).map(KeyPart::Raw)
-            }
+            RawKeyPart::Named(NamedPart::Authority) => attributes
+                .intern(Attribute::authority())
+                .map(KeyPart::Authority),
             RawKeyPart::Named(NamedPart::RouteName) => {
                 attributes.intern(Attribute::route_name()).map(KeyPart::Raw)
             }

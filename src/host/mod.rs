@@ -41,6 +41,18 @@ proxy_wasm::main! {{
     });
 }}
 
+/// A random 64-bit value for the deployment's secret (used only if no worker made one yet).
+/// std's `RandomState` draws its keys from WASI's `random_get`, which Envoy serves from its own
+/// random source; the time and context id are mixed in so that a host that answered with zeros
+/// would still not give every deployment the same secret.
+fn fresh_secret(context_id: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(abi::now_nanos());
+    hasher.write_u32(context_id);
+    hasher.finish()
+}
+
 /// The tick that resumes delayed requests, on only while some are waiting: the granularity of
 /// injected delays.
 const TICK_MS: u32 = 1;
@@ -175,7 +187,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let created = match engine.prepare_state(&HostStore) {
+        let created = match engine.prepare_state(&HostStore, fresh_secret(self.context_id)) {
             Ok(created) => created,
             Err(error) => {
                 log::error!(

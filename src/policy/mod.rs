@@ -4,6 +4,7 @@
 pub mod circuit_breaker;
 pub mod degradation;
 pub mod fault;
+pub mod key;
 pub mod rate_limit;
 pub mod retry;
 pub mod route;

@@ -15,7 +15,7 @@
 use core::time::Duration;
 
 use crate::state::cas::{self, Record, Step, UpdateError};
-use crate::state::slots::{hash_parts, KeyBuf, SlotTable};
+use crate::state::slots::{KeyBuf, SlotTable};
 use crate::state::{SharedStore, StoreError};
 
 /// How many times one decision may lose a CAS race before the failure mode decides. A lost race
@@ -186,17 +186,13 @@ pub enum BucketChoice<'k> {
 }
 
 impl Buckets {
-    /// Picks the bucket for a request whose key parts are `parts` (`None` if one is missing).
-    pub fn choose<'k>(
-        &'k self,
-        parts: Option<&[&[u8]]>,
-        buffer: &'k mut KeyBuf,
-    ) -> BucketChoice<'k> {
-        match (self, parts) {
+    /// Picks the bucket for a request whose client key hashes to `hash` (`None`: a part is
+    /// missing; see `policy::key` for the hash).
+    pub fn choose<'k>(&'k self, hash: Option<u64>, buffer: &'k mut KeyBuf) -> BucketChoice<'k> {
+        match (self, hash) {
             (Buckets::Single { key }, _) => BucketChoice::Key(key),
-            (Buckets::Keyed { slots, seed, .. }, Some(parts)) => {
-                let slot = slots.slot_of(hash_parts(*seed, parts));
-                BucketChoice::Key(slots.key(slot, buffer))
+            (Buckets::Keyed { slots, .. }, Some(hash)) => {
+                BucketChoice::Key(slots.key(slots.slot_of(hash), buffer))
             }
             (Buckets::Keyed { missing, .. }, None) => match missing {
                 MissingKey::Skip => BucketChoice::Exempt,
@@ -373,7 +369,7 @@ mod tests {
             missing: MissingKey::Skip,
         };
         let mut buffer = KeyBuf::default();
-        let BucketChoice::Key(key) = buckets.choose(Some(&[b"alice"]), &mut buffer) else {
+        let BucketChoice::Key(key) = buckets.choose(Some(0xa11ce), &mut buffer) else {
             unreachable!("a keyed request has a bucket")
         };
         assert!(key.starts_with("sw:p:rl:u:"));

@@ -8,6 +8,9 @@ use seawall::metrics::FakeMetrics;
 use seawall::request::{FakeRequest, RequestView, Scratch};
 use seawall::state::fake::FakeStore;
 
+/// The deployment secret every test worker adopts (a real one is random, from the host).
+pub const TEST_SECRET: u64 = 0x5ea_5ec2e7;
+
 pub struct Worker {
     pub engine: Engine,
     pub metrics: FakeMetrics,
@@ -19,7 +22,7 @@ impl Worker {
     pub fn new(json: &str, store: &FakeStore) -> Worker {
         let mut metrics = FakeMetrics::new();
         let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-        engine.prepare_state(store).unwrap();
+        engine.prepare_state(store, TEST_SECRET).unwrap();
         let scratch = Scratch::for_plan(&engine.config().attributes);
         Worker {
             engine,

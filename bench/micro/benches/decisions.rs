@@ -90,7 +90,7 @@ fn decisions(c: &mut Criterion) {
     let mut metrics = FakeMetrics::new();
     let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
     let store = FakeStore::new();
-    engine.prepare_state(&store).unwrap();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
     let mut scratch = Scratch::for_plan(&engine.config().attributes);
     let mut now = 1_800_000_000_000_000_000u64;
     let cases = [
