@@ -38,7 +38,8 @@ use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LE
 use crate::policy::route::{Route, RouteBreaker, RouteIndex};
 use crate::request::{Attribute, AttributeId, AttributePlan, AttributeSource, RequestView};
 use crate::state::cas::{self, ensure, UpdateError};
-use crate::state::slots::KeyBuf;
+use crate::state::generation;
+use crate::state::slots::{hash_parts, KeyBuf};
 use crate::state::{SharedStore, StoreError};
 
 /// Adds `x-seawall-route: <name>` to responses when `debug.route_header` is on.
@@ -84,6 +85,10 @@ pub struct Engine {
     /// `prepare_state`, and its shared-data key.
     secret: Cell<u64>,
     secret_key: String,
+    /// This config's generation (see `state::generation`), adopted by `prepare_state` when a
+    /// policy keeps state that only the newest config may drive, and its shared-data key.
+    generation: Cell<u32>,
+    generation_key: String,
 }
 
 /// A fault policy's metrics and ready-made abort headers.
@@ -543,6 +548,7 @@ impl Engine {
             .map(|policy| degradation::DegradationRuntime::new(policy, registry))
             .collect::<Result<Vec<_>, _>>()?;
         let secret_key = format!("sw:{}:secret", config.name);
+        let generation_key = format!("sw:{}:generation", config.name);
         Ok(Engine {
             config,
             route_requests,
@@ -557,6 +563,8 @@ impl Engine {
             random: Cell::new(Random::seeded(0x5ea_0a11)),
             secret: Cell::new(0),
             secret_key,
+            generation: Cell::new(0),
+            generation_key,
         })
     }
 
@@ -605,6 +613,18 @@ impl Engine {
         let secret = cas::read::<8, Secret, _>(store, &self.secret_key)?
             .map_or(fresh_secret, |(secret, _)| secret.0);
         self.secret.set(secret);
+        if !self.config.degradations.is_empty() {
+            // The whole compiled config, so any change to it is a new generation.
+            let fingerprint = hash_parts(0, &[format!("{:?}", self.config).as_bytes()]);
+            let number =
+                generation::adopt(store, &self.generation_key, fingerprint).map_err(|error| {
+                    match error {
+                        UpdateError::Store(error) => error,
+                        UpdateError::Exhausted { .. } => StoreError::CasMismatch,
+                    }
+                })?;
+            self.generation.set(number);
+        }
         for policy in &self.config.rate_limits {
             policy.buckets.all_keys(|key| {
                 created += usize::from(ensure(store, key, &Tat(0))?);

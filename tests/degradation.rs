@@ -917,3 +917,49 @@ fn a_rerouted_request_is_none_of_the_primary_breakers_business() {
     );
     assert_eq!(worker.counter("seawall.degradation.payments.rerouted"), 21);
 }
+
+/// Issue 14, point 7: after a reload the old root context lives until its listener drains and
+/// keeps ticking, and a lease holder could renew forever: the old thresholds and probe target
+/// kept driving the shared level. Now a superseded config follows the level but never leads it.
+#[test]
+fn after_a_reload_only_the_newest_config_leads_the_level_and_sends_probes() {
+    let config = |cluster: &str| {
+        format!(
+            r#"{{"degradation": {{"payments": {{
+                "signals": {{"probe": {{"cluster": "{cluster}", "interval": "200ms", "timeout": "100ms",
+                                         "unhealthy_after": 1, "healthy_after": 1}}}},
+                "levels": [{{"name": "down", "enter": {{"probe": "unhealthy"}}}}]}}}},
+               "routes": [{{"name": "api", "degradation": "payments"}}]}}"#
+        )
+    };
+    let store = FakeStore::new();
+    let old = Worker::new(&config("old-health"), &store);
+    // The old config leads for a second: it holds the lease and sends the probes.
+    let mut at = T0;
+    let mut old_probes = 0;
+    while at < T0 + 1_000 * MS {
+        old_probes += old.tick(1, at, &store, false);
+        at += 100 * MS;
+    }
+    assert!(old_probes >= 4, "{old_probes}");
+    // The reload: the new config's probes fail; the old root keeps ticking.
+    let new = Worker::new(&config("new-health"), &store);
+    let (mut old_after, mut new_after) = (0, 0);
+    while at < T0 + 5_000 * MS {
+        old_after += old.tick(1, at, &store, false);
+        new_after += new.tick(2, at, &store, true);
+        at += 100 * MS;
+    }
+    assert_eq!(old_after, 0, "the superseded config sends no probe");
+    assert!(new_after >= 15, "the newest config probes: {new_after}");
+    assert_eq!(
+        new.engine.degradation_level(0),
+        Some(1),
+        "its failing probes lead"
+    );
+    assert_eq!(
+        old.engine.degradation_level(0),
+        Some(1),
+        "the old root follows"
+    );
+}

@@ -25,6 +25,7 @@ use crate::policy::rate_limit::MAX_CAS_ATTEMPTS;
 use crate::policy::route::{Route, RouteBreaker, RouteDegradation, RouteIndex};
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::{self, ensure, Step, UpdateError};
+use crate::state::generation;
 use crate::state::slots::KeyBuf;
 use crate::state::{SharedStore, StoreError};
 
@@ -442,12 +443,23 @@ impl Engine {
             let window = self.share_tally(policy, runtime, now_nanos, store, metrics);
             self.share_admission(policy, runtime, now_nanos, store, metrics);
             let ttl = u64::try_from(LEASE_TTL.as_nanos()).unwrap_or(u64::MAX);
+            // A superseded config (an old root ticking until its listener drains) follows the
+            // level but never leads it: the newest config's thresholds and probes decide.
+            let newest =
+                match generation::is_current(store, &self.generation_key, self.generation.get()) {
+                    Some(current) => current,
+                    None => {
+                        metrics.increment(counters.store_errors, 1);
+                        false
+                    }
+                };
             // Only the lease holder evaluates, so only a worker that holds or can take the lease
             // scans the breaker's records (up to its `max_keys` reads).
-            let may_lead = matches!(
-                cas::read::<HEALTH_LEN, Health, _>(store, &policy.health_key),
-                Ok(Some((health, _))) if claim(health.lease, me, now_nanos, ttl).is_some()
-            );
+            let may_lead = newest
+                && matches!(
+                    cas::read::<HEALTH_LEN, Health, _>(store, &policy.health_key),
+                    Ok(Some((health, _))) if claim(health.lease, me, now_nanos, ttl).is_some()
+                );
             let breaker_open = match self.watched_breaker(policy) {
                 Some(breaker) if may_lead => Some(self.breaker_is_open(breaker, now_nanos, store)),
                 Some(_) => None,
@@ -459,7 +471,7 @@ impl Engine {
                 health.level = health
                     .level
                     .min(u8::try_from(policy.levels.len()).unwrap_or(0));
-                let Some(lease) = claim(health.lease, me, now_nanos, ttl) else {
+                let Some(lease) = claim(health.lease, me, now_nanos, ttl).filter(|_| newest) else {
                     return Step::Keep(TickOutcome::follower(health));
                 };
                 let mut next = health;

@@ -9,6 +9,7 @@
 
 pub mod cas;
 pub mod fake;
+pub mod generation;
 pub mod slots;
 
 use core::fmt;
