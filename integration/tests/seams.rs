@@ -547,3 +547,56 @@ fn spellings_of_one_path_or_authority_share_a_bucket() {
     assert_eq!(statuses, [200, 200, 429, 200], "{hosts:?}");
     assert_eq!(upstream.total(), 6);
 }
+
+/// Point 7: after a reload the old root contexts keep ticking until their listener drains, and
+/// their lease holder kept the old probe target (and thresholds) in charge. After a push that
+/// moves the probe to another path, the old path stops getting probes within about a second.
+#[test]
+fn after_a_reload_the_old_config_stops_probing() {
+    let upstream = Upstream::start();
+    let health = Upstream::start();
+    let plugin = |path: &str| {
+        format!(
+            r#"{{"degradation": {{"payments": {{
+                "signals": {{"probe": {{"cluster": "health", "path": "{path}", "interval": "100ms", "timeout": "50ms"}}}},
+                "levels": [{{"name": "down", "enter": {{"probe": "unhealthy"}}}}]}}}},
+               "routes": [{{"name": "api", "degradation": "payments"}}]}}"#
+        )
+    };
+    let mut envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .cluster("health", health.addr())
+            .concurrency(2)
+            .xds_from_files(true)
+            .seawall(&plugin("/healthz/old")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health.count_path("/healthz/old") < 5 {
+        assert!(Instant::now() < deadline, "the old config probes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pushed = envoy.config().seawall(&plugin("/healthz/new"));
+    assert_eq!(envoy.push_listener(&pushed), LdsOutcome::Accepted);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health.count_path("/healthz/new") < 5 {
+        assert!(Instant::now() < deadline, "the new config probes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The new config probes, so the handover is done: from here the old path gets nothing.
+    let old_then = health.count_path("/healthz/old");
+    let new_then = health.count_path("/healthz/new");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health.count_path("/healthz/new") < new_then + 20 {
+        assert!(Instant::now() < deadline, "the new config keeps probing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let old_after = health.count_path("/healthz/old") - old_then;
+    eprintln!(
+        "[seams] after the push: the new path got {} more probes, the old one {old_after}",
+        health.count_path("/healthz/new") - new_then
+    );
+    assert_eq!(
+        old_after, 0,
+        "the old root contexts tick on, but no longer probe"
+    );
+}
