@@ -155,6 +155,8 @@ struct BreakerMetrics {
     closed: MetricId,
     probes_restarted: MetricId,
     untracked: MetricId,
+    /// Admissions from the table's overflow record (every slot the key may use was held).
+    overflow: MetricId,
     cas_retries: MetricId,
     cas_exhausted: MetricId,
     store_errors: MetricId,
@@ -471,6 +473,7 @@ impl Engine {
                 closed: counter("closed")?,
                 probes_restarted: counter("probes_restarted")?,
                 untracked: counter("untracked")?,
+                overflow: counter("overflow")?,
                 cas_retries: counter("cas_retries")?,
                 cas_exhausted: counter("cas_exhausted")?,
                 store_errors: counter("store_errors")?,
@@ -635,7 +638,8 @@ impl Engine {
         for policy in &self.config.circuit_breakers {
             if let Some(table) = &policy.table {
                 let mut buffer = KeyBuf::default();
-                for slot in 0..table.slots() {
+                // Its slots and, one past them, its overflow record.
+                for slot in 0..=table.slots() {
                     created += usize::from(ensure(store, table.key(slot, &mut buffer), &fresh)?);
                 }
             }
@@ -1311,6 +1315,9 @@ impl Engine {
                 if let Some(transition) = transition {
                     count_transition(counters, transition, metrics);
                 }
+                if at.owner == circuit_breaker::OVERFLOW_OWNER && policy.table.is_some() {
+                    metrics.increment(counters.overflow, 1);
+                }
                 (admission, at)
             }
             Admitted::NoRecord => {
@@ -1403,8 +1410,9 @@ impl Engine {
                 let value = request.get(*id).unwrap_or_default();
                 let mut hasher = KeyHasher::new(policy.seed, self.secret.get());
                 hasher.part(value, Form::Exact);
-                let fingerprint = hasher.finish();
-                Some((Records::Table(table), fingerprint.max(1)))
+                // 1 is the overflow record's.
+                let fingerprint = hasher.finish().max(2);
+                Some((Records::Table(table), fingerprint))
             }
             _ => None,
         }

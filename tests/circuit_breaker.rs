@@ -426,21 +426,28 @@ fn tenant(name: &str) -> FakeRequest {
 fn keys_never_share_a_record_and_idle_records_are_reused() {
     let store = FakeStore::new();
     let mut worker = Worker::new(BY_TENANT, &store);
-    assert_eq!(store.keys_with_prefix("sw:seawall:cb:tenant:"), 2);
+    assert_eq!(
+        store.keys_with_prefix("sw:seawall:cb:tenant:"),
+        3,
+        "two slots and the overflow record"
+    );
     assert_eq!(worker.call(tenant("a"), T0, &store, 200), Seen::Upstream);
     assert_eq!(
         worker.call(tenant("b"), T0 + 1, &store, 200),
         Seen::Upstream
     );
-    // Both records are held: a third key is let through untracked, whatever it does.
-    for n in 0..3 {
-        assert_eq!(
-            worker.call(tenant("c"), T0 + 2 + n, &store, 503),
-            Seen::Upstream
-        );
-    }
-    assert_eq!(worker.metric("tenant.untracked"), 3);
-    assert_eq!(worker.metric("tenant.opened"), 0);
+    // Both slots are held: a third key shares the overflow record, which its failure opens.
+    assert_eq!(
+        worker.call(tenant("c"), T0 + 2, &store, 503),
+        Seen::Upstream
+    );
+    assert_eq!(
+        worker.start(tenant("c"), T0 + 3, &store).unwrap_err(),
+        refused(30, "open")
+    );
+    assert_eq!(worker.metric("tenant.overflow"), 2);
+    assert_eq!(worker.metric("tenant.untracked"), 0);
+    assert_eq!(worker.metric("tenant.opened"), 1);
     // One tenant's failure opens its breaker only.
     worker.call(tenant("a"), T0 + 10, &store, 503);
     assert_eq!(
@@ -454,14 +461,56 @@ fn keys_never_share_a_record_and_idle_records_are_reused() {
     // After a whole window without traffic, b's closed record is free for c; a's open one is not.
     let later = T0 + 11 * SECOND;
     worker.call(tenant("c"), later, &store, 503);
-    assert_eq!(worker.metric("tenant.opened"), 2);
+    assert_eq!(worker.metric("tenant.opened"), 3);
     assert!(worker.start(tenant("c"), later + 1, &store).is_err());
     assert!(worker.start(tenant("a"), later + 2, &store).is_err());
     assert_eq!(
         store.keys_with_prefix("sw:seawall:cb:tenant:"),
-        2,
+        3,
         "no key was created"
     );
+}
+
+/// Issue 14, point 6: open and half-open records were never freed, so a key that went idle while
+/// open held its slot for good; and a key whose neighbouring slots were all held got no breaker
+/// at all (3 of 60 keys in a 100-slot table), which a client could arrange on purpose.
+#[test]
+fn any_number_of_keys_over_time_each_get_a_breaker() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(BY_TENANT, &store);
+    // Two tenants trip and go away while open.
+    for name in ["a", "b"] {
+        worker.call(tenant(name), T0, &store, 503);
+    }
+    assert_eq!(worker.metric("tenant.opened"), 2);
+    // Newcomers share the overflow record meanwhile: still a breaker, never untracked.
+    assert_eq!(
+        worker.call(tenant("c"), T0 + SECOND, &store, 200),
+        Seen::Upstream
+    );
+    assert_eq!(worker.metric("tenant.overflow"), 1);
+    // Once the open periods are over by more than max_open_for (60 s) with nobody probing,
+    // the records are free again, and newcomers get records of their own.
+    let later = T0 + 30 * SECOND + 61 * SECOND;
+    for (n, name) in ["d", "e"].into_iter().enumerate() {
+        assert_eq!(
+            worker.call(tenant(name), later + n as u64, &store, 200),
+            Seen::Upstream
+        );
+    }
+    assert_eq!(
+        worker.metric("tenant.overflow"),
+        1,
+        "d and e have slots of their own"
+    );
+    // e's failure opens e's breaker, not d's.
+    worker.call(tenant("e"), later + 10, &store, 503);
+    assert!(worker.start(tenant("e"), later + 11, &store).is_err());
+    assert_eq!(
+        worker.call(tenant("d"), later + 12, &store, 200),
+        Seen::Upstream
+    );
+    assert_eq!(worker.metric("tenant.untracked"), 0);
 }
 
 #[test]

@@ -307,8 +307,7 @@ fn a_flood_of_distinct_keys_does_not_grow_envoy() {
         .unwrap();
     assert_eq!(response.status, 200);
     let log = envoy.log();
-    assert!(
-        log.contains("1001 shared-data keys created") || log.contains("0 shared-data keys created"),
-        "{log}"
-    );
+    // The first worker to load creates every key: 1000 slots, the bucket for requests without
+    // the header, and the deployment's secret; the others find them.
+    assert!(log.contains("1002 shared-data keys created"), "{log}");
 }

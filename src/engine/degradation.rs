@@ -674,7 +674,7 @@ impl Engine {
         match &policy.table {
             Some(table) => {
                 let mut buffer = KeyBuf::default();
-                (0..table.slots()).any(|slot| open(table.key(slot, &mut buffer)))
+                (0..=table.slots()).any(|slot| open(table.key(slot, &mut buffer)))
             }
             None => self.config.routes.routes().iter().any(|route| {
                 matches!(

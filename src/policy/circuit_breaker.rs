@@ -27,6 +27,11 @@ pub const WINDOW_BUCKETS: usize = 10;
 /// moves on to the next one, so two clusters never share a breaker unless the table is full.
 pub const PROBE_LIMIT: u32 = 4;
 
+/// The fingerprint of the table's overflow record, one past its last slot: the keys whose
+/// `PROBE_LIMIT` slots are all held by other active keys share it, so a full table (or a client
+/// that fills it on purpose) never leaves a key without a breaker. Key fingerprints are at least 2.
+pub const OVERFLOW_OWNER: u64 = 1;
+
 /// How many lost CAS races one decision tolerates; then the breaker fails open (admits, untracked).
 pub const MAX_CAS_ATTEMPTS: u32 = 32;
 
@@ -611,13 +616,22 @@ fn nanos(span: Duration) -> u64 {
 
 /// Whether a key may take this record: nobody holds it, or its holder left it closed and has had
 /// no traffic for a whole window, so the record remembers nothing worth keeping.
-fn is_free_for(state: &BreakerState, owner: u64, epoch: u64) -> bool {
+///
+/// A record left open or half-open by a key that went away is free too, once nothing can still
+/// be waiting on it: an open period over by more than `max_open_for` with no request to probe
+/// it, or a half-open episode twice its probe deadline old.
+fn is_free_for(breaker: &Breaker, state: &BreakerState, owner: u64, now: u64) -> bool {
     if state.owner == 0 {
         return true;
     }
+    if state.owner == owner {
+        return false;
+    }
+    let idle = nanos(breaker.max_open_for.max(breaker.open_for));
     match state.circuit {
-        Circuit::Closed { window, .. } => state.owner != owner && window.is_expired_at(epoch),
-        Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
+        Circuit::Closed { window, .. } => window.is_expired_at(breaker.epoch(now)),
+        Circuit::Open { until } => now.saturating_sub(until) > idle,
+        Circuit::HalfOpen { since, .. } => now.saturating_sub(since) > idle.saturating_mul(2),
     }
 }
 
@@ -672,7 +686,8 @@ pub fn admit<S: SharedStore + ?Sized>(
 ) -> (Admitted, u32) {
     let (first, tries) = match records {
         Records::One(_) => (0, 1),
-        Records::Table(table) => (table.slot_of(owner), PROBE_LIMIT.min(table.slots())),
+        // The key's slots, then the overflow record.
+        Records::Table(table) => (table.slot_of(owner), PROBE_LIMIT.min(table.slots()) + 1),
     };
     let slots = match records {
         Records::One(_) => 1,
@@ -681,7 +696,10 @@ pub fn admit<S: SharedStore + ?Sized>(
     let epoch = breaker.epoch(now);
     let mut races = 0;
     for attempt in 0..tries {
-        let slot = (first + attempt) % slots.max(1);
+        let (slot, owner) = match records {
+            Records::Table(_) if attempt + 1 == tries => (slots, OVERFLOW_OWNER),
+            _ => ((first + attempt) % slots.max(1), owner),
+        };
         let mut buffer = KeyBuf::default();
         let key = record_key(records, slot, &mut buffer);
         let outcome = cas::update(
@@ -691,7 +709,7 @@ pub fn admit<S: SharedStore + ?Sized>(
             |state: Option<BreakerState>| {
                 let state = state.unwrap_or(BreakerState::fresh());
                 if state.owner != owner {
-                    if !is_free_for(&state, owner, epoch) {
+                    if !is_free_for(breaker, &state, owner, now) {
                         return Step::Keep(None);
                     }
                     let claimed = BreakerState {
