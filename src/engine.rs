@@ -789,8 +789,21 @@ impl Engine {
         } else {
             self.inject(route, request, now, store, metrics, &mut stream)
         };
-        let retry = match (&verdict, route.policies.retry) {
-            (Verdict::Continue | Verdict::Pause { .. }, Some(index)) => {
+        // An injected abort is seawall's answer, not the upstream's (at once or after its delay):
+        // no outcome for the breaker or degradation, and no retries.
+        let reaches_upstream = stream.faults.abort.is_none()
+            && matches!(verdict, Verdict::Continue | Verdict::Pause { .. });
+        if !reaches_upstream {
+            if let Some(ticket) = stream.breaker.take() {
+                self.settle(route, ticket, Outcome::Abandoned, now, store, metrics);
+            }
+        }
+        // An injected delay is not the upstream's slowness: outcomes are timed from its end.
+        if let Verdict::Pause { until } = verdict {
+            stream.started = until;
+        }
+        let retry = match route.policies.retry {
+            Some(index) if reaches_upstream => {
                 // A probe, a would-be refusal of the breaker, or a degradation level that turns
                 // retries off gets no retries.
                 let probe = matches!(
@@ -806,8 +819,7 @@ impl Engine {
             _ => None,
         };
         if let Some(choice) = route.policies.degradation {
-            let upstream = matches!(verdict, Verdict::Continue | Verdict::Pause { .. });
-            self.degradation_admitted(choice, &degrade, upstream, &mut stream);
+            self.degradation_admitted(choice, &degrade, reaches_upstream, &mut stream);
         }
         RequestDecision {
             stream,

@@ -421,6 +421,11 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             Verdict::Pause { .. } => {
+                // The delay is skipped: the request goes on (or gets its abort) now, so its
+                // outcome is timed from now.
+                if let Some(state) = self.state.as_mut() {
+                    state.started = now;
+                }
                 match engine.delay_not_queued(&decision.stream, &HostMetrics) {
                     Verdict::Reply(reply) => {
                         worker.reply.send_local_reply(&reply);
