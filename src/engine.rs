@@ -1,10 +1,22 @@
-//! The core's entry points per stream: what to do with a request, and what to add to its response.
+//! The request pipeline: the stages in their fixed order, and how they compose.
 //!
-//! The host calls these with the request's attributes, the time, the shared store and the metric
-//! sink, and carries out the returned decision. Everything per request is decided here, in plain
-//! Rust, so the whole pipeline runs in native tests against fakes; the host only translates.
-//! Metric names are built once in [`Engine::new`]; the request path bumps ids and allocates
-//! nothing.
+//! The host calls these entry points with the request's attributes, the time, the shared store
+//! and the metric sink, and carries out the returned decision; it decides nothing. One module per
+//! stage under `engine/` holds that policy's runtime and its part of each callback. This file
+//! runs them, in this order, and states their composition rules in one place (`decide`):
+//!
+//! 1. a client's reroute header is removed, before anything reads `xds.*`;
+//! 2. the route is matched;
+//! 3. degradation: admission control, fallback and shedding answer at once; the level's actions
+//!    (reroute, rate-limit factor, retries off) apply to the stages after it;
+//! 4. the circuit breaker, unless the request is rerouted;
+//! 5. the rate limits, all or none (a refused request gives back its breaker probe slot);
+//! 6. the faults (an injected abort is no outcome for the breaker or degradation, and gets no
+//!    retries; outcomes are timed from the end of an injected delay);
+//! 7. the retry grant (none for a probe, a would-be breaker refusal, or a level without retries).
+//!
+//! A stage that answers the request ends it. Metric names are built once in [`Engine::new`]; the
+//! request path bumps ids and allocates nothing.
 
 mod breaker;
 mod decision;
@@ -13,46 +25,28 @@ mod fault;
 mod limits;
 mod retries;
 
-use breaker::BreakerRuntime;
-use fault::FaultRuntime;
-use limits::RateLimitMetrics;
-
 pub use decision::*;
-use retries::RetryMetrics;
-
 pub use degradation::{DEGRADED_HEADER, TICK as DEGRADATION_TICK};
 
 use core::cell::Cell;
-use core::time::Duration;
+
+use breaker::BreakerRuntime;
+use fault::FaultRuntime;
+use limits::RateLimitMetrics;
+use retries::RetryMetrics;
 
 use crate::clock::Timestamp;
-use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
-use crate::config::fault::FaultPolicy;
-use crate::config::rate_limit::KeyPart;
-use crate::config::retry::RetryMode;
-use crate::config::{CircuitBreakerPolicy, PluginConfig, RateLimitPolicy};
+use crate::config::PluginConfig;
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
-use crate::policy::circuit_breaker::{
-    self, Admission, Admitted, BreakerState, Located, Outcome, Recorded, Records, ResponseFacts,
-    Role, Transition,
-};
-use crate::policy::fault::{
-    self as chaos, parse_decimal, parse_percent, secret_matches, Active, Draw, Random, Slot,
-    SALT_ABORT, SALT_COHORT, SALT_DELAY, SALT_RESPONSE,
-};
-use crate::policy::key::{Form, KeyHasher, Secret};
-use crate::policy::rate_limit::{
-    self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Mode, Tat,
-};
-use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
-use crate::policy::route::{Route, RouteBreaker, RouteIndex};
-use crate::request::{Attribute, AttributeId, AttributePlan, AttributeSource, RequestView};
+use crate::policy::circuit_breaker::{Outcome, ResponseFacts, Role};
+use crate::policy::fault::Random;
+use crate::policy::key::Secret;
+use crate::request::{AttributeId, AttributeSource, RequestView};
 use crate::state::cas::{self, ensure, UpdateError};
-use crate::state::generation;
-use crate::state::slots::{hash_parts, KeyBuf};
-use crate::state::{SharedStore, StoreError};
+use crate::state::slots::hash_parts;
+use crate::state::{generation, SharedStore, StoreError};
 
 /// Adds `x-seawall-route: <name>` to responses when `debug.route_header` is on.
 pub const ROUTE_HEADER: &str = "x-seawall-route";
@@ -207,11 +201,10 @@ impl Engine {
     }
 
     /// Creates every shared-data key the policies can touch, before any request does (see
-    /// `SharedStore` on why inserts race). Existing keys keep their state across reloads. Returns
-    /// how many keys were written.
-    /// Creates every shared-data key this config can touch, and adopts the deployment's secret
-    /// for client-key hashes: the one in shared data, or `fresh_secret` (random, from the host)
-    /// if this is the first config to load. Returns how many keys it created.
+    /// `SharedStore` on why inserts race); existing keys keep their state across reloads. Adopts
+    /// the deployment's secret for client-key hashes (the one in shared data, or `fresh_secret`,
+    /// random from the host, if this is the first config to load) and this config's generation.
+    /// Returns how many keys it created.
     pub fn prepare_state(
         &self,
         store: &impl SharedStore,
@@ -233,43 +226,11 @@ impl Engine {
                 })?;
             self.generation.set(number);
         }
-        for policy in &self.config.rate_limits {
-            policy.buckets.all_keys(|key| {
-                created += usize::from(ensure(store, key, &Tat(0))?);
-                Ok(())
-            })?;
-        }
-        let fresh = BreakerState::fresh();
-        for policy in &self.config.circuit_breakers {
-            if let Some(table) = &policy.table {
-                let mut buffer = KeyBuf::default();
-                // Its slots and, one past them, its overflow record.
-                for slot in 0..=table.slots() {
-                    created += usize::from(ensure(store, table.key(slot, &mut buffer), &fresh)?);
-                }
-            }
-        }
-        for policy in self.config.retries.iter().filter(|p| p.budget.is_some()) {
-            created += usize::from(ensure::<BUDGET_LEN, _, _>(
-                store,
-                &policy.key,
-                &retry::BudgetState::empty(),
-            )?);
-        }
-        for policy in &self.config.faults {
-            if policy.max_active.is_some() {
-                created += usize::from(ensure(store, &policy.active_key, &Active::default())?);
-            }
-        }
+        created += self.prepare_limits(store)?;
+        created += self.prepare_breakers(store)?;
+        created += self.prepare_budgets(store)?;
+        created += self.prepare_fault_slots(store)?;
         created += self.prepare_degradation_state(store)?;
-        for route in self.config.routes.routes() {
-            if let Some(RouteBreaker {
-                record: Some(key), ..
-            }) = &route.policies.circuit_breaker
-            {
-                created += usize::from(ensure(store, key, &fresh)?);
-            }
-        }
         Ok(created)
     }
 
@@ -448,31 +409,7 @@ impl Engine {
         };
         self.release_faults(route, &stream.faults, now, store, metrics);
         self.note_outcome(route, stream, facts);
-        let Some(ticket) = stream.breaker else {
-            return;
-        };
-        let Some((policy, runtime, _)) = self.records_of(route) else {
-            return;
-        };
-        let elapsed = stream
-            .responded
-            .map(|responded| responded.saturating_since(stream.started));
-        let outcome = policy.classifier.outcome(facts, elapsed, ticket.grpc);
-        if let Outcome::Completed { failed, slow } = outcome {
-            let counters = &runtime.metrics;
-            metrics.increment(
-                if failed {
-                    counters.failures
-                } else {
-                    counters.successes
-                },
-                1,
-            );
-            if slow {
-                metrics.increment(counters.slow_calls, 1);
-            }
-        }
-        self.settle(route, ticket, outcome, now, store, metrics);
+        self.breaker_outcome(route, stream, facts, now, store, metrics);
     }
 
     /// Called with the response headers: notes when they came and says what to change.
@@ -483,16 +420,7 @@ impl Engine {
         metrics: &impl MetricSink,
     ) -> ResponseDecision<'_> {
         stream.responded = Some(now);
-        let fault = stream.faults.response.and_then(|position| {
-            let route = self.config.routes.get(stream.route?)?;
-            let index = *route.policies.faults.get(usize::from(position))?;
-            let response = self.config.faults.get(index)?.response.as_ref()?;
-            metrics.increment(self.faults.get(index)?.metrics.response_faults, 1);
-            Some(FaultedResponse {
-                status: response.status,
-                body: response.body.as_deref(),
-            })
-        });
+        let fault = self.response_fault(stream, metrics);
         let route_header = if self.config.debug.route_header {
             stream
                 .route
@@ -519,32 +447,6 @@ mod tests {
     use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        let reply = |wait| LocalReply {
-            degraded: None,
-            status: 429,
-            body: b"",
-            headers: &[],
-            retry_after: wait,
-            grpc_status: None,
-            rate_limit: None,
-        };
-        assert_eq!(
-            reply(Some(Duration::from_millis(1200))).retry_after_seconds(),
-            Some(2)
-        );
-        assert_eq!(
-            reply(Some(Duration::from_secs(3))).retry_after_seconds(),
-            Some(3)
-        );
-        assert_eq!(
-            reply(Some(Duration::from_nanos(1))).retry_after_seconds(),
-            Some(1)
-        );
-        assert_eq!(reply(None).retry_after_seconds(), None);
-    }
 
     #[test]
     fn grpc_is_recognised_by_content_type_prefix() {

@@ -1,6 +1,24 @@
 //! The circuit-breaker stage: admitting a request against its key's record, and settling the
 //! call's outcome on the record it was admitted from.
 
+use crate::clock::Timestamp;
+use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
+use crate::config::CircuitBreakerPolicy;
+use crate::metrics::{
+    metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
+};
+use crate::policy::circuit_breaker::{
+    self, Admission, Admitted, BreakerState, Outcome, Recorded, Records, ResponseFacts, Role,
+    Transition,
+};
+use crate::policy::key::{Form, KeyHasher};
+use crate::policy::route::{Route, RouteBreaker};
+use crate::request::{AttributeSource, RequestView};
+use crate::state::cas::{ensure, UpdateError};
+use crate::state::slots::KeyBuf;
+use crate::state::{SharedStore, StoreError};
+use core::time::Duration;
+
 use super::*;
 
 /// What a breaker needs beyond its policy: its metrics and its ready-made reply headers.
@@ -116,6 +134,70 @@ pub(super) fn count_failure(
 }
 
 impl Engine {
+    /// Creates every record: each keyed table's slots and, one past them, its overflow record,
+    /// and each route's own record.
+    pub(super) fn prepare_breakers(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
+        let mut created = 0;
+        let fresh = BreakerState::fresh();
+        for table in self
+            .config
+            .circuit_breakers
+            .iter()
+            .filter_map(|p| p.table.as_ref())
+        {
+            let mut buffer = KeyBuf::default();
+            for slot in 0..=table.slots() {
+                created += usize::from(ensure(store, table.key(slot, &mut buffer), &fresh)?);
+            }
+        }
+        for route in self.config.routes.routes() {
+            if let Some(RouteBreaker {
+                record: Some(key), ..
+            }) = &route.policies.circuit_breaker
+            {
+                created += usize::from(ensure(store, key, &fresh)?);
+            }
+        }
+        Ok(created)
+    }
+
+    /// Settles the call's outcome with the breaker it was admitted by, when the stream is done.
+    pub(super) fn breaker_outcome(
+        &self,
+        route: &Route,
+        stream: &StreamState,
+        facts: &mut impl ResponseFacts,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) {
+        let Some(ticket) = stream.breaker else {
+            return;
+        };
+        let Some((policy, runtime, _)) = self.records_of(route) else {
+            return;
+        };
+        let elapsed = stream
+            .responded
+            .map(|responded| responded.saturating_since(stream.started));
+        let outcome = policy.classifier.outcome(facts, elapsed, ticket.grpc);
+        if let Outcome::Completed { failed, slow } = outcome {
+            let counters = &runtime.metrics;
+            metrics.increment(
+                if failed {
+                    counters.failures
+                } else {
+                    counters.successes
+                },
+                1,
+            );
+            if slow {
+                metrics.increment(counters.slow_calls, 1);
+            }
+        }
+        self.settle(route, ticket, outcome, now, store, metrics);
+    }
+
     /// Asks the route's breaker whether the request may go on. `Ok(None)`: it goes on untracked
     /// (a disabled breaker, a shadow rejection, or a failure that fails open).
     pub(super) fn admit<S: AttributeSource>(

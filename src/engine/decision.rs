@@ -2,7 +2,11 @@
 //! response, and the replies and header changes to carry out. Plain data, so the host glue only
 //! executes it.
 
-use super::*;
+use crate::clock::Timestamp;
+use crate::policy::circuit_breaker::{Located, Role};
+use crate::policy::route::RouteIndex;
+use crate::request::{Attribute, AttributeId, AttributePlan};
+use core::time::Duration;
 
 /// What the stream carries from its request to its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,4 +234,37 @@ pub struct ResponseDecision<'a> {
 pub struct FaultedResponse<'a> {
     pub status: u16,
     pub body: Option<&'a [u8]>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let reply = |wait| LocalReply {
+            degraded: None,
+            status: 429,
+            body: b"",
+            headers: &[],
+            retry_after: wait,
+            grpc_status: None,
+            rate_limit: None,
+        };
+        assert_eq!(
+            reply(Some(Duration::from_millis(1200))).retry_after_seconds(),
+            Some(2)
+        );
+        assert_eq!(
+            reply(Some(Duration::from_secs(3))).retry_after_seconds(),
+            Some(3)
+        );
+        assert_eq!(
+            reply(Some(Duration::from_nanos(1))).retry_after_seconds(),
+            Some(1)
+        );
+        assert_eq!(reply(None).retry_after_seconds(), None);
+    }
 }

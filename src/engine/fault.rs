@@ -1,6 +1,21 @@
 //! The fault stage: which faults a request gets (aborts, delays, late response faults), the
 //! `max_active` slots they hold, and the fault-control headers a client may send.
 
+use crate::clock::Timestamp;
+use crate::config::FaultPolicy;
+use crate::metrics::{
+    metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
+};
+use crate::policy::fault::{
+    self, parse_decimal, parse_percent, secret_matches, Active, Draw, Random, Slot, SALT_ABORT,
+    SALT_COHORT, SALT_DELAY, SALT_RESPONSE,
+};
+use crate::policy::route::Route;
+use crate::request::{AttributeSource, RequestView};
+use crate::state::cas::{ensure, UpdateError};
+use crate::state::{SharedStore, StoreError};
+use core::time::Duration;
+
 use super::limits::key_hash;
 use super::*;
 
@@ -71,6 +86,35 @@ pub(super) struct AskedFaults {
 }
 
 impl Engine {
+    /// Creates the `max_active` record of every policy that has one.
+    pub(super) fn prepare_fault_slots(
+        &self,
+        store: &impl SharedStore,
+    ) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for policy in self.config.faults.iter().filter(|p| p.max_active.is_some()) {
+            created += usize::from(ensure(store, &policy.active_key, &Active::default())?);
+        }
+        Ok(created)
+    }
+
+    /// The response fault the stream drew, if any: it replaces the upstream's status (and body).
+    pub(super) fn response_fault(
+        &self,
+        stream: &StreamState,
+        metrics: &impl MetricSink,
+    ) -> Option<FaultedResponse<'_>> {
+        let position = stream.faults.response?;
+        let route = self.config.routes.get(stream.route?)?;
+        let index = *route.policies.faults.get(usize::from(position))?;
+        let response = self.config.faults.get(index)?.response.as_ref()?;
+        metrics.increment(self.faults.get(index)?.metrics.response_faults, 1);
+        Some(FaultedResponse {
+            status: response.status,
+            body: response.body.as_deref(),
+        })
+    }
+
     /// The fault-control headers the client sent, whatever the route and whether any fault
     /// policy applies: the secret and the controls never reach an upstream.
     pub(super) fn fault_controls_sent<S: AttributeSource>(
@@ -165,7 +209,7 @@ impl Engine {
             }
             if let Some(max_active) = policy.max_active {
                 let (slot, races) =
-                    chaos::take_slot(store, &policy.active_key, max_active, now.as_nanos());
+                    fault::take_slot(store, &policy.active_key, max_active, now.as_nanos());
                 if races > 0 {
                     metrics.increment(counters.cas_retries, i64::from(races));
                 }
@@ -369,7 +413,7 @@ impl Engine {
             let counters = &runtime.metrics;
             metrics.increment(counters.active, -1);
             if policy.max_active.is_some() {
-                match chaos::give_back_slot(
+                match fault::give_back_slot(
                     store,
                     &policy.active_key,
                     faults.slot_epoch,

@@ -1,6 +1,22 @@
 //! The rate-limit stage: a token from each of the route's buckets, all or none, with the bucket
 //! picked from the client key's keyed hash.
 
+use crate::clock::Timestamp;
+use crate::config::rate_limit::KeyPart;
+use crate::config::RateLimitPolicy;
+use crate::metrics::{
+    metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
+};
+use crate::policy::key::{Form, KeyHasher};
+use crate::policy::rate_limit::{
+    self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Mode, Tat,
+};
+use crate::policy::route::Route;
+use crate::request::{AttributeSource, RequestView};
+use crate::state::cas::ensure;
+use crate::state::slots::KeyBuf;
+use crate::state::{SharedStore, StoreError};
+
 use super::*;
 
 /// The counters of one rate-limit policy, `seawall.rate_limit.<name>.<counter>`.
@@ -77,6 +93,18 @@ pub(super) fn key_hash<S: AttributeSource>(
 }
 
 impl Engine {
+    /// Creates every bucket of every policy.
+    pub(super) fn prepare_limits(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for policy in &self.config.rate_limits {
+            policy.buckets.all_keys(|key| {
+                created += usize::from(ensure(store, key, &Tat(0))?);
+                Ok(())
+            })?;
+        }
+        Ok(created)
+    }
+
     /// Takes a token from every limit on the route, all or nothing: when one limit refuses, the
     /// tokens already taken for this request are given back, so a refused request costs the other
     /// limits nothing. Returns the most restrictive limit's status, or the refusal.

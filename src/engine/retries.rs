@@ -1,6 +1,17 @@
 //! The retry stage: how many retries the router may make for a request, reserved from the
 //! shared budget, and settled from the response's attempt count and push-back.
 
+use crate::clock::Timestamp;
+use crate::config::retry::RetryMode;
+use crate::metrics::{
+    metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
+};
+use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LEN};
+use crate::request::{AttributeSource, RequestView};
+use crate::state::cas::{ensure, UpdateError};
+use crate::state::{SharedStore, StoreError};
+use core::time::Duration;
+
 use super::*;
 
 /// `seawall.retry.<name>.<counter>`.
@@ -55,6 +66,19 @@ impl RetryMetrics {
 pub(super) const MAX_PUSH_BACK: Duration = Duration::from_secs(60);
 
 impl Engine {
+    /// Creates every budget.
+    pub(super) fn prepare_budgets(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for policy in self.config.retries.iter().filter(|p| p.budget.is_some()) {
+            created += usize::from(ensure::<BUDGET_LEN, _, _>(
+                store,
+                &policy.key,
+                &retry::BudgetState::empty(),
+            )?);
+        }
+        Ok(created)
+    }
+
     /// Decides how many retries the router may make for this request: `max_retries` for a
     /// retryable request (idempotent method or idempotency header) when `allowed`, cut to what
     /// the budget has left. The request is deposited in the budget either way.
