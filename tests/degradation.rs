@@ -963,3 +963,34 @@ fn after_a_reload_only_the_newest_config_leads_the_level_and_sends_probes() {
         "the old root follows"
     );
 }
+
+/// Issue 14, point 4: stored times never count for more than the clock allows. After the clock
+/// steps back an hour, a lease, a probe schedule and a level's start written under the later
+/// clock would have stopped the probes, kept a dead holder in charge, and held the level for the
+/// length of the step.
+#[test]
+fn a_clock_step_back_stops_no_probe_and_holds_no_level() {
+    const PROBED: &str = r#"{"degradation": {"payments": {
+        "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
+                              "unhealthy_after": 1, "healthy_after": 1}},
+        "levels": [{"name": "down", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
+        "routes": [{"name": "api", "degradation": "payments"}]}"#;
+    let store = FakeStore::new();
+    let holder = Worker::new(PROBED, &store);
+    let later = T0 + 3_600 * SECOND;
+    // Under the later clock, worker 1 holds the lease and the probes fail: the level is down.
+    holder.tick(1, later, &store, true);
+    holder.tick(1, later + 200 * MS, &store, true);
+    assert_eq!(holder.engine.degradation_level(0), Some(1));
+    // The clock steps back an hour and worker 1 is gone: worker 2 takes over at once, probes on
+    // schedule, and the level steps down after its dwell, not after an hour.
+    let other = Worker::new(PROBED, &store);
+    let mut probes = 0;
+    let mut at = T0;
+    while at < T0 + 2 * SECOND {
+        probes += other.tick(2, at, &store, false);
+        at += 100 * MS;
+    }
+    assert!(probes >= 9, "{probes} probes in 2 s at one per 200 ms");
+    assert_eq!(other.engine.degradation_level(0), Some(0));
+}

@@ -421,3 +421,27 @@ fn retry_config_errors_name_their_paths() {
         Some("unavailable,deadline-exceeded")
     );
 }
+
+/// Issue 14, point 4: a push-back stored under a later clock stopped every grant for the length
+/// of the step; it now lasts at most `MAX_PUSH_BACK` (60 s) from now.
+#[test]
+fn a_clock_step_back_never_stretches_a_push_back() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(BUDGETED), &store);
+    let later = T0 + 3_600 * SECOND;
+    let (_, stream) = worker.grant(get("/"), later, &store);
+    worker.settle(
+        &stream,
+        Answer {
+            status: 503,
+            attempts: Some(1),
+            retry_after: Some(30),
+        },
+        later,
+        &store,
+    );
+    assert_eq!(worker.grant(get("/"), later + SECOND, &store).0.max_retries, 0);
+    // An hour back: at most a minute of push-back is left, not an hour.
+    assert_eq!(worker.grant(get("/"), T0, &store).0.max_retries, 0);
+    assert_eq!(worker.grant(get("/"), T0 + 61 * SECOND, &store).0.max_retries, 2);
+}

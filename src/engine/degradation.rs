@@ -476,13 +476,16 @@ impl Engine {
                 };
                 let mut next = health;
                 next.lease = lease;
+                // A level entered "after now" was entered under a later clock (it has stepped
+                // back since): its dwell counts from now, and that is written back.
+                next.since = health.since.min(now_nanos);
                 // Without the window (the store failed) or the breaker's state (the lease came
                 // unexpectedly), the signals are unknown: the level stays, and no evidence is
                 // mistaken for a recovery.
                 let change = match (window, breaker_open) {
                     (Some(window), Some(breaker_open)) => next_level(
                         health.level,
-                        health.since,
+                        next.since,
                         now_nanos,
                         &policy.rules,
                         &policy.evidence,
@@ -499,7 +502,10 @@ impl Engine {
                     next.since = now_nanos;
                 }
                 let probe_due = policy.probe.as_ref().is_some_and(|probe| {
-                    let due = now_nanos >= health.next_probe_at;
+                    // A schedule more than an interval ahead was written under a later clock:
+                    // the probe is due now, or the checks would stop for the step.
+                    let due = now_nanos >= health.next_probe_at
+                        || health.next_probe_at > now_nanos.saturating_add(probe.interval_nanos);
                     if due {
                         // Fixed rate: the next probe is one interval after this one was due, so
                         // the tick's granularity does not stretch every interval.

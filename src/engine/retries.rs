@@ -10,7 +10,6 @@ use crate::policy::retry::{self, Grant, ResponseHeaders, RECORD_LEN as BUDGET_LE
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::{ensure, UpdateError};
 use crate::state::{SharedStore, StoreError};
-use core::time::Duration;
 
 use super::*;
 
@@ -62,8 +61,6 @@ impl RetryMetrics {
     }
 }
 
-/// The longest upstream push-back (`Retry-After`) seawall honours.
-pub(super) const MAX_PUSH_BACK: Duration = Duration::from_secs(60);
 
 impl Engine {
     /// Creates every budget.
@@ -247,7 +244,7 @@ impl Engine {
         let pushed_back_until = match status {
             Some(503) => response
                 .header("retry-after")
-                .and_then(|value| retry::retry_after(&value, MAX_PUSH_BACK))
+                .and_then(|value| retry::retry_after(&value, retry::MAX_PUSH_BACK))
                 .map(|wait| now.saturating_add(wait).as_nanos()),
             _ => None,
         };

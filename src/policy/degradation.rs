@@ -411,7 +411,10 @@ pub fn next_level(
 /// The lease a worker holds after asking for it at `now`: its own lease renewed, or a lapsed one
 /// taken over. `None`: another worker holds it.
 pub fn claim(lease: Lease, me: u64, now: u64, ttl_nanos: u64) -> Option<Lease> {
-    (lease.holder == me || lease.until <= now).then(|| Lease {
+    // A lease that runs further ahead than one renewal was written under a later clock (it has
+    // stepped back since): it counts as lapsed, or its dead holder would keep it for the step.
+    let lapsed = lease.until <= now || lease.until > now.saturating_add(ttl_nanos);
+    (lease.holder == me || lapsed).then(|| Lease {
         holder: me,
         until: now.saturating_add(ttl_nanos),
     })

@@ -31,6 +31,13 @@ pub const WINDOW_BUCKETS: usize = 10;
 /// fails closed: a missed retry is safer than a retry storm).
 pub const MAX_CAS_ATTEMPTS: u32 = 32;
 
+/// The longest push-back honoured: a `Retry-After` beyond it is cut to it.
+pub const MAX_PUSH_BACK: Duration = Duration::from_secs(60);
+
+fn nanos(span: Duration) -> u64 {
+    u64::try_from(span.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Requests and retries in one bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -174,6 +181,12 @@ pub fn take<S: SharedStore + ?Sized>(
             state.advance(epoch);
             let newest = bucket_index(state.epoch);
             state.buckets[newest].requests = state.buckets[newest].requests.saturating_add(1);
+            // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead
+            // was written under a later clock (it has stepped back since), and is written back
+            // clamped, so it ends rather than moving with now.
+            state.pushed_back_until = state
+                .pushed_back_until
+                .min(now.saturating_add(nanos(MAX_PUSH_BACK)));
             let grant = if now < state.pushed_back_until {
                 Grant::PushedBack
             } else {
