@@ -61,7 +61,6 @@ impl RetryMetrics {
     }
 }
 
-
 impl Engine {
     /// Creates every budget.
     pub(super) fn prepare_budgets(&self, store: &impl SharedStore) -> Result<usize, StoreError> {

@@ -13,6 +13,8 @@
 
 use core::ptr::null_mut;
 
+use super::hostcall_count::{count, Kind};
+
 /// proxy-wasm status codes seawall distinguishes.
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
@@ -125,6 +127,7 @@ pub fn log_critical(message: &str) {
 
 /// Nanoseconds since the Unix epoch; 0 if the host will not say.
 pub fn now_nanos() -> u64 {
+    count(Kind::Time);
     let mut nanos = 0u64;
     match unsafe { proxy_get_current_time_nanoseconds(&mut nanos) } {
         OK => nanos,
@@ -133,6 +136,7 @@ pub fn now_nanos() -> u64 {
 }
 
 fn get_header(map_type: u32, name: &str) -> Option<Vec<u8>> {
+    count(Kind::HeaderRead);
     let mut data = null_mut();
     let mut size = 0usize;
     let status = unsafe {
@@ -150,6 +154,7 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
 }
 
 pub fn add_response_header(name: &str, value: &[u8]) -> bool {
+    count(Kind::HeaderWrite);
     let status = unsafe {
         proxy_add_header_map_value(
             MAP_HTTP_RESPONSE_HEADERS,
@@ -164,6 +169,7 @@ pub fn add_response_header(name: &str, value: &[u8]) -> bool {
 
 /// Sets a request header, replacing any value the client sent.
 pub fn replace_request_header(name: &str, value: &[u8]) -> bool {
+    count(Kind::HeaderWrite);
     let status = unsafe {
         proxy_replace_header_map_value(
             MAP_HTTP_REQUEST_HEADERS,
@@ -187,18 +193,21 @@ pub fn http_call_response_header(name: &str) -> Option<Vec<u8>> {
 }
 
 pub fn remove_request_header(name: &str) -> bool {
+    count(Kind::HeaderWrite);
     unsafe {
         proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()) == OK
     }
 }
 
 pub fn remove_response_header(name: &str) -> bool {
+    count(Kind::HeaderWrite);
     unsafe {
         proxy_remove_header_map_value(MAP_HTTP_RESPONSE_HEADERS, name.as_ptr(), name.len()) == OK
     }
 }
 
 pub fn replace_response_header(name: &str, value: &[u8]) -> bool {
+    count(Kind::HeaderWrite);
     let status = unsafe {
         proxy_replace_header_map_value(
             MAP_HTTP_RESPONSE_HEADERS,
@@ -213,6 +222,7 @@ pub fn replace_response_header(name: &str, value: &[u8]) -> bool {
 
 /// Replaces the `size` bytes of the response body chunk Envoy is showing with `data`.
 pub fn replace_response_body(size: usize, data: &[u8]) -> bool {
+    count(Kind::Other);
     let status = unsafe {
         proxy_set_buffer_bytes(
             BUFFER_HTTP_RESPONSE_BODY,
@@ -227,21 +237,25 @@ pub fn replace_response_body(size: usize, data: &[u8]) -> bool {
 
 /// Ticks this root context every `period_ms` milliseconds (0 stops them).
 pub fn set_tick_period(period_ms: u32) -> bool {
+    count(Kind::Other);
     unsafe { proxy_set_tick_period_milliseconds(period_ms) == OK }
 }
 
 /// Makes `context_id` the stream later calls act on; false when that stream is gone.
 pub fn set_effective_context(context_id: u32) -> bool {
+    count(Kind::Other);
     unsafe { proxy_set_effective_context(context_id) == OK }
 }
 
 /// Resumes the effective stream's paused request.
 pub fn resume_request() -> bool {
+    count(Kind::Other);
     unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) == OK }
 }
 
 /// A property by its NUL-joined path; `None` when absent or unreadable.
 pub fn property(path: &[u8]) -> Option<Vec<u8>> {
+    count(Kind::PropertyRead);
     let mut data = null_mut();
     let mut size = 0usize;
     let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
@@ -266,6 +280,7 @@ pub enum SharedRead {
 
 /// Copies a shared-data value into `out` (what fits) and frees the host's copy.
 pub fn get_shared(key: &str, out: &mut [u8]) -> SharedRead {
+    count(Kind::SharedGet);
     let mut data = null_mut();
     let mut size = 0usize;
     let mut cas = 0u32;
@@ -285,6 +300,7 @@ pub fn get_shared(key: &str, out: &mut [u8]) -> SharedRead {
 
 /// Writes a shared-data value; `cas` 0 writes unconditionally. Returns the host status.
 pub fn set_shared(key: &str, value: &[u8], cas: u32) -> u32 {
+    count(Kind::SharedSet);
     unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) }
 }
 
@@ -296,11 +312,19 @@ pub fn define_metric(kind: u32, name: &str) -> Result<u32, u32> {
     }
 }
 
+/// A metric increment that is not counted as a host call: for reporting the counts themselves.
+#[cfg(feature = "hostcall-count")]
+pub fn increment_metric_uncounted(id: u32, delta: i64) {
+    let _ = unsafe { proxy_increment_metric(id, delta) };
+}
+
 pub fn increment_metric(id: u32, delta: i64) {
+    count(Kind::Metric);
     let _ = unsafe { proxy_increment_metric(id, delta) };
 }
 
 pub fn record_metric(id: u32, value: u64) {
+    count(Kind::Metric);
     let _ = unsafe { proxy_record_metric(id, value) };
 }
 
@@ -311,6 +335,7 @@ pub fn send_local_response(
     body: &[u8],
     grpc_status: Option<u32>,
 ) -> u32 {
+    count(Kind::LocalReply);
     let grpc = grpc_status
         .and_then(|s| i32::try_from(s).ok())
         .unwrap_or(-1);

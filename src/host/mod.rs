@@ -8,6 +8,7 @@
 mod abi;
 #[cfg(feature = "alloc-count")]
 mod alloc_count;
+mod hostcall_count;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -74,6 +75,8 @@ struct Worker {
     tick_ms: u32,
     #[cfg(feature = "alloc-count")]
     allocations: Option<alloc_count::AllocationStats>,
+    #[cfg(feature = "hostcall-count")]
+    hostcalls: Option<hostcall_count::HostcallStats>,
 }
 
 /// A delayed request: its stream, when to resume it, and the engine that decided it.
@@ -130,6 +133,8 @@ impl Root {
                 tick_ms: 0,
                 #[cfg(feature = "alloc-count")]
                 allocations: None,
+                #[cfg(feature = "hostcall-count")]
+                hostcalls: None,
             })),
             tick_reply: ReplyBuffer::default(),
             worker_id: 0,
@@ -226,6 +231,10 @@ impl RootContext for Root {
         #[cfg(feature = "alloc-count")]
         {
             worker.allocations = alloc_count::AllocationStats::define(&mut HostMetrics);
+        }
+        #[cfg(feature = "hostcall-count")]
+        {
+            worker.hostcalls = hostcall_count::HostcallStats::define(&mut HostMetrics);
         }
         log::info!("seawall[{}]: {summary}", self.context_id);
         true
@@ -517,6 +526,18 @@ impl HttpContext for Stream {
         if let Some(stats) = self.worker.try_borrow().ok().and_then(|w| w.allocations) {
             stats.report(&HostMetrics);
         }
+        self.finish();
+        // Last, so the stream's own outcome calls count for it.
+        #[cfg(feature = "hostcall-count")]
+        if let Some(stats) = self.worker.try_borrow().ok().and_then(|w| w.hostcalls) {
+            stats.report(abi::increment_metric_uncounted);
+        }
+    }
+}
+
+impl Stream {
+    /// Takes the stream out of the pause queue and settles its outcome.
+    fn finish(&mut self) {
         if self.paused {
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
                 let context_id = self.context_id;
