@@ -180,6 +180,21 @@ fn test() -> Result<(), String> {
             "warnings",
         ]),
     )?;
+    run(
+        "clippy (wasm32 counting builds: alloc-count, hostcall-count)",
+        cargo().args([
+            "clippy",
+            "--package",
+            "seawall",
+            "--target",
+            "wasm32-wasip1",
+            "--features",
+            "alloc-count,hostcall-count",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     let wasm = build_wasm()?;
     let envoy = install_envoy()?;
     run(
