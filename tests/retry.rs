@@ -440,8 +440,17 @@ fn a_clock_step_back_never_stretches_a_push_back() {
         later,
         &store,
     );
-    assert_eq!(worker.grant(get("/"), later + SECOND, &store).0.max_retries, 0);
+    assert_eq!(
+        worker.grant(get("/"), later + SECOND, &store).0.max_retries,
+        0
+    );
     // An hour back: at most a minute of push-back is left, not an hour.
     assert_eq!(worker.grant(get("/"), T0, &store).0.max_retries, 0);
-    assert_eq!(worker.grant(get("/"), T0 + 61 * SECOND, &store).0.max_retries, 2);
+    assert_eq!(
+        worker
+            .grant(get("/"), T0 + 61 * SECOND, &store)
+            .0
+            .max_retries,
+        2
+    );
 }
