@@ -145,7 +145,7 @@ fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
             .seawall(
                 r#"{
                     "circuit_breakers": {"payments": {"key": "route", "open_when": {"consecutive_failures": 3},
-                                                      "open_for": "1s", "half_open_probes": 1}},
+                                                      "open_for": "3s", "half_open_probes": 1}},
                     "degradation": {"payments": {
                         "signals": {"circuit_breaker": "payments"},
                         "levels": [{"name": "open", "enter": {"circuit_breaker": "open"}, "min_dwell": "1s",
@@ -165,12 +165,26 @@ fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
         1,
         "the level follows the open breaker"
     );
-    let response = client.send(&Request::get("/api")).unwrap();
-    assert_eq!(
-        response.text(),
-        "cached\n",
-        "the fallback answers while the breaker is open"
-    );
+    // The gauge is the lease holder's; the connection's worker reads the level on its own tick,
+    // and until then the breaker answers with its own 503. The fallback must come while the
+    // breaker still refuses (3 s open period): any other answer first fails the test.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = client.send(&Request::get("/api")).unwrap();
+        if response.text() == "cached\n" {
+            break;
+        }
+        assert_eq!(
+            response.header("x-seawall-circuit"),
+            Some("open"),
+            "the fallback never answered while the breaker was open"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no answer but the breaker's for 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     upstream.set_behaviour(Behaviour::ok());
     let healed_at = upstream.total();
     // Traffic keeps coming; the fallback must end and the upstream see requests again.
@@ -192,7 +206,6 @@ fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
         assert_eq!(response.status, 200, "request {n} after the probe");
         assert_eq!(response.text(), "ok\n", "request {n} after the probe");
     }
-    let stats = envoy.stats();
     eprintln!(
         "[seams] breaker-driven fallback: {fallbacks} fallback answers after healing, then the upstream saw {} requests",
         upstream.total() - healed_at
@@ -202,7 +215,11 @@ fn a_breaker_driven_fallback_ends_once_the_upstream_heals() {
         21,
         "the probe and the 20 after it"
     );
-    assert_eq!(stats.seawall("seawall.circuit_breaker.payments.closed"), 1);
+    let closed = "wasmcustom.seawall.circuit_breaker.payments.closed";
+    assert_eq!(
+        envoy.wait_for_stat(closed, Duration::from_secs(10), |v| v >= 1),
+        1
+    );
     assert_eq!(
         envoy.wait_for_stat(level, Duration::from_secs(10), |v| v == 0),
         0
@@ -462,7 +479,12 @@ fn timeouts_of_calls_admitted_before_a_trip_do_not_reopen_the_closed_breaker() {
         assert_eq!(client.send(&Request::get("/fail")).unwrap().status, 503);
     }
     let stat = |name: &str| format!("wasmcustom.seawall.circuit_breaker.payments.{name}");
-    assert_eq!(envoy.stats().get(&stat("opened")), Some(1));
+    // Seawall records an outcome when the stream ends, which can be just after the client has
+    // its answer.
+    let settled = |name: &str, want: u64| {
+        envoy.wait_for_stat(&stat(name), Duration::from_secs(10), |v| v >= want)
+    };
+    assert_eq!(settled("opened", 1), 1);
     // The probe goes through once the open period is over, and closes the breaker.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -476,7 +498,7 @@ fn timeouts_of_calls_admitted_before_a_trip_do_not_reopen_the_closed_breaker() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(envoy.stats().get(&stat("closed")), Some(1));
+    assert_eq!(settled("closed", 1), 1);
     assert!(
         hung.iter().all(|h| !h.is_finished()),
         "the hung calls are still in flight when the breaker closes"
