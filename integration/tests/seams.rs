@@ -54,7 +54,16 @@ fn spoof(envoy: &Envoy) -> Vec<(&'static str, Option<String>)> {
     routes
 }
 
-fn assert_nothing_reached_the_named_cluster(primary: &Upstream, internal: &Upstream) {
+/// Sends the spoofed requests to an Envoy set up as the README says, `hardened` with
+/// `internal_only_headers` or not, and checks what must hold either way: no spoofed request
+/// reached the cluster it named, the header reached no upstream, and seawall matched its routes on
+/// the route Envoy chose without the header. Only with the hardening can seawall tell that route
+/// is `by-cluster`; without it, seawall removes the header itself (and counts it).
+fn spoofed_requests_stay_put(hardened: bool) -> Envoy {
+    let primary = Upstream::start();
+    let internal = Upstream::start();
+    let envoy = steerable(&primary, &internal, hardened);
+    let routes = spoof(&envoy);
     eprintln!(
         "[seams] 20 spoofed requests: primary saw {}, internal saw {}",
         primary.total(),
@@ -70,6 +79,26 @@ fn assert_nothing_reached_the_named_cluster(primary: &Upstream, internal: &Upstr
         primary.received_with_header("x-seawall-cluster").is_empty(),
         "the header never reaches the upstream"
     );
+    for (path, route) in &routes {
+        let expected = match *path {
+            "/admin" => Some("admin"),
+            "/api/items" => Some("api"),
+            "/by-cluster" if hardened => Some("by-cluster"),
+            _ => None,
+        };
+        assert_eq!(route.as_deref(), expected, "{path}");
+    }
+    let stats = envoy.stats();
+    let (removed, by_cluster) = if hardened { (0, 5) } else { (20, 0) };
+    assert_eq!(
+        stats.seawall("seawall.plugin.seawall.client_reroute_headers_removed"),
+        removed
+    );
+    assert_eq!(
+        stats.seawall("seawall.route.by-cluster.requests"),
+        by_cluster
+    );
+    envoy
 }
 
 /// Point 1: `GET /admin` with `x-seawall-cluster: internal` went to the cluster the client named,
@@ -80,25 +109,7 @@ fn assert_nothing_reached_the_named_cluster(primary: &Upstream, internal: &Upstr
 /// cannot be identified and does not match.
 #[test]
 fn a_client_cannot_pick_the_cluster_with_the_reroute_header() {
-    let primary = Upstream::start();
-    let internal = Upstream::start();
-    let envoy = steerable(&primary, &internal, false);
-    let routes = spoof(&envoy);
-    assert_nothing_reached_the_named_cluster(&primary, &internal);
-    for (path, route) in &routes {
-        let expected = match *path {
-            "/admin" => Some("admin"),
-            "/api/items" => Some("api"),
-            _ => None,
-        };
-        assert_eq!(route.as_deref(), expected, "{path}");
-    }
-    let stats = envoy.stats();
-    assert_eq!(
-        stats.seawall("seawall.plugin.seawall.client_reroute_headers_removed"),
-        20
-    );
-    assert_eq!(stats.seawall("seawall.route.by-cluster.requests"), 0);
+    let envoy = spoofed_requests_stay_put(false);
     // Without the header, the cluster Envoy chose is seawall's to match on.
     let mut client = Client::connect(envoy.listener_addr());
     let response = client.send(&Request::get("/by-cluster")).unwrap();
@@ -109,26 +120,7 @@ fn a_client_cannot_pick_the_cluster_with_the_reroute_header() {
 /// route, so seawall sees the route without it and nothing is left for seawall to remove.
 #[test]
 fn with_internal_only_headers_envoy_removes_the_reroute_header_before_routing() {
-    let primary = Upstream::start();
-    let internal = Upstream::start();
-    let envoy = steerable(&primary, &internal, true);
-    let routes = spoof(&envoy);
-    assert_nothing_reached_the_named_cluster(&primary, &internal);
-    for (path, route) in &routes {
-        let expected = match *path {
-            "/admin" => Some("admin"),
-            "/api/items" => Some("api"),
-            "/by-cluster" => Some("by-cluster"),
-            _ => None,
-        };
-        assert_eq!(route.as_deref(), expected, "{path}");
-    }
-    let stats = envoy.stats();
-    assert_eq!(
-        stats.seawall("seawall.plugin.seawall.client_reroute_headers_removed"),
-        0
-    );
-    assert_eq!(stats.seawall("seawall.route.by-cluster.requests"), 5);
+    spoofed_requests_stay_put(true);
 }
 
 /// Point 2: a level entered on `circuit_breaker: open` whose fallback covers the breaker's route
