@@ -18,8 +18,8 @@ use crate::metrics::{
 };
 use crate::policy::circuit_breaker::{BreakerState, Circuit, ResponseFacts, RECORD_LEN};
 use crate::policy::degradation::{
-    claim, next_level, throttle_ppm, AdmissionWindow, Health, Signals, Tally, Window,
-    ADMISSION_LEN, HEALTH_LEN, WINDOW_LEN,
+    bucket, claim, next_level, throttle_ppm, AdmissionWindow, Admissions, Health, Signals, Tally,
+    Window, ADMISSION_LEN, HEALTH_LEN, WINDOW_LEN,
 };
 use crate::policy::rate_limit::MAX_CAS_ATTEMPTS;
 use crate::policy::route::{Route, RouteBreaker, RouteDegradation, RouteIndex};
@@ -27,6 +27,7 @@ use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::{self, ensure, Step, UpdateError};
 use crate::state::generation;
 use crate::state::slots::KeyBuf;
+use crate::state::window::Counts;
 use crate::state::{SharedStore, StoreError};
 
 pub use crate::policy::degradation::TICK;
@@ -61,7 +62,7 @@ pub(super) struct DegradationRuntime {
 
 #[derive(Debug, Default)]
 struct AdmissionRuntime {
-    pending: Cell<(u32, u32)>,
+    pending: Cell<Admissions>,
     refuse_ppm: Cell<u32>,
 }
 
@@ -235,8 +236,12 @@ impl Engine {
         if let Some(admission) = self.admission_of(policy, runtime, route) {
             let refuse_ppm = admission.refuse_ppm.get();
             if refuse_ppm > 0 && self.next_random() % 1_000_000 < u64::from(refuse_ppm) {
-                let (requests, accepts) = admission.pending.get();
-                admission.pending.set((requests.saturating_add(1), accepts));
+                let mut pending = admission.pending.get();
+                pending.merge(&Admissions {
+                    requests: 1,
+                    accepts: 0,
+                });
+                admission.pending.set(pending);
                 metrics.increment(counters.throttled, 1);
                 return Err(LocalReply {
                     degraded: None,
@@ -387,11 +392,12 @@ impl Engine {
         tally.note(failed, elapsed, &policy.latency_nanos);
         runtime.tally.set(tally);
         if let Some(admission) = self.admission_of(policy, runtime, index) {
-            let (requests, accepts) = admission.pending.get();
-            admission.pending.set((
-                requests.saturating_add(1),
-                accepts.saturating_add(u32::from(!failed)),
-            ));
+            let mut pending = admission.pending.get();
+            pending.merge(&Admissions {
+                requests: 1,
+                accepts: u32::from(!failed),
+            });
+            admission.pending.set(pending);
         }
     }
 
@@ -583,11 +589,12 @@ impl Engine {
         let tally = runtime.tally.take();
         let outcome = cas::update(store, &policy.window_key, MAX_CAS_ATTEMPTS, |window| {
             let mut window: Window = window.unwrap_or_default();
+            let number = bucket(now, policy.bucket_nanos);
             if tally.is_empty() {
-                return Step::Keep(window.totals(now, policy.bucket_nanos));
+                return Step::Keep(window.totals(number));
             }
-            window.add(&tally, now, policy.bucket_nanos);
-            Step::Write(window, window.totals(now, policy.bucket_nanos))
+            window.add(number, &tally);
+            Step::Write(window, window.totals(number))
         });
         match outcome {
             Ok(updated) => {
@@ -599,11 +606,7 @@ impl Engine {
             Err(error) => {
                 // Kept for the next tick rather than lost.
                 let mut kept = runtime.tally.get();
-                kept.requests = kept.requests.saturating_add(tally.requests);
-                kept.failures = kept.failures.saturating_add(tally.failures);
-                for (mine, theirs) in kept.slower.iter_mut().zip(tally.slower) {
-                    *mine = mine.saturating_add(theirs);
-                }
+                kept.merge(&tally);
                 runtime.tally.set(kept);
                 count_failure(counters, error, metrics);
                 None
@@ -625,30 +628,30 @@ impl Engine {
             return;
         };
         for ((_, key), local) in admission.routes.iter().zip(&runtime.admission) {
-            let (requests, accepts) = local.pending.take();
+            let pending = local.pending.take();
             let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |window| {
                 let mut window: AdmissionWindow = window.unwrap_or_default();
-                if requests == 0 {
-                    return Step::Keep(window.totals(now, admission.bucket_nanos));
+                let number = bucket(now, admission.bucket_nanos);
+                if pending.requests == 0 {
+                    return Step::Keep(window.totals(number));
                 }
-                window.add(requests, accepts, now, admission.bucket_nanos);
-                Step::Write(window, window.totals(now, admission.bucket_nanos))
+                window.add(number, &pending);
+                Step::Write(window, window.totals(number))
             });
             match outcome {
                 Ok(updated) => {
-                    let (requests, accepts) = updated.value;
+                    let totals = updated.value;
                     local.refuse_ppm.set(throttle_ppm(
-                        requests,
-                        accepts,
+                        totals.requests,
+                        totals.accepts,
                         admission.k_milli,
                         admission.max_ppm,
                     ));
                 }
                 Err(error) => {
-                    let (r, a) = local.pending.get();
-                    local
-                        .pending
-                        .set((r.saturating_add(requests), a.saturating_add(accepts)));
+                    let mut kept = local.pending.get();
+                    kept.merge(&pending);
+                    local.pending.set(kept);
                     count_failure(&runtime.metrics, error, metrics);
                 }
             }

@@ -18,10 +18,10 @@ use core::time::Duration;
 
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::slots::{KeyBuf, SlotTable};
+use crate::state::window::{self, u32_at, u64_at, Counts};
 use crate::state::SharedStore;
 
-/// Buckets in the rolling window: rates are exact to a tenth of the window.
-pub const WINDOW_BUCKETS: usize = 10;
+pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
 
 /// How many slots a hashed key may try before it gives up: a key whose slot another key holds
 /// moves on to the next one, so two clusters never share a breaker unless the table is full.
@@ -46,62 +46,42 @@ pub struct Tally {
     pub slow: u32,
 }
 
-/// The rolling window of a closed circuit. `epoch` numbers the newest bucket (time divided by the
-/// bucket span); the bucket for epoch `e` sits at `e % WINDOW_BUCKETS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub epoch: u64,
-    pub buckets: [Tally; WINDOW_BUCKETS],
-}
+impl Counts for Tally {
+    const LEN: usize = 12;
+    const ZERO: Self = Tally {
+        requests: 0,
+        failures: 0,
+        slow: 0,
+    };
 
-impl Window {
-    pub fn starting(epoch: u64) -> Self {
-        Window {
-            epoch,
-            buckets: [Tally::default(); WINDOW_BUCKETS],
+    fn merge(&mut self, other: &Self) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.slow = self.slow.saturating_add(other.slow);
+    }
+
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
+        out[4..8].copy_from_slice(&self.failures.to_le_bytes());
+        out[8..12].copy_from_slice(&self.slow.to_le_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        Tally {
+            requests: u32_at(bytes, 0),
+            failures: u32_at(bytes, 4),
+            slow: u32_at(bytes, 8),
         }
-    }
-
-    /// Moves the newest bucket to `epoch`, emptying the buckets that fell out. A clock that steps
-    /// back keeps counting into the newest bucket.
-    pub fn advance(&mut self, epoch: u64) {
-        if epoch <= self.epoch {
-            return;
-        }
-        let gap = epoch - self.epoch;
-        if gap >= WINDOW_BUCKETS as u64 {
-            self.buckets = [Tally::default(); WINDOW_BUCKETS];
-        } else {
-            for step in 1..=gap {
-                self.buckets[bucket_index(self.epoch + step)] = Tally::default();
-            }
-        }
-        self.epoch = epoch;
-    }
-
-    fn newest(&mut self) -> &mut Tally {
-        &mut self.buckets[bucket_index(self.epoch)]
-    }
-
-    pub fn totals(&self) -> Tally {
-        self.buckets.iter().fold(Tally::default(), |sum, b| Tally {
-            requests: sum.requests.saturating_add(b.requests),
-            failures: sum.failures.saturating_add(b.failures),
-            slow: sum.slow.saturating_add(b.slow),
-        })
-    }
-
-    /// Whether every bucket has expired by `epoch`: the window remembers nothing.
-    pub fn is_expired_at(&self, epoch: u64) -> bool {
-        epoch >= self.epoch.saturating_add(WINDOW_BUCKETS as u64)
     }
 }
 
-fn bucket_index(epoch: u64) -> usize {
-    (epoch % WINDOW_BUCKETS as u64) as usize
-}
+/// The rolling window of a closed circuit.
+pub type Window = window::Window<Tally>;
 
 /// The three states, each with what it needs.
+// Unboxed on purpose: a record is decoded onto the stack per decision, and a box would put a
+// heap allocation on the request path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
     /// Requests flow and their outcomes are counted.
@@ -142,21 +122,14 @@ impl BreakerState {
             circuit: Circuit::Closed {
                 since: 0,
                 consecutive_failures: 0,
-                window: Window {
-                    epoch: 0,
-                    buckets: [Tally {
-                        requests: 0,
-                        failures: 0,
-                        slow: 0,
-                    }; WINDOW_BUCKETS],
-                },
+                window: Window::EMPTY,
             },
         }
     }
 }
 
 /// The record's size in shared data.
-pub const RECORD_LEN: usize = 40 + WINDOW_BUCKETS * 12;
+pub const RECORD_LEN: usize = 32 + Window::LEN;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -177,12 +150,7 @@ impl Record<RECORD_LEN> for BreakerState {
                 out[0] = CLOSED;
                 out[8..12].copy_from_slice(&consecutive_failures.to_le_bytes());
                 out[24..32].copy_from_slice(&since.to_le_bytes());
-                out[32..40].copy_from_slice(&window.epoch.to_le_bytes());
-                for (bucket, chunk) in window.buckets.iter().zip(out[40..].chunks_exact_mut(12)) {
-                    chunk[0..4].copy_from_slice(&bucket.requests.to_le_bytes());
-                    chunk[4..8].copy_from_slice(&bucket.failures.to_le_bytes());
-                    chunk[8..12].copy_from_slice(&bucket.slow.to_le_bytes());
-                }
+                window.write(&mut out[32..]);
             }
             Circuit::Open { until } => {
                 out[0] = OPEN;
@@ -205,37 +173,24 @@ impl Record<RECORD_LEN> for BreakerState {
     /// An unknown state tag reads as a fresh closed circuit: a foreign value never wedges a breaker.
     fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
         let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-        let u32_at = |at: usize| {
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-        };
-        let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
         let circuit = match bytes[0] {
-            OPEN => Circuit::Open { until: u64_at(24) },
+            OPEN => Circuit::Open {
+                until: u64_at(bytes, 24),
+            },
             HALF_OPEN => Circuit::HalfOpen {
-                since: u64_at(24),
+                since: u64_at(bytes, 24),
                 in_flight: u16_at(2),
                 successes: u16_at(4),
             },
-            _ => {
-                let mut window = Window::starting(u64_at(32));
-                for (index, bucket) in window.buckets.iter_mut().enumerate() {
-                    let at = 40 + index * 12;
-                    *bucket = Tally {
-                        requests: u32_at(at),
-                        failures: u32_at(at + 4),
-                        slow: u32_at(at + 8),
-                    };
-                }
-                Circuit::Closed {
-                    since: u64_at(24),
-                    consecutive_failures: u32_at(8),
-                    window,
-                }
-            }
+            _ => Circuit::Closed {
+                since: u64_at(bytes, 24),
+                consecutive_failures: u32_at(bytes, 8),
+                window: Window::read(&bytes[32..]),
+            },
         };
         BreakerState {
-            owner: u64_at(16),
-            generation: u32_at(12),
+            owner: u64_at(bytes, 16),
+            generation: u32_at(bytes, 12),
             trips: bytes[1],
             circuit,
         }
@@ -480,17 +435,21 @@ impl Breaker {
                 let Outcome::Completed { failed, slow } = outcome else {
                     return None;
                 };
-                window.advance(self.epoch(now));
-                let newest = window.newest();
-                newest.requests = newest.requests.saturating_add(1);
-                newest.failures = newest.failures.saturating_add(u32::from(failed));
-                newest.slow = newest.slow.saturating_add(u32::from(slow));
+                let epoch = self.epoch(now);
+                window.add(
+                    epoch,
+                    &Tally {
+                        requests: 1,
+                        failures: u32::from(failed),
+                        slow: u32::from(slow),
+                    },
+                );
                 let consecutive_failures = if failed {
                     consecutive_failures.saturating_add(1)
                 } else {
                     0
                 };
-                if self.trips(consecutive_failures, &window.totals()) {
+                if self.trips(consecutive_failures, &window.totals(epoch)) {
                     return Some(self.open(state, now, Transition::Opened));
                 }
                 Some(Change {
@@ -544,7 +503,7 @@ impl Breaker {
                         circuit: Circuit::Closed {
                             since: now,
                             consecutive_failures: 0,
-                            window: Window::starting(self.epoch(now)),
+                            window: Window::EMPTY,
                         },
                         ..*state
                     },
@@ -629,7 +588,7 @@ fn is_free_for(breaker: &Breaker, state: &BreakerState, owner: u64, now: u64) ->
     }
     let idle = nanos(breaker.max_open_for.max(breaker.open_for));
     match state.circuit {
-        Circuit::Closed { window, .. } => window.is_expired_at(breaker.epoch(now)),
+        Circuit::Closed { window, .. } => window.is_empty_at(breaker.epoch(now)),
         Circuit::Open { until } => now.saturating_sub(until) > idle,
         Circuit::HalfOpen { since, .. } => now.saturating_sub(since) > idle.saturating_mul(2),
     }
@@ -693,7 +652,6 @@ pub fn admit<S: SharedStore + ?Sized>(
         Records::One(_) => 1,
         Records::Table(table) => table.slots(),
     };
-    let epoch = breaker.epoch(now);
     let mut races = 0;
     for attempt in 0..tries {
         let (slot, owner) = match records {
@@ -719,7 +677,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                         circuit: Circuit::Closed {
                             since: now,
                             consecutive_failures: 0,
-                            window: Window::starting(epoch),
+                            window: Window::EMPTY,
                         },
                     };
                     let generation = claimed.generation;
@@ -942,12 +900,15 @@ mod tests {
 
     #[test]
     fn records_round_trip_through_their_bytes() {
-        let mut window = Window::starting(77);
-        window.buckets[3] = Tally {
-            requests: 9,
-            failures: 4,
-            slow: 1,
-        };
+        let mut window = Window::EMPTY;
+        window.add(
+            77,
+            &Tally {
+                requests: 9,
+                failures: 4,
+                slow: 1,
+            },
+        );
         let states = [
             BreakerState::fresh(),
             BreakerState {
@@ -980,26 +941,6 @@ mod tests {
         for state in states {
             assert_eq!(BreakerState::decode(&state.encode()), state);
         }
-    }
-
-    #[test]
-    fn the_window_forgets_buckets_older_than_itself() {
-        let mut window = Window::starting(100);
-        window.newest().requests = 5;
-        window.advance(105);
-        window.newest().requests = 1;
-        assert_eq!(window.totals().requests, 6);
-        window.advance(110);
-        assert_eq!(window.totals().requests, 1, "epoch 100 fell out");
-        window.advance(109);
-        assert_eq!(
-            window.epoch, 110,
-            "a clock stepping back keeps the newest bucket"
-        );
-        window.advance(500);
-        assert_eq!(window.totals().requests, 0);
-        assert!(window.is_expired_at(510));
-        assert!(!window.is_expired_at(509));
     }
 
     #[test]

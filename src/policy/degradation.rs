@@ -16,9 +16,9 @@
 //! cannot make it flap.
 
 use crate::state::cas::Record;
+use crate::state::window::{self, u32_at, u64_at, Counts};
 
-/// Time buckets of the shared outcome window.
-pub const WINDOW_BUCKETS: usize = 10;
+pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
 
 /// How often each worker shares its tally and reads the level back. A window bucket shorter than
 /// this, or a probe interval, would see nothing between two ticks.
@@ -53,90 +53,64 @@ impl Tally {
             *slower = slower.saturating_add(u32::from(elapsed_nanos > threshold));
         }
     }
+}
 
-    fn add(&mut self, other: &Tally) {
+impl Counts for Tally {
+    const LEN: usize = 4 * (2 + MAX_LATENCY_THRESHOLDS);
+    const ZERO: Self = Tally {
+        requests: 0,
+        failures: 0,
+        slower: [0; MAX_LATENCY_THRESHOLDS],
+    };
+
+    fn merge(&mut self, other: &Self) {
         self.requests = self.requests.saturating_add(other.requests);
         self.failures = self.failures.saturating_add(other.failures);
         for (mine, theirs) in self.slower.iter_mut().zip(other.slower) {
             *mine = mine.saturating_add(theirs);
         }
     }
-}
 
-/// The shared rolling window of outcomes: `WINDOW_BUCKETS` buckets, each stamped with the bucket
-/// number it counts, so a stale bucket is recognised and reused without a timer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Window {
-    buckets: [(u64, Tally); WINDOW_BUCKETS],
-}
-
-/// Bytes of one bucket: its number and six counters.
-const BUCKET_LEN: usize = 8 + 4 * (2 + MAX_LATENCY_THRESHOLDS);
-pub const WINDOW_LEN: usize = BUCKET_LEN * WINDOW_BUCKETS;
-
-impl Window {
-    /// Adds a worker's tally to the bucket of `now`.
-    pub fn add(&mut self, tally: &Tally, now: u64, bucket_nanos: u64) {
-        let number = now / bucket_nanos.max(1);
-        let (stamp, bucket) = &mut self.buckets[(number % WINDOW_BUCKETS as u64) as usize];
-        if *stamp != number {
-            *stamp = number;
-            *bucket = Tally::default();
+    fn write(&self, out: &mut [u8]) {
+        let counters = [self.requests, self.failures];
+        for (at, value) in counters.iter().chain(&self.slower).enumerate() {
+            out[4 * at..4 * at + 4].copy_from_slice(&value.to_le_bytes());
         }
-        bucket.add(tally);
     }
 
-    /// The outcomes of the last `WINDOW_BUCKETS` buckets up to `now`.
-    pub fn totals(&self, now: u64, bucket_nanos: u64) -> Tally {
-        let number = now / bucket_nanos.max(1);
-        let oldest = number.saturating_sub(WINDOW_BUCKETS as u64 - 1);
-        let mut totals = Tally::default();
-        for (stamp, bucket) in &self.buckets {
-            if (oldest..=number).contains(stamp) {
-                totals.add(bucket);
-            }
+    fn read(bytes: &[u8]) -> Self {
+        let mut tally = Tally {
+            requests: u32_at(bytes, 0),
+            failures: u32_at(bytes, 4),
+            ..Tally::ZERO
+        };
+        for (at, slower) in tally.slower.iter_mut().enumerate() {
+            *slower = u32_at(bytes, 8 + 4 * at);
         }
-        totals
+        tally
     }
 }
+
+/// The bucket number of `now` in a window of `bucket_nanos` buckets.
+pub fn bucket(now: u64, bucket_nanos: u64) -> u64 {
+    now / bucket_nanos.max(1)
+}
+
+/// The shared rolling window of outcomes, one record.
+pub type Window = window::Window<Tally>;
+
+pub const WINDOW_LEN: usize = Window::LEN;
 
 impl Record<WINDOW_LEN> for Window {
     fn encode(&self) -> [u8; WINDOW_LEN] {
         let mut out = [0u8; WINDOW_LEN];
-        for (chunk, (stamp, tally)) in out.chunks_exact_mut(BUCKET_LEN).zip(&self.buckets) {
-            chunk[..8].copy_from_slice(&stamp.to_le_bytes());
-            let counters = [tally.requests, tally.failures];
-            for (at, value) in counters.iter().chain(&tally.slower).enumerate() {
-                chunk[8 + 4 * at..12 + 4 * at].copy_from_slice(&value.to_le_bytes());
-            }
-        }
+        self.write(&mut out);
         out
     }
 
     fn decode(bytes: &[u8; WINDOW_LEN]) -> Self {
-        let mut window = Window::default();
-        for (chunk, (stamp, tally)) in bytes.chunks_exact(BUCKET_LEN).zip(&mut window.buckets) {
-            *stamp = u64_at(chunk, 0);
-            tally.requests = u32_at(chunk, 8);
-            tally.failures = u32_at(chunk, 12);
-            for (at, slower) in tally.slower.iter_mut().enumerate() {
-                *slower = u32_at(chunk, 16 + 4 * at);
-            }
-        }
-        window
+        Window::read(bytes)
     }
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(word)
 }
 
 /// What the active probes say, with the streak that moves it.
@@ -432,58 +406,52 @@ pub fn throttle_ppm(requests: u32, accepts: u32, k_milli: u32, max_ppm: u32) -> 
     u32::try_from(ppm).unwrap_or(u32::MAX).min(max_ppm)
 }
 
-/// Requests and accepts of one route over the admission window (same bucketing as [`Window`]).
+/// Requests and accepts of one route in one bucket of the admission window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AdmissionWindow {
-    buckets: [(u64, u32, u32); WINDOW_BUCKETS],
+pub struct Admissions {
+    pub requests: u32,
+    pub accepts: u32,
 }
 
-pub const ADMISSION_LEN: usize = 16 * WINDOW_BUCKETS;
+impl Counts for Admissions {
+    const LEN: usize = 8;
+    const ZERO: Self = Admissions {
+        requests: 0,
+        accepts: 0,
+    };
 
-impl AdmissionWindow {
-    pub fn add(&mut self, requests: u32, accepts: u32, now: u64, bucket_nanos: u64) {
-        let number = now / bucket_nanos.max(1);
-        let bucket = &mut self.buckets[(number % WINDOW_BUCKETS as u64) as usize];
-        if bucket.0 != number {
-            *bucket = (number, 0, 0);
+    fn merge(&mut self, other: &Self) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.accepts = self.accepts.saturating_add(other.accepts);
+    }
+
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
+        out[4..8].copy_from_slice(&self.accepts.to_le_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        Admissions {
+            requests: u32_at(bytes, 0),
+            accepts: u32_at(bytes, 4),
         }
-        bucket.1 = bucket.1.saturating_add(requests);
-        bucket.2 = bucket.2.saturating_add(accepts);
-    }
-
-    /// Requests and accepts over the window up to `now`.
-    pub fn totals(&self, now: u64, bucket_nanos: u64) -> (u32, u32) {
-        let number = now / bucket_nanos.max(1);
-        let oldest = number.saturating_sub(WINDOW_BUCKETS as u64 - 1);
-        self.buckets
-            .iter()
-            .filter(|bucket| (oldest..=number).contains(&bucket.0))
-            .fold((0u32, 0u32), |(requests, accepts), bucket| {
-                (
-                    requests.saturating_add(bucket.1),
-                    accepts.saturating_add(bucket.2),
-                )
-            })
     }
 }
+
+/// One route's admission window, one record.
+pub type AdmissionWindow = window::Window<Admissions>;
+
+pub const ADMISSION_LEN: usize = AdmissionWindow::LEN;
 
 impl Record<ADMISSION_LEN> for AdmissionWindow {
     fn encode(&self) -> [u8; ADMISSION_LEN] {
         let mut out = [0u8; ADMISSION_LEN];
-        for (chunk, (number, requests, accepts)) in out.chunks_exact_mut(16).zip(&self.buckets) {
-            chunk[..8].copy_from_slice(&number.to_le_bytes());
-            chunk[8..12].copy_from_slice(&requests.to_le_bytes());
-            chunk[12..16].copy_from_slice(&accepts.to_le_bytes());
-        }
+        self.write(&mut out);
         out
     }
 
     fn decode(bytes: &[u8; ADMISSION_LEN]) -> Self {
-        let mut window = AdmissionWindow::default();
-        for (chunk, bucket) in bytes.chunks_exact(16).zip(&mut window.buckets) {
-            *bucket = (u64_at(chunk, 0), u32_at(chunk, 8), u32_at(chunk, 12));
-        }
-        window
+        AdmissionWindow::read(bytes)
     }
 }
 
@@ -512,10 +480,16 @@ mod tests {
         let mut window = Window::default();
         let mut tally = Tally::default();
         tally.note(true, 900, &[500, 1000]);
-        window.add(&tally, 5_000, 1_000);
+        window.add(bucket(5_000, 1_000), &tally);
         assert_eq!(Window::decode(&window.encode()), window);
         let mut admission = AdmissionWindow::default();
-        admission.add(10, 4, 5_000, 1_000);
+        admission.add(
+            bucket(5_000, 1_000),
+            &Admissions {
+                requests: 10,
+                accepts: 4,
+            },
+        );
         assert_eq!(AdmissionWindow::decode(&admission.encode()), admission);
     }
 }

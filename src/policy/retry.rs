@@ -17,6 +17,7 @@
 use core::time::Duration;
 
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::window::{u32_at, u64_at, Counts, Window};
 use crate::state::SharedStore;
 
 /// Response headers, read one at a time from the host.
@@ -24,8 +25,7 @@ pub trait ResponseHeaders {
     fn header(&mut self, name: &str) -> Option<Vec<u8>>;
 }
 
-/// Buckets in the budget's window.
-pub const WINDOW_BUCKETS: usize = 10;
+pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
 
 /// How many lost CAS races one decision tolerates; then the request gets no retries (the budget
 /// fails closed: a missed retry is safer than a retry storm).
@@ -45,87 +45,63 @@ pub struct Tally {
     pub retries: u32,
 }
 
+impl Counts for Tally {
+    const LEN: usize = 8;
+    const ZERO: Self = Tally {
+        requests: 0,
+        retries: 0,
+    };
+
+    fn merge(&mut self, other: &Self) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.retries = self.retries.saturating_add(other.retries);
+    }
+
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
+        out[4..8].copy_from_slice(&self.retries.to_le_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        Tally {
+            requests: u32_at(bytes, 0),
+            retries: u32_at(bytes, 4),
+        }
+    }
+}
+
 /// A budget's record: the window and the time until which the upstream asked for no retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetState {
-    /// Number of the newest bucket (time divided by the bucket span).
-    pub epoch: u64,
     /// No retries before this time (nanoseconds since the epoch); 0 when none was asked for.
     pub pushed_back_until: u64,
-    pub buckets: [Tally; WINDOW_BUCKETS],
+    pub window: Window<Tally>,
 }
 
-pub const RECORD_LEN: usize = 16 + WINDOW_BUCKETS * 8;
+pub const RECORD_LEN: usize = 8 + Window::<Tally>::LEN;
 
 impl BudgetState {
     pub const fn empty() -> Self {
         BudgetState {
-            epoch: 0,
             pushed_back_until: 0,
-            buckets: [Tally {
-                requests: 0,
-                retries: 0,
-            }; WINDOW_BUCKETS],
+            window: Window::EMPTY,
         }
     }
-
-    fn advance(&mut self, epoch: u64) {
-        if epoch <= self.epoch {
-            return;
-        }
-        let gap = epoch - self.epoch;
-        if gap >= WINDOW_BUCKETS as u64 {
-            self.buckets = [Tally::default(); WINDOW_BUCKETS];
-        } else {
-            for step in 1..=gap {
-                self.buckets[bucket_index(self.epoch + step)] = Tally::default();
-            }
-        }
-        self.epoch = epoch;
-    }
-
-    pub fn totals(&self) -> Tally {
-        self.buckets.iter().fold(Tally::default(), |sum, b| Tally {
-            requests: sum.requests.saturating_add(b.requests),
-            retries: sum.retries.saturating_add(b.retries),
-        })
-    }
-}
-
-fn bucket_index(epoch: u64) -> usize {
-    (epoch % WINDOW_BUCKETS as u64) as usize
 }
 
 impl Record<RECORD_LEN> for BudgetState {
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
-        out[0..8].copy_from_slice(&self.epoch.to_le_bytes());
-        out[8..16].copy_from_slice(&self.pushed_back_until.to_le_bytes());
-        for (bucket, chunk) in self.buckets.iter().zip(out[16..].chunks_exact_mut(8)) {
-            chunk[0..4].copy_from_slice(&bucket.requests.to_le_bytes());
-            chunk[4..8].copy_from_slice(&bucket.retries.to_le_bytes());
-        }
+        out[0..8].copy_from_slice(&self.pushed_back_until.to_le_bytes());
+        self.window.write(&mut out[8..]);
         out
     }
 
     fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
-        let u32_at = |at: usize| {
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-        };
-        let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
-        let mut state = BudgetState {
-            epoch: u64_at(0),
-            pushed_back_until: u64_at(8),
-            buckets: [Tally::default(); WINDOW_BUCKETS],
-        };
-        for (index, bucket) in state.buckets.iter_mut().enumerate() {
-            let at = 16 + index * 8;
-            *bucket = Tally {
-                requests: u32_at(at),
-                retries: u32_at(at + 4),
-            };
+        BudgetState {
+            pushed_back_until: u64_at(bytes, 0),
+            window: Window::read(&bytes[8..]),
         }
-        state
     }
 }
 
@@ -178,9 +154,8 @@ pub fn take<S: SharedStore + ?Sized>(
         MAX_CAS_ATTEMPTS,
         |state: Option<BudgetState>| {
             let mut state = state.unwrap_or(BudgetState::empty());
-            state.advance(epoch);
-            let newest = bucket_index(state.epoch);
-            state.buckets[newest].requests = state.buckets[newest].requests.saturating_add(1);
+            let newest = state.window.current(epoch);
+            newest.requests = newest.requests.saturating_add(1);
             // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead
             // was written under a later clock (it has stepped back since), and is written back
             // clamped, so it ends rather than moving with now.
@@ -190,9 +165,9 @@ pub fn take<S: SharedStore + ?Sized>(
             let grant = if now < state.pushed_back_until {
                 Grant::PushedBack
             } else {
-                let retries = wanted.min(budget.remaining(&state.totals()));
-                state.buckets[newest].retries =
-                    state.buckets[newest].retries.saturating_add(retries);
+                let retries = wanted.min(budget.remaining(&state.window.totals(epoch)));
+                let newest = state.window.current(epoch);
+                newest.retries = newest.retries.saturating_add(retries);
                 Grant::Granted {
                     retries,
                     short: retries < wanted,
@@ -237,9 +212,7 @@ pub fn settle<S: SharedStore + ?Sized>(
             let Some(mut state) = state else {
                 return Step::Keep(());
             };
-            let in_window = granted <= state.epoch && state.epoch - granted < WINDOW_BUCKETS as u64;
-            if in_window {
-                let bucket = &mut state.buckets[bucket_index(granted)];
+            if let Some(bucket) = state.window.counted(granted) {
                 bucket.retries -= unused.min(bucket.retries);
             }
             if let Some(until) = pushed_back_until {
@@ -303,12 +276,14 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let mut state = BudgetState::empty();
-        state.epoch = 99;
         state.pushed_back_until = u64::MAX - 1;
-        state.buckets[9] = Tally {
-            requests: 7,
-            retries: 3,
-        };
+        state.window.add(
+            99,
+            &Tally {
+                requests: 7,
+                retries: 3,
+            },
+        );
         assert_eq!(BudgetState::decode(&state.encode()), state);
     }
 

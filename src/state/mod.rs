@@ -11,6 +11,7 @@ pub mod cas;
 pub mod fake;
 pub mod generation;
 pub mod slots;
+pub mod window;
 
 use core::fmt;
 
