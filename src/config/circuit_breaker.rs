@@ -7,12 +7,10 @@
 use serde::Deserialize;
 
 use super::error::{child, index, ConfigError};
-use super::rate_limit::is_header_name;
 use super::reply::{RawReply, Reply};
+use super::shared::{default_true, is_header_name, status_set, RawGrpcCode, RawStatus};
 use super::units::{Percent, TimeSpan};
-use crate::policy::circuit_breaker::{
-    flags, Breaker, Classifier, StatusSet, TripRules, WINDOW_BUCKETS,
-};
+use crate::policy::circuit_breaker::{flags, Breaker, Classifier, TripRules, WINDOW_BUCKETS};
 use crate::request::{Attribute, AttributeId, AttributePlan};
 use crate::state::slots::{hash_parts, SlotTable};
 
@@ -48,10 +46,6 @@ fn default_open_for() -> TimeSpan {
 
 fn default_probes() -> u16 {
     1
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// `"cluster"`, `"route"` or `{"header": "<name>"}`.
@@ -120,106 +114,6 @@ fn default_statuses() -> Vec<RawStatus> {
 fn default_grpc() -> Vec<RawGrpcCode> {
     // DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS: the server's failures, not the caller's.
     [4, 13, 14, 15].into_iter().map(RawGrpcCode).collect()
-}
-
-/// `"5xx"` (a class) or `503` (one status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RawStatus {
-    Class(u16),
-    Code(u16),
-}
-
-/// The statuses and classes written, as one set.
-pub fn status_set(written: &[RawStatus]) -> StatusSet {
-    let mut set = StatusSet::default();
-    for status in written {
-        match *status {
-            RawStatus::Class(class) => set.insert_class(class),
-            RawStatus::Code(code) => set.insert(code),
-        }
-    }
-    set
-}
-
-impl<'de> Deserialize<'de> for RawStatus {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let parsed = match &value {
-            serde_json::Value::String(class) => match class.as_str() {
-                "1xx" => Some(RawStatus::Class(1)),
-                "2xx" => Some(RawStatus::Class(2)),
-                "3xx" => Some(RawStatus::Class(3)),
-                "4xx" => Some(RawStatus::Class(4)),
-                "5xx" => Some(RawStatus::Class(5)),
-                _ => None,
-            },
-            serde_json::Value::Number(code) => code
-                .as_u64()
-                .filter(|c| (100..=599).contains(c))
-                .and_then(|c| u16::try_from(c).ok())
-                .map(RawStatus::Code),
-            _ => None,
-        };
-        parsed.ok_or_else(|| {
-            D::Error::custom(format!(
-                r#"expected a status class like "5xx" or a status from 100 to 599, got {value}"#
-            ))
-        })
-    }
-}
-
-/// A gRPC status code, by number (0 to 16) or name (`"unavailable"`, `"DEADLINE_EXCEEDED"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawGrpcCode(pub u32);
-
-const GRPC_NAMES: [&str; 17] = [
-    "ok",
-    "cancelled",
-    "unknown",
-    "invalid-argument",
-    "deadline-exceeded",
-    "not-found",
-    "already-exists",
-    "permission-denied",
-    "resource-exhausted",
-    "failed-precondition",
-    "aborted",
-    "out-of-range",
-    "unimplemented",
-    "internal",
-    "unavailable",
-    "data-loss",
-    "unauthenticated",
-];
-
-/// Looks up a gRPC code name in any of the spellings operators use.
-pub fn grpc_code(name: &str) -> Option<u32> {
-    let normal = name.to_ascii_lowercase().replace('_', "-");
-    GRPC_NAMES
-        .iter()
-        .position(|known| *known == normal)
-        .and_then(|code| u32::try_from(code).ok())
-}
-
-impl<'de> Deserialize<'de> for RawGrpcCode {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let code = match &value {
-            serde_json::Value::String(name) => grpc_code(name),
-            serde_json::Value::Number(code) => code
-                .as_u64()
-                .filter(|&c| c <= 16)
-                .and_then(|c| u32::try_from(c).ok()),
-            _ => None,
-        };
-        code.map(RawGrpcCode).ok_or_else(|| {
-            D::Error::custom(format!(
-                r#"expected a gRPC status code from 0 to 16 or a name like "unavailable", got {value}"#
-            ))
-        })
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

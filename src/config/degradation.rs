@@ -12,10 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::circuit_breaker::{status_set, RawStatus};
 use super::error::{child, index, ConfigError};
-use super::rate_limit::is_header_name;
 use super::reply::{RawReply, Reply};
+use super::shared::{default_true, is_header_name, status_set, RawStatus};
 use super::units::{Percent, TimeSpan};
 use crate::policy::circuit_breaker::StatusSet;
 use crate::policy::degradation::{
@@ -45,10 +44,6 @@ pub struct RawDegradation {
     pub on_shed: RawReply<503>,
     #[serde(default = "default_true")]
     pub response_header: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,11 +7,10 @@
 
 use serde::Deserialize;
 
-use super::circuit_breaker::RawGrpcCode;
 use super::error::{child, ConfigError};
-use super::rate_limit::{compile_key, is_header_name, KeyPart, RawKeyPart};
 use super::raw::RawHeaderMatch;
 use super::reply::{RawReply, Reply};
+use super::shared::{compile_key, default_true, is_header_name, KeyPart, RawGrpcCode, RawKeyPart};
 use super::units::{Percent, TimeSpan};
 use crate::policy::fault::{parse_rfc3339, DelayShape, TimeBox};
 use crate::policy::route::Condition;
@@ -40,10 +39,6 @@ pub struct RawFault {
     pub max_active: Option<u64>,
     pub active_between: Option<RawTimeBox>,
     pub header_control: Option<RawHeaderControl>,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

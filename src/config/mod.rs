@@ -15,6 +15,7 @@ pub mod rate_limit;
 pub mod raw;
 pub mod reply;
 pub mod retry;
+pub mod shared;
 pub mod units;
 
 use serde_json::{Map, Value};

@@ -5,15 +5,14 @@
 
 use serde::Deserialize;
 
-use super::error::{child, index, ConfigError};
+use super::error::{child, ConfigError};
 use super::reply::{RawReply, Reply};
+use super::shared::{compile_key, default_true, KeyPart, RawKeyPart};
 use super::units::Rate;
 use crate::policy::rate_limit::{Buckets, FailureMode, Gcra, MissingKey, Mode};
-use crate::request::{Attribute, AttributeId, AttributePlan};
+use crate::request::AttributePlan;
 use crate::state::slots::{hash_parts, SlotTable};
 
-/// At most this many parts in one key, so a request's parts fit a fixed array.
-pub const MAX_KEY_PARTS: usize = 4;
 /// At most this many limits on one route: the refund bookkeeping is a fixed-size bit set.
 pub const MAX_LIMITS_PER_ROUTE: usize = 8;
 /// Every slot is a shared-data key that each worker's `on_configure` creates or checks, one host
@@ -43,54 +42,6 @@ pub struct RawRateLimit {
     pub on_limit: RawReply<429>,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-/// `{"header": "x-user-id"}`, or one of the named request attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RawKeyPart {
-    Header { header: String },
-    Named(NamedPart),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NamedPart {
-    ClientIp,
-    Path,
-    Method,
-    Authority,
-    RouteName,
-}
-
-const KEY_PART_EXPECTED: &str = r#"expected {"header": "<name>"} or one of "client_ip", "path", "method", "authority", "route_name""#;
-
-impl<'de> Deserialize<'de> for RawKeyPart {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let named = |name: &str| match name {
-            "client_ip" => Some(NamedPart::ClientIp),
-            "path" => Some(NamedPart::Path),
-            "method" => Some(NamedPart::Method),
-            "authority" => Some(NamedPart::Authority),
-            "route_name" => Some(NamedPart::RouteName),
-            _ => None,
-        };
-        match &value {
-            serde_json::Value::String(name) => named(name).map(RawKeyPart::Named),
-            serde_json::Value::Object(fields) if fields.len() == 1 => match fields.get("header") {
-                Some(serde_json::Value::String(header)) => Some(RawKeyPart::Header {
-                    header: header.clone(),
-                }),
-                _ => None,
-            },
-            _ => None,
-        }
-        .ok_or_else(|| D::Error::custom(format!("{KEY_PART_EXPECTED}, got {value}")))
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawMissingKey {
@@ -115,19 +66,6 @@ pub enum RawFailureMode {
     Closed,
 }
 
-/// One part of a client key, and how to read it from its attribute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyPart {
-    /// The attribute's bytes as they are.
-    Raw(AttributeId),
-    /// `source.address` without its port.
-    ClientIp(AttributeId),
-    /// `:path` without its query string, in its canonical form.
-    Path(AttributeId),
-    /// `:authority`, lowercased and without its port.
-    Authority(AttributeId),
-}
-
 /// A compiled rate-limit policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitPolicy {
@@ -140,68 +78,6 @@ pub struct RateLimitPolicy {
     pub failure_mode: FailureMode,
     pub response_headers: bool,
     pub on_limit: Reply,
-}
-
-pub(crate) fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
-/// Compiles a client key (at most [`MAX_KEY_PARTS`] parts) into the attributes it reads; problems
-/// go to `errors` under `path` (the `key` field).
-pub fn compile_key(
-    path: &str,
-    parts: &[RawKeyPart],
-    attributes: &mut AttributePlan,
-    errors: &mut Vec<ConfigError>,
-) -> Vec<KeyPart> {
-    if parts.len() > MAX_KEY_PARTS {
-        errors.push(ConfigError::invalid(
-            path,
-            format!(
-                "expected at most {MAX_KEY_PARTS} key parts, got {}",
-                parts.len()
-            ),
-        ));
-    }
-    let mut key = Vec::with_capacity(parts.len());
-    for (position, part) in parts.iter().enumerate() {
-        let at = index(path, position);
-        let compiled = match part {
-            RawKeyPart::Header { header } if !is_header_name(header) => {
-                errors.push(ConfigError::invalid(
-                    child(&at, "header"),
-                    format!("expected an HTTP header name, got {header:?}"),
-                ));
-                continue;
-            }
-            RawKeyPart::Header { header } => attributes
-                .intern(Attribute::header(header))
-                .map(KeyPart::Raw),
-            RawKeyPart::Named(NamedPart::ClientIp) => attributes
-                .intern(Attribute::client_address())
-                .map(KeyPart::ClientIp),
-            RawKeyPart::Named(NamedPart::Path) => {
-                attributes.intern(Attribute::path()).map(KeyPart::Path)
-            }
-            RawKeyPart::Named(NamedPart::Method) => {
-                attributes.intern(Attribute::method()).map(KeyPart::Raw)
-            }
-            RawKeyPart::Named(NamedPart::Authority) => attributes
-                .intern(Attribute::authority())
-                .map(KeyPart::Authority),
-            RawKeyPart::Named(NamedPart::RouteName) => {
-                attributes.intern(Attribute::route_name()).map(KeyPart::Raw)
-            }
-        };
-        match compiled {
-            Ok(part) => key.push(part),
-            Err(error) => errors.push(ConfigError::invalid(at, error.to_string())),
-        }
-    }
-    key
 }
 
 /// Compiles one policy; `prefix` is the shared-data key prefix for this plugin.

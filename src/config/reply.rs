@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::error::{child, ConfigError};
-use super::rate_limit::is_header_name;
+use super::shared::is_header_name;
 
 /// `{"status": 503, "body": "...", "headers": {...}}`; `STATUS` is the policy's default status.
 #[derive(Debug, Clone, Deserialize)]

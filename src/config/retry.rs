@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use super::error::{child, index, ConfigError};
-use super::rate_limit::is_header_name;
+use super::shared::{default_true, is_header_name};
 use super::units::{Percent, TimeSpan};
 use crate::policy::retry::{Budget, WINDOW_BUCKETS};
 use crate::request::{Attribute, AttributeId, AttributePlan};
@@ -102,10 +102,6 @@ impl Default for RawBudget {
             window: default_window(),
         }
     }
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn default_ratio() -> Percent {

@@ -2,7 +2,7 @@
 //! picked from the client key's keyed hash.
 
 use crate::clock::Timestamp;
-use crate::config::rate_limit::KeyPart;
+use crate::config::shared::KeyPart;
 use crate::config::RateLimitPolicy;
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,

@@ -136,6 +136,8 @@ const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
 
 impl Record<RECORD_LEN> for BreakerState {
+    /// Layout: breaker, stamped buckets.
+    const LAYOUT: u8 = 0x12;
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
         out[1] = self.trips;

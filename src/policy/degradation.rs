@@ -102,6 +102,8 @@ pub type Window = window::Window<Tally>;
 pub const WINDOW_LEN: usize = Window::LEN;
 
 impl Record<WINDOW_LEN> for Window {
+    /// Layout: outcome window, stamped buckets.
+    const LAYOUT: u8 = 0x32;
     fn encode(&self) -> [u8; WINDOW_LEN] {
         let mut out = [0u8; WINDOW_LEN];
         self.write(&mut out);
@@ -216,6 +218,8 @@ pub struct Lease {
 pub const HEALTH_LEN: usize = 48;
 
 impl Record<HEALTH_LEN> for Health {
+    /// Layout: health and lease.
+    const LAYOUT: u8 = 0x31;
     fn encode(&self) -> [u8; HEALTH_LEN] {
         let mut out = [0u8; HEALTH_LEN];
         let (kind, streak) = match self.probe {
@@ -444,6 +448,8 @@ pub type AdmissionWindow = window::Window<Admissions>;
 pub const ADMISSION_LEN: usize = AdmissionWindow::LEN;
 
 impl Record<ADMISSION_LEN> for AdmissionWindow {
+    /// Layout: admission window, stamped buckets.
+    const LAYOUT: u8 = 0x33;
     fn encode(&self) -> [u8; ADMISSION_LEN] {
         let mut out = [0u8; ADMISSION_LEN];
         self.write(&mut out);

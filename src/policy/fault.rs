@@ -229,6 +229,8 @@ impl Active {
 }
 
 impl Record<8> for Active {
+    /// Layout: active faults with slot epochs.
+    const LAYOUT: u8 = 0x52;
     fn encode(&self) -> [u8; 8] {
         let mut out = [0u8; 8];
         out[0..4].copy_from_slice(&self.epoch.to_le_bytes());

@@ -22,6 +22,8 @@ use crate::state::cas::Record;
 pub struct Secret(pub u64);
 
 impl Record<8> for Secret {
+    /// Layout: deployment secret.
+    const LAYOUT: u8 = 0x71;
     fn encode(&self) -> [u8; 8] {
         self.0.to_le_bytes()
     }

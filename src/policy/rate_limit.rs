@@ -129,6 +129,8 @@ impl Gcra {
 pub struct Tat(pub u64);
 
 impl Record<8> for Tat {
+    /// Layout: GCRA theoretical arrival time.
+    const LAYOUT: u8 = 0x41;
     fn encode(&self) -> [u8; 8] {
         self.0.to_le_bytes()
     }

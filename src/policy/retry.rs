@@ -90,6 +90,8 @@ impl BudgetState {
 }
 
 impl Record<RECORD_LEN> for BudgetState {
+    /// Layout: retry budget, stamped buckets.
+    const LAYOUT: u8 = 0x22;
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
         out[0..8].copy_from_slice(&self.pushed_back_until.to_le_bytes());

@@ -11,10 +11,50 @@ use super::{Cas, Lookup, SharedStore, StoreError};
 use core::fmt;
 
 /// A policy's state as a fixed-size little-endian record. Fixed size keeps reads into a stack
-/// buffer and makes a foreign or truncated value detectable by its length.
+/// buffer and makes a truncated value detectable by its length.
+///
+/// Every record is stored behind one layout byte, [`Record::LAYOUT`], which names the record's
+/// kind and the version of its layout. Shared data outlives a plugin build (a new Wasm module is
+/// loaded into the same Envoy), so a record written by another build, or by another kind under
+/// the same key, is recognised and treated as absent rather than misread. A layout change bumps
+/// the byte.
 pub trait Record<const N: usize>: Sized {
+    /// The kind and layout version, unique among records.
+    const LAYOUT: u8;
     fn encode(&self) -> [u8; N];
     fn decode(bytes: &[u8; N]) -> Self;
+}
+
+/// Bytes of the largest stored record, its layout byte included.
+pub const MAX_STORED: usize = 512;
+
+/// The stored form of a record: its layout byte, then its bytes.
+struct Stored {
+    bytes: [u8; MAX_STORED],
+    len: usize,
+}
+
+impl Stored {
+    fn of<const N: usize, R: Record<N>>(record: &R) -> Self {
+        const { assert!(N < MAX_STORED, "record larger than MAX_STORED") };
+        let mut bytes = [0u8; MAX_STORED];
+        bytes[0] = R::LAYOUT;
+        bytes[1..=N].copy_from_slice(&record.encode());
+        Stored { bytes, len: N + 1 }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Decodes what a read of `len` bytes left in `buffer`, if it is a record of `R`'s layout.
+fn decode_stored<const N: usize, R: Record<N>>(buffer: &[u8; MAX_STORED], len: usize) -> Option<R> {
+    if len != N + 1 || buffer[0] != R::LAYOUT {
+        return None;
+    }
+    let bytes: &[u8; N] = buffer[1..=N].try_into().ok()?;
+    Some(R::decode(bytes))
 }
 
 /// What the decision function wants done with the record it was shown.
@@ -56,8 +96,8 @@ impl fmt::Display for UpdateError {
 impl std::error::Error for UpdateError {}
 
 /// Reads `key`, lets `decide` choose, and writes on the version read; at most `max_attempts`
-/// reads. `decide` sees `None` when the key is missing or holds a value of another size, which it
-/// treats as fresh state (the write then replaces it).
+/// reads. `decide` sees `None` when the key is missing or holds a value of another size or
+/// layout, which it treats as fresh state (the write then replaces it).
 pub fn update<const N: usize, R, T, S>(
     store: &S,
     key: &str,
@@ -69,10 +109,9 @@ where
     S: SharedStore + ?Sized,
 {
     for attempt in 1..=max_attempts {
-        let mut buffer = [0u8; N];
+        let mut buffer = [0u8; MAX_STORED];
         let (current, cas) = match store.get(key, &mut buffer).map_err(UpdateError::Store)? {
-            Lookup::Found { len, cas } if len == N => (Some(R::decode(&buffer)), cas),
-            Lookup::Found { cas, .. } => (None, cas),
+            Lookup::Found { len, cas } => (decode_stored::<N, R>(&buffer, len), cas),
             Lookup::Missing => (None, None),
         };
         match decide(current) {
@@ -82,7 +121,8 @@ where
                     attempts: attempt,
                 })
             }
-            Step::Write(record, value) => match store.set(key, &record.encode(), cas) {
+            Step::Write(record, value) => match store.set(key, Stored::of(&record).as_slice(), cas)
+            {
                 Ok(()) => {
                     return Ok(Updated {
                         value,
@@ -99,7 +139,7 @@ where
     })
 }
 
-/// Creates `key` with `initial` unless it already holds a record of the right size; returns
+/// Creates `key` with `initial` unless it already holds a record of the right size and layout; returns
 /// whether it wrote. Run at configure time, so the request path never inserts (see
 /// [`SharedStore`] on why inserts race). A key that survives a config reload keeps its state.
 pub fn ensure<const N: usize, R, S>(store: &S, key: &str, initial: &R) -> Result<bool, StoreError>
@@ -107,11 +147,14 @@ where
     R: Record<N>,
     S: SharedStore + ?Sized,
 {
-    let mut buffer = [0u8; N];
+    let mut buffer = [0u8; MAX_STORED];
+    let initial = Stored::of(initial);
     match store.get(key, &mut buffer)? {
-        Lookup::Found { len, .. } if len == N => Ok(false),
-        Lookup::Found { cas, .. } => store.set(key, &initial.encode(), cas).map(|()| true),
-        Lookup::Missing => store.set(key, &initial.encode(), None).map(|()| true),
+        Lookup::Found { len, cas } => match decode_stored::<N, R>(&buffer, len) {
+            Some(_) => Ok(false),
+            None => store.set(key, initial.as_slice(), cas).map(|()| true),
+        },
+        Lookup::Missing => store.set(key, initial.as_slice(), None).map(|()| true),
     }
 }
 
@@ -124,10 +167,10 @@ where
     R: Record<N>,
     S: SharedStore + ?Sized,
 {
-    let mut buffer = [0u8; N];
+    let mut buffer = [0u8; MAX_STORED];
     match store.get(key, &mut buffer)? {
-        Lookup::Found { len, cas } if len == N => Ok(Some((R::decode(&buffer), cas))),
-        Lookup::Found { .. } | Lookup::Missing => Ok(None),
+        Lookup::Found { len, cas } => Ok(decode_stored::<N, R>(&buffer, len).map(|r| (r, cas))),
+        Lookup::Missing => Ok(None),
     }
 }
 
@@ -142,6 +185,7 @@ mod tests {
     struct Counter(u64);
 
     impl Record<8> for Counter {
+        const LAYOUT: u8 = 0xf1;
         fn encode(&self) -> [u8; 8] {
             self.0.to_le_bytes()
         }
@@ -236,6 +280,36 @@ mod tests {
         store.set("counter", b"abc", None).unwrap();
         assert_eq!(bump(&store, 2).map(|u| u.value), Ok(1));
         assert!(ensure(&store, "counter", &Counter(9)).is_ok_and(|wrote| !wrote));
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct OtherKind(u64);
+
+    impl Record<8> for OtherKind {
+        const LAYOUT: u8 = 0xf2;
+        fn encode(&self) -> [u8; 8] {
+            self.0.to_le_bytes()
+        }
+        fn decode(bytes: &[u8; 8]) -> Self {
+            OtherKind(u64::from_le_bytes(*bytes))
+        }
+    }
+
+    /// A record of the same size written by another build or kind (an older layout left in
+    /// shared data by the previous Wasm module) is never misread as this one.
+    #[test]
+    fn a_record_of_another_layout_is_fresh_state_and_is_replaced() {
+        let store = FakeStore::new();
+        ensure(&store, "counter", &OtherKind(41)).unwrap();
+        assert_eq!(read::<8, Counter, _>(&store, "counter"), Ok(None));
+        assert_eq!(ensure(&store, "counter", &Counter(7)), Ok(true), "replaced");
+        assert_eq!(bump(&store, 2).map(|u| u.value), Ok(8));
+        let mut raw = [0u8; 16];
+        assert!(matches!(
+            store.get("counter", &mut raw),
+            Ok(Lookup::Found { len: 9, .. })
+        ));
+        assert_eq!(raw[0], Counter::LAYOUT, "the layout byte leads");
     }
 
     #[test]

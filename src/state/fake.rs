@@ -203,9 +203,11 @@ mod tests {
     #[cfg(not(target_family = "wasm"))]
     #[test]
     fn real_threads_never_lose_an_increment() {
-        use crate::state::cas::{update, Record, Step};
+        use crate::state::cas::{ensure, read, update, Record, Step};
         struct Count(u64);
         impl Record<8> for Count {
+            /// Layout: test counter.
+            const LAYOUT: u8 = 0xf3;
             fn encode(&self) -> [u8; 8] {
                 self.0.to_le_bytes()
             }
@@ -214,7 +216,7 @@ mod tests {
             }
         }
         let store = std::sync::Arc::new(FakeStore::new());
-        store.set("n", &0u64.to_le_bytes(), None).unwrap();
+        ensure(&*store, "n", &Count(0)).unwrap();
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 let store = store.clone();
@@ -231,6 +233,9 @@ mod tests {
         for worker in workers {
             worker.join().unwrap();
         }
-        assert_eq!(store.raw("n"), Some(4000u64.to_le_bytes().to_vec()));
+        let total = read::<8, Count, _>(&*store, "n")
+            .unwrap()
+            .map(|(count, _)| count.0);
+        assert_eq!(total, Some(4000));
     }
 }

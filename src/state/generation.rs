@@ -18,6 +18,8 @@ pub struct Generation {
 }
 
 impl Record<12> for Generation {
+    /// Layout: config generation.
+    const LAYOUT: u8 = 0x61;
     fn encode(&self) -> [u8; 12] {
         let mut out = [0u8; 12];
         out[..4].copy_from_slice(&self.number.to_le_bytes());
