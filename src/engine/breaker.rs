@@ -21,6 +21,13 @@ use core::time::Duration;
 
 use super::*;
 
+/// gRPC's UNAVAILABLE, what a gRPC call refused by an open breaker receives.
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
+/// Added to every reply of an open (or half-open and busy) breaker, so clients and dashboards can
+/// tell a breaker's refusal from the upstream's own 503.
+pub const CIRCUIT_HEADER: &str = "x-seawall-circuit";
+
 /// What a breaker needs beyond its policy: its metrics and its ready-made reply headers.
 #[derive(Debug)]
 pub(super) struct BreakerRuntime {

@@ -30,6 +30,24 @@ pub struct StreamState {
     pub degradation: Option<DegradationTicket>,
 }
 
+impl StreamState {
+    /// A stream on `route` (if any) whose request came at `now`, before any stage has acted.
+    pub fn new(route: Option<RouteIndex>, now: Timestamp) -> Self {
+        StreamState {
+            route,
+            started: now,
+            rate_limit: None,
+            breaker: None,
+            responded: None,
+            response_status: None,
+            faults: FaultState::default(),
+            breaker_open: false,
+            retry: None,
+            degradation: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DegradationTicket {
     pub level: u8,
@@ -83,6 +101,12 @@ pub struct BreakerTicket {
     pub role: Role,
     /// A gRPC request, whose outcome includes its `grpc-status`.
     pub grpc: bool,
+}
+
+impl BreakerTicket {
+    pub fn is_probe(&self) -> bool {
+        matches!(self.role, Role::Probe { .. })
+    }
 }
 
 /// A bucket as the IETF `RateLimit-*` headers describe it.

@@ -19,6 +19,9 @@ use core::time::Duration;
 use super::limits::key_hash;
 use super::*;
 
+/// Added to every injected abort, so an experiment's errors are never mistaken for real ones.
+pub const FAULT_HEADER: &str = "x-seawall-fault";
+
 /// A fault policy's metrics and ready-made abort headers.
 #[derive(Debug)]
 pub(super) struct FaultRuntime {
@@ -86,6 +89,26 @@ pub(super) struct AskedFaults {
 }
 
 impl Engine {
+    /// Whether any route can delay a request: the host then ticks to resume paused streams.
+    pub fn can_delay(&self) -> bool {
+        self.config
+            .faults
+            .iter()
+            .any(|f| f.delay.is_some() || f.header_control.is_some())
+    }
+
+    /// Seeds this worker's draws for fault percentages (the host uses the time and its context).
+    pub fn seed_random(&self, seed: u64) {
+        self.random.set(Random::seeded(seed));
+    }
+
+    pub(super) fn next_random(&self) -> u64 {
+        let mut random = self.random.get();
+        let value = random.next_u64();
+        self.random.set(random);
+        value
+    }
+
     /// Creates the `max_active` record of every policy that has one.
     pub(super) fn prepare_fault_slots(
         &self,

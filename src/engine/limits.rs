@@ -19,6 +19,9 @@ use crate::state::{SharedStore, StoreError};
 
 use super::*;
 
+/// gRPC's RESOURCE_EXHAUSTED, what a rate-limited gRPC call receives.
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+
 /// The counters of one rate-limit policy, `seawall.rate_limit.<name>.<counter>`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RateLimitMetrics {

@@ -13,6 +13,10 @@ use crate::state::{SharedStore, StoreError};
 
 use super::*;
 
+/// The router's count of attempts, on responses when the virtual host sets
+/// `include_attempt_count_in_response`.
+pub const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
+
 /// `seawall.retry.<name>.<counter>`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RetryMetrics {
