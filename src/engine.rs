@@ -115,6 +115,28 @@ impl Engine {
         &self.config
     }
 
+    /// Whether the host must call [`Engine::on_worker_tick`] every [`DEGRADATION_TICK`]: any
+    /// config with a route keeps worker-local state (batched metrics, leases, tallies) that the
+    /// tick settles.
+    pub fn needs_tick(&self) -> bool {
+        !self.is_pass_through()
+    }
+
+    /// The worker's tick for its local fast paths: each stage settles what it keeps locally
+    /// (tallies go to shared data, unused leases go back). Also called when the config is retired
+    /// (`retiring`), so nothing leased is kept by a config that no longer decides.
+    pub fn on_worker_tick(
+        &self,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        retiring: bool,
+    ) {
+        self.settle_limit_leases(now, store, metrics, retiring);
+        self.settle_breaker_tallies(now, store, metrics, retiring);
+        self.settle_retry_tallies(now, store, metrics, retiring);
+    }
+
     /// Whether any request can be affected. A pass-through engine lets the host skip reading
     /// anything at all.
     pub fn is_pass_through(&self) -> bool {

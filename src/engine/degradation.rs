@@ -415,8 +415,8 @@ impl Engine {
         Some(&level.name)
     }
 
-    /// Whether the host must tick for degradation (every [`TICK`]).
-    pub fn needs_tick(&self) -> bool {
+    /// Whether a degradation policy needs the tick's shared work (tally, level, probes).
+    pub(super) fn degradation_ticks(&self) -> bool {
         !self.config.degradations.is_empty()
     }
 
@@ -437,6 +437,9 @@ impl Engine {
         metrics: &impl MetricSink,
         dispatch: &mut impl FnMut(usize, &Probe) -> bool,
     ) {
+        if !self.degradation_ticks() {
+            return;
+        }
         let now_nanos = now.as_nanos();
         for (index, (policy, runtime)) in self
             .config

@@ -224,3 +224,15 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Gives back the tokens this worker leased and did not use. Called on the worker's tick (see [`Engine::on_worker_tick`]).
+    pub(super) fn settle_limit_leases(
+        &self,
+        _now: Timestamp,
+        _store: &impl SharedStore,
+        _metrics: &impl MetricSink,
+        _retiring: bool,
+    ) {
+    }
+}

