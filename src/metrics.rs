@@ -5,6 +5,10 @@
 //! here is one process-wide Envoy stat, visible at `/stats` and `/stats/prometheus`. Defining
 //! needs a name string (allocation, a host call); incrementing only needs the id, so all names
 //! are built in `on_configure` and the request path handles plain integers.
+//!
+//! Each update is still a host call, and most requests bump several counters. So in the plugin a
+//! worker's updates go to a [`MetricBatch`] (plain memory, sized at configure time) and reach
+//! Envoy on the worker's tick: one call per metric that changed, not one per update.
 
 use core::cell::RefCell;
 use core::fmt;
@@ -47,6 +51,97 @@ pub trait MetricSink {
 /// The one naming scheme: `seawall.<kind>.<name>.<counter>`, e.g. `seawall.route.checkout.requests`.
 pub fn metric_name(kind: &str, name: &str, counter: &str) -> String {
     format!("seawall.{kind}.{name}.{counter}")
+}
+
+/// One worker's metric updates since its last flush, for one compiled config. The config's
+/// metrics are defined through [`MetricBatch::registry`], which hands out the batch's own ids;
+/// updates by those ids only touch memory, and [`MetricBatch::flush`] passes the totals on to the
+/// host's sink under the host's ids. Counters add up; a gauge keeps its last value.
+#[derive(Debug, Default)]
+pub struct MetricBatch {
+    entries: Vec<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    host: MetricId,
+    delta: core::cell::Cell<i64>,
+    gauge: core::cell::Cell<Option<u64>>,
+}
+
+/// Defines metrics with the host and numbers them for a [`MetricBatch`].
+pub struct BatchRegistry<'a, R: MetricsRegistry> {
+    host: &'a mut R,
+    batch: &'a mut MetricBatch,
+}
+
+impl MetricBatch {
+    pub fn registry<'a, R: MetricsRegistry>(&'a mut self, host: &'a mut R) -> BatchRegistry<'a, R> {
+        BatchRegistry { host, batch: self }
+    }
+
+    /// Hands every change since the last flush to `sink`, under the host's ids, and starts
+    /// afresh. Returns how many host updates it made.
+    pub fn flush(&self, sink: &impl MetricSink) -> usize {
+        let mut updates = 0;
+        for entry in &self.entries {
+            let delta = entry.delta.replace(0);
+            if delta != 0 {
+                sink.increment(entry.host, delta);
+                updates += 1;
+            }
+            if let Some(value) = entry.gauge.take() {
+                sink.set(entry.host, value);
+                updates += 1;
+            }
+        }
+        updates
+    }
+
+    /// Whether an update waits for the next flush.
+    pub fn is_pending(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|entry| entry.delta.get() != 0 || entry.gauge.get().is_some())
+    }
+}
+
+impl<R: MetricsRegistry> MetricsRegistry for BatchRegistry<'_, R> {
+    /// A name defined twice is one metric, as with the host.
+    fn define(&mut self, kind: MetricKind, name: &str) -> Result<MetricId, MetricsError> {
+        let host = self.host.define(kind, name)?;
+        let entries = &mut self.batch.entries;
+        let position = match entries.iter().position(|entry| entry.host == host) {
+            Some(position) => position,
+            None => {
+                entries.push(Pending {
+                    host,
+                    delta: core::cell::Cell::new(0),
+                    gauge: core::cell::Cell::new(None),
+                });
+                entries.len() - 1
+            }
+        };
+        u32::try_from(position)
+            .map(MetricId)
+            .map_err(|_| MetricsError {
+                name: name.to_owned(),
+            })
+    }
+}
+
+impl MetricSink for MetricBatch {
+    fn increment(&self, id: MetricId, delta: i64) {
+        if let Some(entry) = self.entries.get(id.0 as usize) {
+            entry.delta.set(entry.delta.get().saturating_add(delta));
+        }
+    }
+
+    fn set(&self, id: MetricId, value: u64) {
+        if let Some(entry) = self.entries.get(id.0 as usize) {
+            entry.gauge.set(Some(value));
+        }
+    }
 }
 
 /// An in-memory registry and sink for tests.
@@ -141,5 +236,89 @@ mod tests {
         metrics.set(a, 7);
         assert_eq!(metrics.value("seawall.x.y.z"), Some(7));
         assert_eq!(metrics.value("seawall.missing"), None);
+    }
+
+    /// A sink that counts the calls it gets, as the host would.
+    #[derive(Default)]
+    struct CountingHost {
+        metrics: FakeMetrics,
+        calls: core::cell::Cell<usize>,
+    }
+
+    impl MetricSink for CountingHost {
+        fn increment(&self, id: MetricId, delta: i64) {
+            self.calls.set(self.calls.get() + 1);
+            self.metrics.increment(id, delta);
+        }
+
+        fn set(&self, id: MetricId, value: u64) {
+            self.calls.set(self.calls.get() + 1);
+            self.metrics.set(id, value);
+        }
+    }
+
+    #[test]
+    fn a_batch_reaches_the_host_as_one_update_per_changed_metric_on_flush() {
+        let mut host = CountingHost::default();
+        let mut batch = MetricBatch::default();
+        let (requests, allowed, level, idle) = {
+            let mut registry = batch.registry(&mut host.metrics);
+            (
+                registry
+                    .define(MetricKind::Counter, "seawall.route.r.requests")
+                    .unwrap(),
+                registry
+                    .define(MetricKind::Counter, "seawall.rate_limit.g.allowed")
+                    .unwrap(),
+                registry
+                    .define(MetricKind::Gauge, "seawall.degradation.d.level")
+                    .unwrap(),
+                registry
+                    .define(MetricKind::Counter, "seawall.rate_limit.g.limited")
+                    .unwrap(),
+            )
+        };
+        for _ in 0..1000 {
+            batch.increment(requests, 1);
+            batch.increment(allowed, 1);
+        }
+        batch.set(level, 2);
+        batch.set(level, 1);
+        assert!(batch.is_pending());
+        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(0));
+        assert_eq!(batch.flush(&host), 3);
+        assert_eq!(host.calls.get(), 3);
+        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(1000));
+        assert_eq!(
+            host.metrics.value("seawall.rate_limit.g.allowed"),
+            Some(1000)
+        );
+        assert_eq!(host.metrics.value("seawall.degradation.d.level"), Some(1));
+        assert_eq!(host.metrics.value("seawall.rate_limit.g.limited"), Some(0));
+        let _ = idle;
+        // Nothing changed since: a flush costs nothing.
+        assert!(!batch.is_pending());
+        assert_eq!(batch.flush(&host), 0);
+        batch.increment(requests, 1);
+        batch.flush(&host);
+        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(1001));
+    }
+
+    #[test]
+    fn a_name_defined_twice_is_one_batched_metric() {
+        let mut host = FakeMetrics::new();
+        let mut batch = MetricBatch::default();
+        let mut registry = batch.registry(&mut host);
+        let a = registry
+            .define(MetricKind::Counter, "seawall.x.y.z")
+            .unwrap();
+        let b = registry
+            .define(MetricKind::Counter, "seawall.x.y.z")
+            .unwrap();
+        assert_eq!(a, b);
+        batch.increment(a, 2);
+        batch.increment(b, 3);
+        batch.flush(&host);
+        assert_eq!(host.value("seawall.x.y.z"), Some(5));
     }
 }

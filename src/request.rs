@@ -5,8 +5,11 @@
 //! the value. So the config is compiled into an [`AttributePlan`] (each distinct attribute once,
 //! addressed by a small [`AttributeId`]), and a [`RequestView`] fetches an attribute only when a
 //! matcher or a policy first asks for it, then keeps the host's buffer until the request is done.
-//! The view's slots live in a per-worker [`Scratch`] that is sized at configure time, so the view
-//! itself allocates nothing.
+//! When the plan names more than one header, the first header asked for brings all of them in
+//! one host call (the whole header map, `get_header_map_pairs`), parsed in place: one crossing
+//! and one host buffer instead of one of each per header. With a single header a single read
+//! copies less for the same one call. The view's slots live in a per-worker [`Scratch`] that is
+//! sized at configure time, so the view itself allocates nothing.
 
 use core::fmt;
 
@@ -142,12 +145,27 @@ impl AttributePlan {
     pub fn iter(&self) -> impl Iterator<Item = &Attribute> {
         self.attributes.iter()
     }
+
+    /// Whether the request's headers are read in one call of the whole map: when more than one
+    /// header is in the plan.
+    pub fn reads_header_map(&self) -> bool {
+        self.attributes
+            .iter()
+            .filter(|a| matches!(a, Attribute::Header(_)))
+            .nth(1)
+            .is_some()
+    }
 }
 
 /// Where attribute values come from: Envoy in the plugin, a table in tests.
 pub trait AttributeSource {
     /// Reads one attribute: one host call. `None` when the request does not have it.
     fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>>;
+    /// Reads every request header at once, in proxy-wasm's map wire form (see
+    /// [`HeaderPairs`]): one host call. `None` when the source cannot, and single reads are made.
+    fn read_header_map(&mut self) -> Option<Vec<u8>> {
+        None
+    }
     /// Removes a request header before the request goes on: one host call.
     fn remove_header(&mut self, name: &str);
 }
@@ -158,12 +176,20 @@ enum Slot {
     Unread,
     Absent,
     Present(Vec<u8>),
+    /// A value inside the request's header map: `start..end` of [`Scratch`]'s map buffer.
+    InMap {
+        start: u32,
+        end: u32,
+    },
 }
 
 /// Per-worker storage for one request's attribute values, reused from request to request.
 #[derive(Debug, Default)]
 pub struct Scratch {
     slots: Vec<Slot>,
+    /// The request's header map as the host returned it, while the request is decided.
+    header_map: Vec<u8>,
+    header_map_read: bool,
 }
 
 impl Scratch {
@@ -171,15 +197,112 @@ impl Scratch {
     pub fn for_plan(plan: &AttributePlan) -> Self {
         let mut slots = Vec::new();
         slots.resize_with(plan.len(), Slot::default);
-        Scratch { slots }
+        Scratch {
+            slots,
+            header_map: Vec::new(),
+            header_map_read: false,
+        }
     }
+
+    fn value(&self, slot: usize) -> Option<&[u8]> {
+        match self.slots.get(slot)? {
+            Slot::Present(value) => Some(value.as_slice()),
+            Slot::InMap { start, end } => self.header_map.get(*start as usize..*end as usize),
+            Slot::Absent | Slot::Unread => None,
+        }
+    }
+}
+
+/// The pairs of a header map in proxy-wasm's wire form: a little-endian `u32` count, then a
+/// `u32` name length and a `u32` value length per pair, then each name and value followed by a
+/// NUL. Yields each pair's name and the value's byte range in the buffer; stops at the first
+/// length that runs past the end, so a malformed buffer yields what it holds and no more.
+pub struct HeaderPairs<'b> {
+    buffer: &'b [u8],
+    remaining: usize,
+    /// Where the next pair's two lengths are.
+    lengths_at: usize,
+    /// Where the next pair's name starts.
+    data_at: usize,
+}
+
+impl<'b> HeaderPairs<'b> {
+    pub fn new(buffer: &'b [u8]) -> Self {
+        let count = read_u32(buffer, 0).map_or(0, |n| n as usize);
+        // A count the buffer cannot hold is malformed: nothing is read from it.
+        let lengths_end = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(4))
+            .filter(|&end| end <= buffer.len());
+        match lengths_end {
+            Some(data_at) => HeaderPairs {
+                buffer,
+                remaining: count,
+                lengths_at: 4,
+                data_at,
+            },
+            None => HeaderPairs {
+                buffer,
+                remaining: 0,
+                lengths_at: 0,
+                data_at: 0,
+            },
+        }
+    }
+}
+
+fn read_u32(buffer: &[u8], at: usize) -> Option<u32> {
+    let bytes = buffer.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+impl<'b> Iterator for HeaderPairs<'b> {
+    type Item = (&'b [u8], core::ops::Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let name_len = read_u32(self.buffer, self.lengths_at)? as usize;
+        let value_len = read_u32(self.buffer, self.lengths_at + 4)? as usize;
+        self.lengths_at += 8;
+        let name_end = self.data_at.checked_add(name_len)?;
+        let value_start = name_end.checked_add(1)?;
+        let value_end = value_start.checked_add(value_len)?;
+        if value_end >= self.buffer.len() {
+            self.remaining = 0;
+            return None;
+        }
+        let name = self.buffer.get(self.data_at..name_end)?;
+        self.data_at = value_end + 1;
+        Some((name, value_start..value_end))
+    }
+}
+
+/// Encodes `pairs` in the header map wire form [`HeaderPairs`] reads: for tests and fakes.
+pub fn encode_header_map<'p>(pairs: impl Iterator<Item = (&'p [u8], &'p [u8])> + Clone) -> Vec<u8> {
+    let mut out = Vec::new();
+    let count = pairs.clone().count() as u32;
+    out.extend_from_slice(&count.to_le_bytes());
+    for (name, value) in pairs.clone() {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name);
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
 }
 
 /// One request's attributes, read lazily and at most once each.
 pub struct RequestView<'a, S: AttributeSource> {
     plan: &'a AttributePlan,
     source: &'a mut S,
-    slots: &'a mut [Slot],
+    scratch: &'a mut Scratch,
     /// A request header was removed. Envoy then matches its route again only when the router
     /// asks, so until this callback returns its `xds.*` properties still describe the route it
     /// chose before: they are not read, and count as absent.
@@ -193,13 +316,11 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
         if scratch.slots.len() != plan.len() {
             scratch.slots.resize_with(plan.len(), Slot::default);
         }
-        for slot in scratch.slots.iter_mut() {
-            *slot = Slot::Unread;
-        }
+        scratch.clear();
         RequestView {
             plan,
             source,
-            slots: &mut scratch.slots,
+            scratch,
             routing_stale: false,
         }
     }
@@ -207,30 +328,71 @@ impl<'a, S: AttributeSource> RequestView<'a, S> {
     /// An attribute already read by [`RequestView::get`], without reading it. Lets a caller hold
     /// several attributes at once: `get` each, then `peek` them all.
     pub fn peek(&self, id: AttributeId) -> Option<&[u8]> {
-        match self.slots.get(id.index())? {
-            Slot::Present(value) => Some(value.as_slice()),
-            Slot::Absent | Slot::Unread => None,
-        }
+        self.scratch.value(id.index())
     }
 
     /// The attribute's raw bytes, or `None` if the request lacks it (or the id is not in the plan).
     pub fn get(&mut self, id: AttributeId) -> Option<&[u8]> {
-        let slot = self.slots.get_mut(id.index())?;
-        if matches!(slot, Slot::Unread) {
+        let index = id.index();
+        if matches!(self.scratch.slots.get(index)?, Slot::Unread) {
             let attribute = self.plan.get(id)?;
-            if self.routing_stale && attribute.describes_routing() {
-                *slot = Slot::Absent;
-                return None;
+            let is_header = matches!(attribute, Attribute::Header(_));
+            if is_header && !self.scratch.header_map_read && self.plan.reads_header_map() {
+                self.read_header_map();
             }
-            *slot = match self.source.read(attribute) {
-                Some(value) => Slot::Present(value),
-                None => Slot::Absent,
+            if matches!(self.scratch.slots.get(index)?, Slot::Unread) {
+                let value = if self.routing_stale && attribute.describes_routing() {
+                    Slot::Absent
+                } else {
+                    match self.source.read(attribute) {
+                        Some(value) => Slot::Present(value),
+                        None => Slot::Absent,
+                    }
+                };
+                *self.scratch.slots.get_mut(index)? = value;
+            }
+        }
+        self.scratch.value(index)
+    }
+
+    /// Reads every header at once and settles every header slot still unread: found in the map,
+    /// or absent. The first value of a header sent twice counts, as with a single read. When the
+    /// source cannot read the map, the slots stay unread and are read one by one.
+    fn read_header_map(&mut self) {
+        self.scratch.header_map_read = true;
+        let Some(map) = self.source.read_header_map() else {
+            return;
+        };
+        let scratch = &mut *self.scratch;
+        for (name, range) in HeaderPairs::new(&map) {
+            let (Ok(start), Ok(end)) = (u32::try_from(range.start), u32::try_from(range.end))
+            else {
+                break;
             };
+            for (attribute, slot) in self.plan.iter().zip(scratch.slots.iter_mut()) {
+                if let (Attribute::Header(wanted), Slot::Unread) = (attribute, &*slot) {
+                    if wanted.as_bytes() == name {
+                        *slot = Slot::InMap { start, end };
+                    }
+                }
+            }
         }
-        match slot {
-            Slot::Present(value) => Some(value.as_slice()),
-            Slot::Absent | Slot::Unread => None,
+        for (attribute, slot) in self.plan.iter().zip(scratch.slots.iter_mut()) {
+            if matches!(attribute, Attribute::Header(_)) && matches!(slot, Slot::Unread) {
+                *slot = Slot::Absent;
+            }
         }
+        scratch.header_map = map;
+    }
+}
+
+impl Scratch {
+    fn clear(&mut self) {
+        for slot in self.slots.iter_mut() {
+            *slot = Slot::Unread;
+        }
+        self.header_map = Vec::new();
+        self.header_map_read = false;
     }
 }
 
@@ -244,7 +406,7 @@ impl<S: AttributeSource> RequestView<'_, S> {
         };
         self.source.remove_header(name);
         self.routing_stale = true;
-        if let Some(slot) = self.slots.get_mut(id.index()) {
+        if let Some(slot) = self.scratch.slots.get_mut(id.index()) {
             *slot = Slot::Absent;
         }
     }
@@ -253,9 +415,7 @@ impl<S: AttributeSource> RequestView<'_, S> {
 impl<S: AttributeSource> Drop for RequestView<'_, S> {
     /// Hands the host's buffers back as soon as the request's decisions are made.
     fn drop(&mut self) {
-        for slot in self.slots.iter_mut() {
-            *slot = Slot::Unread;
-        }
+        self.scratch.clear();
     }
 }
 
@@ -265,6 +425,10 @@ impl<S: AttributeSource> Drop for RequestView<'_, S> {
 pub struct FakeRequest {
     values: Vec<(Attribute, Vec<u8>)>,
     pub reads: Vec<Attribute>,
+    /// Whether it answers [`AttributeSource::read_header_map`], as Envoy does (off: single reads).
+    serves_header_map: bool,
+    /// How many times the whole header map was read.
+    pub header_map_reads: usize,
     /// The headers removed, in order, each with how many reads had been made before it.
     pub removed: Vec<(String, usize)>,
 }
@@ -289,6 +453,12 @@ impl FakeRequest {
     pub fn header(self, name: &str, value: impl AsRef<[u8]>) -> Self {
         self.with(Attribute::header(name), value)
     }
+
+    /// Serves the whole header map in one read, as Envoy does.
+    pub fn serving_header_map(mut self) -> Self {
+        self.serves_header_map = true;
+        self
+    }
 }
 
 impl AttributeSource for FakeRequest {
@@ -298,6 +468,21 @@ impl AttributeSource for FakeRequest {
             .iter()
             .find(|(a, _)| a == attribute)
             .map(|(_, v)| v.clone())
+    }
+
+    fn read_header_map(&mut self) -> Option<Vec<u8>> {
+        if !self.serves_header_map {
+            return None;
+        }
+        self.header_map_reads += 1;
+        let headers = self
+            .values
+            .iter()
+            .filter_map(|(attribute, value)| match attribute {
+                Attribute::Header(name) => Some((name.as_bytes(), value.as_slice())),
+                Attribute::Property(_) => None,
+            });
+        Some(encode_header_map(headers))
     }
 
     fn remove_header(&mut self, name: &str) {
@@ -368,5 +553,119 @@ mod tests {
         };
         assert_eq!(path.as_bytes(), b"xds\0route_name");
         assert_eq!(format!("{path:?}"), "xds.route_name");
+    }
+
+    #[test]
+    fn several_headers_cost_one_read_of_the_map_and_properties_stay_single() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let tier = plan.intern(Attribute::header("x-tier")).unwrap();
+        let path = plan.intern(Attribute::path()).unwrap();
+        let route = plan.intern(Attribute::route_name()).unwrap();
+        let mut source = FakeRequest::http("GET", "/items")
+            .header("x-user", "alice")
+            .with(Attribute::route_name(), "items")
+            .serving_header_map();
+        let mut scratch = Scratch::for_plan(&plan);
+        {
+            let mut view = RequestView::new(&plan, &mut source, &mut scratch);
+            assert_eq!(view.get(user), Some(&b"alice"[..]));
+            assert_eq!(view.get(tier), None);
+            assert_eq!(view.get(path), Some(&b"/items"[..]));
+            assert_eq!(view.get(route), Some(&b"items"[..]));
+            assert_eq!(view.peek(user), Some(&b"alice"[..]));
+        }
+        assert_eq!(source.header_map_reads, 1);
+        assert_eq!(source.reads, vec![Attribute::route_name()]);
+    }
+
+    #[test]
+    fn a_single_header_is_read_alone() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let mut source = FakeRequest::new()
+            .header("x-user", "bob")
+            .serving_header_map();
+        let mut scratch = Scratch::for_plan(&plan);
+        assert_eq!(
+            RequestView::new(&plan, &mut source, &mut scratch).get(user),
+            Some(&b"bob"[..])
+        );
+        assert_eq!(source.header_map_reads, 0);
+        assert_eq!(source.reads, vec![Attribute::header("x-user")]);
+    }
+
+    #[test]
+    fn a_header_sent_twice_counts_its_first_value_and_a_removed_one_is_gone() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let spoof = plan.intern(Attribute::header("x-seawall-cluster")).unwrap();
+        let mut source = FakeRequest::new()
+            .header("x-seawall-cluster", "internal")
+            .header("x-user", "first")
+            .header("x-user", "second")
+            .serving_header_map();
+        let mut scratch = Scratch::for_plan(&plan);
+        let mut view = RequestView::new(&plan, &mut source, &mut scratch);
+        assert_eq!(view.get(spoof), Some(&b"internal"[..]));
+        view.remove_header(spoof);
+        assert_eq!(view.get(spoof), None);
+        assert_eq!(view.get(user), Some(&b"first"[..]));
+    }
+
+    #[test]
+    fn the_next_request_reads_the_map_afresh() {
+        let mut plan = AttributePlan::default();
+        let user = plan.intern(Attribute::header("x-user")).unwrap();
+        let _tier = plan.intern(Attribute::header("x-tier")).unwrap();
+        let mut scratch = Scratch::for_plan(&plan);
+        let mut first = FakeRequest::new()
+            .header("x-user", "alice")
+            .serving_header_map();
+        assert_eq!(
+            RequestView::new(&plan, &mut first, &mut scratch).get(user),
+            Some(&b"alice"[..])
+        );
+        let mut second = FakeRequest::new()
+            .header("x-tier", "gold")
+            .serving_header_map();
+        assert_eq!(
+            RequestView::new(&plan, &mut second, &mut scratch).get(user),
+            None
+        );
+        assert_eq!(second.header_map_reads, 1);
+    }
+
+    #[test]
+    fn header_pairs_decode_what_was_encoded() {
+        let pairs: Vec<(&[u8], &[u8])> =
+            vec![(b":path", b"/a"), (b"x-empty", b""), (b"k", b"v\xff")];
+        let map = encode_header_map(pairs.iter().copied());
+        let decoded: Vec<(&[u8], &[u8])> = HeaderPairs::new(&map)
+            .map(|(name, range)| (name, &map[range]))
+            .collect();
+        assert_eq!(decoded, pairs);
+    }
+
+    #[test]
+    fn a_malformed_header_map_yields_only_what_it_holds_and_never_panics() {
+        let map = encode_header_map([(&b"x-user"[..], &b"alice"[..])].into_iter());
+        // Every truncation and every single-byte corruption.
+        for end in 0..map.len() {
+            let _ = HeaderPairs::new(&map[..end]).count();
+        }
+        for at in 0..map.len() {
+            for byte in [0u8, 1, 0x7f, 0xff] {
+                let mut bad = map.clone();
+                bad[at] = byte;
+                for (_, range) in HeaderPairs::new(&bad) {
+                    assert!(range.end < bad.len());
+                }
+            }
+        }
+        // A count far beyond the buffer reads nothing.
+        let mut huge = map.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs::new(&huge).count(), 0);
     }
 }

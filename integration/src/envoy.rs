@@ -337,6 +337,9 @@ fn indent(text: &str, spaces: usize) -> String {
     text.lines().map(|line| format!("{pad}{line}\n")).collect()
 }
 
+/// Counts every seawall worker tick that handed batched metric updates to Envoy.
+const TICKS: &str = "wasmcustom.seawall.workers.all.ticks";
+
 /// Envoy's counters and gauges by name.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
@@ -586,7 +589,32 @@ impl Envoy {
         Ok((response.status, response.text()))
     }
 
+    /// Envoy's stats once seawall's have settled. Each worker hands its batched metric updates
+    /// to Envoy on its 100 ms tick, and counts the tick in `seawall.workers.all.ticks`; so this
+    /// waits (bounded) until the workers have ticked at least twice each since the call and 1.5
+    /// tick periods have passed, and every update made before the call is in the stats.
     pub fn stats(&self) -> Stats {
+        let first = self.current_stats();
+        let Some(start) = first.get(TICKS) else {
+            return first;
+        };
+        let wanted = start + 2 * u64::from(self.config.concurrency);
+        let begun = Instant::now();
+        let deadline = begun + Duration::from_secs(5);
+        loop {
+            thread::sleep(Duration::from_millis(25));
+            let stats = self.current_stats();
+            let ticked = stats.get(TICKS).unwrap_or(0) >= wanted;
+            if (ticked && begun.elapsed() >= Duration::from_millis(150))
+                || Instant::now() > deadline
+            {
+                return stats;
+            }
+        }
+    }
+
+    /// Envoy's stats as they are now: seawall's may lag by up to one tick.
+    pub fn current_stats(&self) -> Stats {
         let (_, body) = self.admin_get("/stats?format=json").expect("read /stats");
         let json: serde_json::Value = serde_json::from_str(&body).expect("/stats is JSON");
         let mut values = BTreeMap::new();
@@ -608,7 +636,7 @@ impl Envoy {
     pub fn wait_for_stat(&self, name: &str, timeout: Duration, done: impl Fn(u64) -> bool) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            let value = self.stats().get(name).unwrap_or(0);
+            let value = self.current_stats().get(name).unwrap_or(0);
             if done(value) || Instant::now() > deadline {
                 return value;
             }
@@ -656,7 +684,7 @@ impl Envoy {
     /// (`listener.<address>.worker_<n>.downstream_cx_total`; the address is the configured one,
     /// so port 0 for `main`; the admin listener has no workers).
     fn accepted_per_worker(&self) -> Vec<u64> {
-        let stats = self.stats();
+        let stats = self.current_stats();
         let mut accepted = vec![0; self.config.concurrency as usize];
         for (name, value) in &stats.values {
             let worker = name
@@ -728,7 +756,7 @@ impl Envoy {
         // address, so Envoy would replace the listener and reset connections under load.
         let mut config = config.clone();
         config.listener_port = 0;
-        let before = self.stats();
+        let before = self.current_stats();
         let success = before
             .get("listener_manager.lds.update_success")
             .unwrap_or(0);
@@ -742,7 +770,7 @@ impl Envoy {
         );
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let stats = self.stats();
+            let stats = self.current_stats();
             if stats
                 .get("listener_manager.lds.update_success")
                 .unwrap_or(0)

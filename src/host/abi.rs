@@ -30,6 +30,11 @@ const STREAM_HTTP_REQUEST: u32 = 0;
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
     fn proxy_get_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -142,6 +147,19 @@ fn get_header(map_type: u32, name: &str) -> Option<Vec<u8>> {
     let status = unsafe {
         proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size)
     };
+    match status {
+        OK => Some(unsafe { take_host_buffer(data, size) }),
+        _ => None,
+    }
+}
+
+/// Every request header in one call, in the map wire form (`request::HeaderPairs` reads it).
+pub fn request_header_map() -> Option<Vec<u8>> {
+    count(Kind::HeaderMapRead);
+    let mut data = null_mut();
+    let mut size = 0usize;
+    let status =
+        unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut data, &mut size) };
     match status {
         OK => Some(unsafe { take_host_buffer(data, size) }),
         _ => None,

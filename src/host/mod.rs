@@ -23,7 +23,9 @@ use crate::engine::{
     Engine, LocalReplies, LocalReply, Reroute, RetryHeaders, StreamState, Verdict,
     DEGRADATION_TICK, DEGRADED_HEADER, FAULT_HEADER, ROUTE_HEADER,
 };
-use crate::metrics::{MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry};
+use crate::metrics::{
+    MetricBatch, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
+};
 use crate::policy::circuit_breaker::ResponseFacts;
 use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
@@ -62,9 +64,40 @@ const TICK_MS: u32 = 1;
 /// flood of delayed requests cannot grow the worker's memory.
 const MAX_PAUSED: usize = 4096;
 
+/// One compiled config on one worker: the engine and the batch its metric updates wait in until
+/// the worker's tick hands them to Envoy.
+struct Loaded {
+    engine: Engine,
+    metrics: MetricBatch,
+}
+
+impl core::ops::Deref for Loaded {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Loaded {
+    /// The tick's work for a config that still decides (or, `retiring`, one that no longer
+    /// does): local state settled, then every metric update handed to Envoy.
+    fn tick(&self, now: Timestamp, retiring: bool) {
+        self.engine
+            .on_worker_tick(now, &HostStore, &self.metrics, retiring);
+        self.metrics.flush(&HostMetrics);
+    }
+}
+
 /// What one worker's streams share: the live engine and buffers reused from request to request.
 struct Worker {
-    engine: Option<Rc<Engine>>,
+    engine: Option<Rc<Loaded>>,
+    /// The config this root ran before a reconfigure, while its streams may still be finishing:
+    /// its metrics are still flushed on the tick.
+    retired: Option<Rc<Loaded>>,
+    /// `seawall.workers.all.ticks`: ticks that flushed a config's metrics, so a reader of the
+    /// stats can tell every worker has flushed since a moment (see the integration harness).
+    ticks: Option<MetricId>,
     scratch: Scratch,
     reply: ReplyBuffer,
     /// Delayed requests, resumed from the root context's tick. Reserved to `MAX_PAUSED` at
@@ -84,7 +117,7 @@ struct Paused {
     context_id: u32,
     until: Timestamp,
     state: StreamState,
-    engine: Rc<Engine>,
+    engine: Rc<Loaded>,
 }
 
 struct Root {
@@ -100,14 +133,14 @@ struct Root {
     /// When the degradation tick is next due.
     next_degradation_tick: Timestamp,
     /// Probes in flight: token, policy, and the engine that sent them.
-    probes: Vec<(u32, usize, Rc<Engine>)>,
+    probes: Vec<(u32, usize, Rc<Loaded>)>,
     /// When a probe that could not be sent was last logged: at most once a minute, however
     /// short the interval.
     probe_warned_at: Option<Timestamp>,
 }
 
 /// The tick period when nothing is paused.
-fn idle_tick_ms(engine: Option<&Engine>) -> u32 {
+fn idle_tick_ms(engine: Option<&Loaded>) -> u32 {
     match engine {
         Some(engine) if engine.needs_tick() => DEGRADATION_TICK.as_millis() as u32,
         _ => 0,
@@ -127,6 +160,8 @@ impl Root {
             context_id,
             worker: Rc::new(RefCell::new(Worker {
                 engine: None,
+                retired: None,
+                ticks: None,
                 scratch: Scratch::default(),
                 reply: ReplyBuffer::default(),
                 paused: Vec::new(),
@@ -146,6 +181,11 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        self.retire();
+        true
+    }
+
     /// A probe came back (or timed out: no headers).
     fn on_http_call_response(
         &mut self,
@@ -165,7 +205,7 @@ impl Context for Root {
         let status = abi::http_call_response_header(":status")
             .and_then(|value| crate::policy::fault::parse_decimal(&value))
             .and_then(|status| u16::try_from(status).ok());
-        engine.on_probe_result(policy, status, &HostStore, &HostMetrics);
+        engine.on_probe_result(policy, status, &HostStore, &engine.metrics);
     }
 }
 
@@ -182,7 +222,8 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let engine = match Engine::new(compiled, &mut HostMetrics) {
+        let mut metrics = MetricBatch::default();
+        let engine = match Engine::new(compiled, &mut metrics.registry(&mut HostMetrics)) {
             Ok(engine) => engine,
             Err(error) => {
                 log::error!(
@@ -223,7 +264,14 @@ impl RootContext for Root {
             let spare = MAX_PAUSED.saturating_sub(worker.paused.len());
             worker.paused.reserve_exact(spare);
         }
-        worker.engine = Some(Rc::new(engine));
+        let previous = worker.engine.replace(Rc::new(Loaded { engine, metrics }));
+        if let Some(previous) = previous {
+            previous.tick(Timestamp::from_nanos(abi::now_nanos()), true);
+            worker.retired = Some(previous);
+        }
+        worker.ticks = HostMetrics
+            .define(MetricKind::Counter, "seawall.workers.all.ticks")
+            .ok();
         if worker.paused.is_empty() {
             let period = idle_tick_ms(worker.engine.as_deref());
             set_tick(&mut worker, period);
@@ -277,7 +325,7 @@ impl RootContext for Root {
                 // The stream ended while it waited; its slot was given back in on_log.
                 continue;
             }
-            match due.engine.on_resume(&due.state, &HostMetrics) {
+            match due.engine.on_resume(&due.state, &due.engine.metrics) {
                 Verdict::Reply(reply) => self.tick_reply.send_local_reply(&reply),
                 Verdict::Continue | Verdict::Pause { .. } => {
                     abi::resume_request();
@@ -287,7 +335,7 @@ impl RootContext for Root {
         // Half a tick early counts as due: ticks jitter, and a tick that comes a hair early must
         // not push the work to the next one.
         if now.saturating_add(DEGRADATION_TICK / 2) >= self.next_degradation_tick {
-            self.degradation_tick(now);
+            self.worker_tick(now);
         }
     }
 
@@ -297,9 +345,10 @@ impl RootContext for Root {
 }
 
 impl Root {
-    /// Shares this worker's degradation tally, reads the level back, and sends the probes the
-    /// lease holder owes.
-    fn degradation_tick(&mut self, now: Timestamp) {
+    /// The worker's tick: settles the config's worker-local state, shares the degradation
+    /// tally, reads the level back, sends the probes the lease holder owes, and hands the batched
+    /// metric updates to Envoy.
+    fn worker_tick(&mut self, now: Timestamp) {
         let Some(engine) = self.worker.try_borrow().ok().and_then(|w| w.engine.clone()) else {
             return;
         };
@@ -309,14 +358,13 @@ impl Root {
         self.next_degradation_tick = now.saturating_add(DEGRADATION_TICK);
         // Resuming paused streams moved the effective context; probes belong to the root.
         abi::set_effective_context(self.context_id);
-        engine.on_worker_tick(now, &HostStore, &HostMetrics, false);
         let mut sent: Vec<(u32, usize)> = Vec::new();
         let mut warned_at = self.probe_warned_at;
         engine.on_degradation_tick(
             self.worker_id,
             now,
             &HostStore,
-            &HostMetrics,
+            &engine.metrics,
             &mut |policy, probe| {
                 let headers = vec![
                     (":method", "GET"),
@@ -356,6 +404,35 @@ impl Root {
         for (token, policy) in sent {
             self.probes.push((token, policy, Rc::clone(&engine)));
         }
+        engine.tick(now, false);
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            return;
+        };
+        if let Some(retired) = worker.retired.take() {
+            retired.metrics.flush(&HostMetrics);
+            // Kept while a stream or a probe of the old config may still report to it.
+            if Rc::strong_count(&retired) > 1 {
+                worker.retired = Some(retired);
+            }
+        }
+        if let Some(ticks) = worker.ticks {
+            abi::increment_metric(ticks.0, 1);
+        }
+    }
+
+    /// The root is going away (its listener drained, or the VM stops): nothing leased or tallied
+    /// stays with it, and its last metric updates reach Envoy.
+    fn retire(&mut self) {
+        let Ok(worker) = self.worker.try_borrow() else {
+            return;
+        };
+        let now = Timestamp::from_nanos(abi::now_nanos());
+        if let Some(engine) = &worker.engine {
+            engine.tick(now, true);
+        }
+        if let Some(retired) = &worker.retired {
+            retired.metrics.flush(&HostMetrics);
+        }
     }
 }
 
@@ -364,7 +441,7 @@ impl Root {
 struct Stream {
     context_id: u32,
     worker: Rc<RefCell<Worker>>,
-    engine: Option<Rc<Engine>>,
+    engine: Option<Rc<Loaded>>,
     state: Option<StreamState>,
     /// Waiting in the worker's queue for its delay to end.
     paused: bool,
@@ -399,7 +476,7 @@ impl HttpContext for Stream {
             &mut source,
             &mut worker.scratch,
         );
-        let decision = engine.on_request(&mut view, now, &HostStore, &HostMetrics);
+        let decision = engine.on_request(&mut view, now, &HostStore, &engine.metrics);
         drop(view);
         self.state = Some(decision.stream);
         for header in decision.strip_headers.names() {
@@ -436,7 +513,7 @@ impl HttpContext for Stream {
                 if let Some(state) = self.state.as_mut() {
                     state.started = now;
                 }
-                match engine.delay_not_queued(&decision.stream, &HostMetrics) {
+                match engine.delay_not_queued(&decision.stream, &engine.metrics) {
                     Verdict::Reply(reply) => {
                         worker.reply.send_local_reply(&reply);
                         Action::Pause
@@ -463,10 +540,10 @@ impl HttpContext for Stream {
                     &mut HostResponse::default(),
                     now,
                     &HostStore,
-                    &HostMetrics,
+                    &engine.metrics,
                 );
             }
-            let decision = engine.on_response(state, now, &HostMetrics);
+            let decision = engine.on_response(state, now, &engine.metrics);
             if let Some(fault) = decision.fault {
                 abi::replace_response_header(
                     ":status",
@@ -549,12 +626,15 @@ impl Stream {
             return;
         };
         if engine.wants_outcome(state) {
-            let now = Timestamp::from_nanos(abi::now_nanos());
+            // The response's headers were timed already; a stream that got none is timed now.
+            let now = state
+                .responded
+                .unwrap_or_else(|| Timestamp::from_nanos(abi::now_nanos()));
             let mut response = HostResponse {
                 status: state.response_status,
                 complete: self.response_complete,
             };
-            engine.on_stream_end(state, &mut response, now, &HostStore, &HostMetrics);
+            engine.on_stream_end(state, &mut response, now, &HostStore, &engine.metrics);
         }
     }
 }
@@ -630,6 +710,10 @@ impl AttributeSource for HostRequest {
             Attribute::Header(name) => abi::request_header(name),
             Attribute::Property(path) => abi::property(path.as_bytes()),
         }
+    }
+
+    fn read_header_map(&mut self) -> Option<Vec<u8>> {
+        abi::request_header_map()
     }
 
     fn remove_header(&mut self, name: &str) {
