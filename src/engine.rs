@@ -251,6 +251,12 @@ impl Engine {
         stream.breaker.is_some() || stream.faults.holding != 0 || self.wants_status(stream)
     }
 
+    /// Whether the response's time matters for this stream (its latency, its retries' push-back,
+    /// or its outcome): otherwise the host spares the clock read.
+    pub fn wants_response_time(&self, stream: &StreamState) -> bool {
+        self.wants_outcome(stream) || stream.retry.is_some()
+    }
+
     /// Whether the host should read the response's `:status` for this stream.
     pub fn wants_status(&self, stream: &StreamState) -> bool {
         stream.breaker.is_some() || stream.degradation.is_some_and(|ticket| ticket.reported)

@@ -56,6 +56,22 @@ pub fn seawall_wasm() -> PathBuf {
     path
 }
 
+/// The `hostcall-count` build of the plugin, which exports its host calls by kind as stats
+/// (`seawall.hostcalls.all.<kind>`): `SEAWALL_HOSTCALL_WASM`, or where `cargo xtask test` builds it.
+pub fn hostcall_counting_wasm() -> PathBuf {
+    let path = std::env::var("SEAWALL_HOSTCALL_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            workspace_root().join("target/hostcall-build/wasm32-wasip1/release/seawall.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --release --target wasm32-wasip1 -p seawall --features hostcall-count --target-dir target/hostcall-build`",
+        path.display()
+    );
+    path
+}
+
 /// One Envoy route.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -104,6 +120,8 @@ pub struct EnvoyConfig {
     pub route_config_extra: Vec<String>,
     /// Writes Envoy's access log (see [`Envoy::access_log`]).
     pub access_log: bool,
+    /// Another build of the plugin than [`seawall_wasm`] (e.g. [`hostcall_counting_wasm`]).
+    pub wasm: Option<PathBuf>,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -121,6 +139,7 @@ impl Default for EnvoyConfig {
             log_level: "info".into(),
             route_config_extra: Vec::new(),
             access_log: false,
+            wasm: None,
             listener_port: 0,
         }
     }
@@ -177,6 +196,12 @@ impl EnvoyConfig {
     }
 
     /// Has Envoy log every request with its own timings (read with [`Envoy::access_log`]).
+    /// Runs another build of the plugin (see [`EnvoyConfig::wasm`]).
+    pub fn wasm(mut self, path: PathBuf) -> Self {
+        self.wasm = Some(path);
+        self
+    }
+
     pub fn access_log(mut self, on: bool) -> Self {
         self.access_log = on;
         self
@@ -430,7 +455,7 @@ impl Envoy {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create Envoy's work directory");
         let wasm = if config.plugin_config.is_some() {
-            seawall_wasm()
+            config.wasm.clone().unwrap_or_else(seawall_wasm)
         } else {
             PathBuf::new()
         };

@@ -527,7 +527,11 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.response_complete |= end_of_stream;
         if let (Some(engine), Some(state)) = (&self.engine, &mut self.state) {
-            let now = Timestamp::from_nanos(abi::now_nanos());
+            let now = if engine.wants_response_time(state) {
+                Timestamp::from_nanos(abi::now_nanos())
+            } else {
+                state.started
+            };
             if engine.wants_status(state) {
                 // A header read now spares a property read (`response.code`) later.
                 state.response_status = abi::response_header(":status")

