@@ -123,7 +123,8 @@ impl Lease {
 }
 
 impl RateLimitRuntime {
-    /// Defines the policy's counters.
+    /// Defines the policy's counters; the worker starts with no lease (a new config inherits
+    /// none).
     pub(super) fn define(
         policy: &RateLimitPolicy,
         registry: &mut impl MetricsRegistry,
