@@ -45,7 +45,7 @@ use core::cell::Cell;
 use breaker::BreakerRuntime;
 use degradation::DegradationRuntime;
 use fault::FaultRuntime;
-use limits::RateLimitMetrics;
+use limits::RateLimitRuntime;
 use retries::RetryMetrics;
 use routing::Routing;
 
@@ -65,7 +65,7 @@ pub const ROUTE_HEADER: &str = "x-seawall-route";
 pub struct Engine {
     config: PluginConfig,
     routing: Routing,
-    rate_limits: Vec<RateLimitMetrics>,
+    rate_limits: Vec<RateLimitRuntime>,
     circuit_breakers: Vec<BreakerRuntime>,
     faults: Vec<FaultRuntime>,
     retries: Vec<RetryMetrics>,
@@ -88,7 +88,7 @@ impl Engine {
         registry: &mut impl MetricsRegistry,
     ) -> Result<Self, MetricsError> {
         let routing = Routing::define(&config, registry)?;
-        let rate_limits = each(&config.rate_limits, registry, RateLimitMetrics::define)?;
+        let rate_limits = each(&config.rate_limits, registry, RateLimitRuntime::define)?;
         let circuit_breakers = each(&config.circuit_breakers, registry, BreakerRuntime::new)?;
         let faults = each(&config.faults, registry, FaultRuntime::new)?;
         let retries = each(&config.retries, registry, RetryMetrics::define)?;

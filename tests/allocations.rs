@@ -564,3 +564,73 @@ fn degradation_decisions_and_outcomes_allocate_only_the_host_buffers() {
         );
     }
 }
+
+const LEASE_CONFIG: &str = r#"{
+    "rate_limits": {
+        "global": {"rate": "100000/s", "burst": 100000},
+        "per-user": {"rate": "1/h", "burst": 1, "key": [{"header": "x-user"}], "max_keys": 64,
+                     "on_missing_key": "skip"}
+    },
+    "routes": [{"name": "limited", "rate_limits": ["global", "per-user"]}]
+}"#;
+
+/// Leases: taking one, admitting from it, a refund to it when per-user refuses, and a lease that
+/// ended (a tick old) returned in the request's own CAS, all without an allocation of seawall's.
+#[test]
+fn leased_admissions_refunds_and_returns_allocate_only_the_host_buffers() {
+    const MS: u64 = 1_000_000;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(LEASE_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let start = 1_800_000_000_000_000_000;
+    let mut local = 0;
+    for round in 0..400u64 {
+        // Ticks (off the request path) every 100 requests; one gap of more than a tick without.
+        let now = start + round * MS / 2 + if round >= 300 { 250 * MS } else { 0 };
+        if round % 100 == 99 && round < 250 {
+            engine.on_worker_tick(Timestamp::from_nanos(now), &store, &metrics, false);
+        }
+        // Every fifth request is one user's, whom per-user refuses after the first; the others
+        // are exempt from it.
+        let values = if round % 5 == 0 {
+            vec![(Attribute::header("x-user"), b"mallory".to_vec())]
+        } else {
+            vec![]
+        };
+        let mut host = Host {
+            values,
+            handed_out: 0,
+        };
+        let calls = store.counts();
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, Timestamp::from_nanos(now), &store, &metrics)
+        };
+        let spent = allocations() - before;
+        assert_eq!(
+            spent, host.handed_out,
+            "request {round}: {spent} allocations, {} from the host",
+            host.handed_out
+        );
+        assert_eq!(
+            matches!(decision.verdict, Verdict::Continue),
+            round == 0 || round % 5 != 0,
+            "request {round}"
+        );
+        // No shared call for global: it was decided from the lease (per-user reads mallory's).
+        let after = store.counts();
+        let own = u64::from(round % 5 == 0);
+        local += u64::from(after.gets - calls.gets == own);
+    }
+    assert!(metrics.value("seawall.rate_limit.global.leases").unwrap() > 0);
+    assert!(
+        metrics
+            .value("seawall.rate_limit.global.lease_tokens_returned")
+            .unwrap()
+            > 0
+    );
+    assert!(local > 300, "{local} of 400 decided global from the lease");
+}

@@ -1,5 +1,43 @@
 //! The rate-limit stage: a token from each of the route's buckets, all or none, with the bucket
 //! picked from the client key's keyed hash.
+//!
+//! # Leased tokens
+//!
+//! A single (unkeyed) bucket that holds at least [`rate_limit::LEASE_MIN_AVAILABLE`] tokens is
+//! not asked once per request: the worker leases a batch with one CAS (`policy::rate_limit`),
+//! admits from it locally, and goes back to shared data when the batch runs out, when it is a tick old, or
+//! when degradation's `rate_limit_factor` changes the bucket. Near the limit the bucket holds
+//! too few tokens to lease, so every decision is made in shared data as without leases.
+//!
+//! - **Size.** A lease is sized by this worker's own use: at most what it used in the last tick,
+//!   or twice what it has used in this one, so a worker that sees a request a tick never leases
+//!   and a busy one leases about a tick's worth at once; and at most 1/16 of the bucket and
+//!   [`LEASE_MAX`] tokens (`policy::rate_limit::lease_size`).
+//! - **End.** Every tick gives back what is left of the lease (one CAS), even while it is in use:
+//!   the next request takes a fresh one sized by the tick's use. So no leased token sits unspent
+//!   longer than a tick, and the cost is about one CAS a tick for a busy worker. A lease is also
+//!   never used more than a tick after it was taken (a late tick), nor after the clock stepped
+//!   back, nor under another scale; the request that finds it so returns it in its own CAS.
+//! - **Refunds.** A token from the lease that a later limit's refusal gives back goes back to the
+//!   lease, not to shared data.
+//! - **Headers.** A locally admitted request reports the bucket as shared data showed it at the
+//!   lease, less what the lease has admitted since, refilled to now. `RateLimit-Remaining` can
+//!   overstate what shared data holds by what other workers took since the lease (at most a tick
+//!   ago), and, when the bucket filled up meanwhile, by what this lease admitted since (at most
+//!   its size); `RateLimit-Reset` errs the same way, by those tokens' intervals.
+//! - **Keyed buckets never lease.** A lease per client key would need a table of local state per
+//!   key (unbounded, or one more slot table to size and evict), and a per-client bucket is small
+//!   and rarely ample: its requests go to shared data as before.
+//! - **Reloads.** A lease belongs to one [`Engine`]: a new config starts with none, and a retiring
+//!   one gives its leases back and never leases again.
+//!
+//! The bound, across `w` workers: admissions up to any instant never exceed `burst + rate ×
+//! elapsed`; in any window they exceed `burst + rate × window` by at most the tokens leased before
+//! the window and unspent at its start (at most `w × LEASE_MAX`); and a request can be refused
+//! while at most `(w − 1) × LEASE_MAX` tokens sit unspent in other workers' leases, until their
+//! holders' next tick (a tick, 100 ms, when ticks are on time). Tested in `tests/rate_limit.rs`.
+
+use core::cell::Cell;
 
 use crate::clock::Timestamp;
 use crate::config::shared::KeyPart;
@@ -7,13 +45,15 @@ use crate::config::RateLimitPolicy;
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
+use crate::policy::degradation::TICK;
 use crate::policy::key::{Form, KeyHasher};
 use crate::policy::rate_limit::{
-    self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Mode, Tat,
+    self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Gcra, GcraDecision, Mode,
+    Tat, LEASE_MAX,
 };
 use crate::policy::route::Route;
 use crate::request::{AttributeSource, RequestView};
-use crate::state::cas::ensure;
+use crate::state::cas::{ensure, UpdateError};
 use crate::state::slots::KeyBuf;
 use crate::state::{SharedStore, StoreError};
 
@@ -22,9 +62,10 @@ use super::*;
 /// gRPC's RESOURCE_EXHAUSTED, what a rate-limited gRPC call receives.
 pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
 
-/// The counters of one rate-limit policy, `seawall.rate_limit.<name>.<counter>`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RateLimitMetrics {
+/// One rate-limit policy on one worker: its counters, `seawall.rate_limit.<name>.<counter>`, and
+/// the worker's lease on its bucket.
+#[derive(Debug)]
+pub(super) struct RateLimitRuntime {
     pub(super) allowed: MetricId,
     pub(super) limited: MetricId,
     pub(super) shadow_limited: MetricId,
@@ -33,10 +74,57 @@ pub(super) struct RateLimitMetrics {
     pub(super) cas_retries: MetricId,
     pub(super) store_errors: MetricId,
     pub(super) failure_mode_applied: MetricId,
+    pub(super) leases: MetricId,
+    pub(super) leased_tokens: MetricId,
+    pub(super) lease_tokens_returned: MetricId,
+    /// Only a single bucket leases (see the module doc on keyed buckets).
+    leasing: bool,
+    lease: Cell<Option<Lease>>,
+    /// Requests this worker brought to the bucket in this tick and in the last one: what sizes
+    /// the next lease.
+    demand: Cell<u32>,
+    last_demand: Cell<u32>,
+    /// Tells one lease from the next, so a refund finds the lease its token came from (0: none).
+    epochs: Cell<u32>,
+    /// Set when the config is retired: it gives its leases back and takes no more.
+    retired: Cell<bool>,
 }
 
-impl RateLimitMetrics {
-    /// Defines the policy's counters.
+/// Tokens this worker took from the shared bucket and admits locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    /// Tokens left to admit.
+    left: u32,
+    /// Tokens admitted from it (net of refunds).
+    used: u32,
+    /// The arrival time the bucket held before the lease: its tokens are the intervals after it.
+    base: u64,
+    /// When it was taken (nanoseconds).
+    at: u64,
+    /// The limit it was taken under: a lease serves only that scale of the bucket.
+    gcra: Gcra,
+    epoch: u32,
+}
+
+impl Lease {
+    /// Whether it may admit a request of `gcra` at `now`: within a tick of its taking, and not
+    /// from before a clock step back.
+    fn serves(&self, gcra: &Gcra, now: u64) -> bool {
+        self.left > 0
+            && self.gcra == *gcra
+            && now >= self.at
+            && now - self.at < u64::try_from(TICK.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The arrival time its unspent tokens are worth.
+    fn unspent(&self) -> u64 {
+        self.gcra.span(self.left)
+    }
+}
+
+impl RateLimitRuntime {
+    /// Defines the policy's counters; the worker starts with no lease (a new config inherits
+    /// none).
     pub(super) fn define(
         policy: &RateLimitPolicy,
         registry: &mut impl MetricsRegistry,
@@ -47,7 +135,7 @@ impl RateLimitMetrics {
                 &metric_name("rate_limit", &policy.name, name),
             )
         };
-        Ok(RateLimitMetrics {
+        Ok(RateLimitRuntime {
             allowed: counter("allowed")?,
             limited: counter("limited")?,
             shadow_limited: counter("shadow_limited")?,
@@ -56,7 +144,142 @@ impl RateLimitMetrics {
             cas_retries: counter("cas_retries")?,
             store_errors: counter("store_errors")?,
             failure_mode_applied: counter("failure_mode_applied")?,
+            leases: counter("leases")?,
+            leased_tokens: counter("leased_tokens")?,
+            lease_tokens_returned: counter("lease_tokens_returned")?,
+            leasing: matches!(policy.buckets, Buckets::Single { .. }),
+            lease: Cell::new(None),
+            demand: Cell::new(0),
+            last_demand: Cell::new(0),
+            epochs: Cell::new(0),
+            retired: Cell::new(false),
         })
+    }
+
+    /// Admits one request of `gcra` from the lease, if it serves: the status to report and the
+    /// lease's epoch.
+    fn admit_locally(&self, gcra: &Gcra, now: u64) -> Option<(RateLimitStatus, u32)> {
+        let mut lease = self.lease.get().filter(|l| l.serves(gcra, now))?;
+        if self.retired.get() {
+            return None;
+        }
+        // As a worker alone would see the bucket: the lease's base, the tokens it has admitted,
+        // and the refill since.
+        let before = lease.base.saturating_add(gcra.span(lease.used));
+        let GcraDecision::Allow {
+            remaining, full_in, ..
+        } = gcra.decide(Some(before), now)
+        else {
+            return None;
+        };
+        lease.left -= 1;
+        lease.used += 1;
+        self.lease.set(Some(lease));
+        let status = RateLimitStatus {
+            limit: gcra.burst(),
+            remaining,
+            reset: full_in,
+        };
+        Some((status, lease.epoch))
+    }
+
+    /// How many tokens the next CAS should ask for: at most the last tick's use, or twice this
+    /// tick's so far, so a lease covers about a tick of this worker's traffic.
+    fn wants(&self) -> u32 {
+        if !self.leasing || self.retired.get() {
+            return 1;
+        }
+        let so_far = self.demand.get().saturating_sub(1);
+        self.last_demand
+            .get()
+            .max(so_far.saturating_mul(2))
+            .clamp(1, LEASE_MAX)
+    }
+
+    /// Starts a lease of `tokens` (this request's included) taken at `now`; returns its epoch.
+    fn start_lease(&self, tokens: u32, base: u64, gcra: Gcra, now: u64) -> u32 {
+        let epoch = self.epochs.get().wrapping_add(1).max(1);
+        self.epochs.set(epoch);
+        self.lease.set(Some(Lease {
+            left: tokens - 1,
+            used: 1,
+            base,
+            at: now,
+            gcra,
+            epoch,
+        }));
+        epoch
+    }
+
+    /// Puts back a token admitted from the lease `epoch`; false when that lease has ended (the
+    /// token was counted as spent when it went back, so it is refunded to shared data instead).
+    fn refund_locally(&self, epoch: u32) -> bool {
+        match self.lease.get() {
+            Some(mut lease) if lease.epoch == epoch && lease.used > 0 => {
+                lease.used -= 1;
+                lease.left += 1;
+                self.lease.set(Some(lease));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes this request's token: from the lease when it serves, otherwise with one CAS that
+    /// also returns an ended lease and may take a new one. Returns the epoch of the lease the
+    /// token came from (0: from shared data).
+    fn acquire(
+        &self,
+        gcra: &Gcra,
+        store: &impl SharedStore,
+        key: &str,
+        now: u64,
+        metrics: &impl MetricSink,
+    ) -> (Acquired, u32) {
+        if self.leasing {
+            self.demand.set(self.demand.get().saturating_add(1));
+            if let Some((status, epoch)) = self.admit_locally(gcra, now) {
+                let allowed = Acquired::Allowed {
+                    remaining: status.remaining,
+                    full_in: status.reset,
+                };
+                return (allowed, epoch);
+            }
+        }
+        let ended = self.lease.get();
+        let returning = ended.map_or(0, |lease| lease.unspent());
+        let (acquired, retries) =
+            rate_limit::acquire_leasing(gcra, store, key, now, returning, self.wants());
+        if retries > 0 {
+            metrics.increment(self.cas_retries, i64::from(retries));
+        }
+        if matches!(acquired, Acquired::Failed(_)) {
+            // The ended lease stays out of shared data until a later CAS returns it: stricter,
+            // never looser.
+            return (acquired, 0);
+        }
+        if let Some(lease) = ended {
+            self.lease.set(None);
+            if lease.left > 0 {
+                metrics.increment(self.lease_tokens_returned, i64::from(lease.left));
+            }
+        }
+        match acquired {
+            Acquired::Leased { tokens, base, .. } => {
+                metrics.increment(self.leases, 1);
+                metrics.increment(self.leased_tokens, i64::from(tokens));
+                (acquired, self.start_lease(tokens, base, *gcra, now))
+            }
+            _ => (acquired, 0),
+        }
+    }
+
+    fn count_failure(&self, error: UpdateError, metrics: &impl MetricSink) {
+        let counter = match error {
+            UpdateError::Exhausted { .. } => self.cas_exhausted,
+            UpdateError::Store(_) => self.store_errors,
+        };
+        metrics.increment(counter, 1);
     }
 }
 
@@ -121,9 +344,9 @@ impl Engine {
         scale_ppm: Option<u32>,
     ) -> Result<Option<RateLimitStatus>, LocalReply<'_>> {
         let mut status: Option<RateLimitStatus> = None;
-        let mut taken = 0u32;
+        let mut taken = Taken::default();
         for (position, &policy_index) in route.policies.rate_limits.iter().enumerate() {
-            let (Some(policy), Some(counters)) = (
+            let (Some(policy), Some(runtime)) = (
                 self.config.rate_limits.get(policy_index),
                 self.rate_limits.get(policy_index),
             ) else {
@@ -132,18 +355,18 @@ impl Engine {
             let mut buffer = KeyBuf::default();
             let BucketChoice::Key(key) = bucket(policy, request, self.secret.get(), &mut buffer)
             else {
-                metrics.increment(counters.exempt, 1);
+                metrics.increment(runtime.exempt, 1);
                 continue;
             };
             let gcra = scale_ppm.map_or(policy.gcra, |ppm| policy.gcra.scaled(ppm));
-            let (acquired, retries) = rate_limit::acquire(&gcra, store, key, now.as_nanos());
-            if retries > 0 {
-                metrics.increment(counters.cas_retries, i64::from(retries));
-            }
+            let (acquired, epoch) = runtime.acquire(&gcra, store, key, now.as_nanos(), metrics);
             let (retry_in, full_in) = match acquired {
-                Acquired::Allowed { remaining, full_in } => {
-                    metrics.increment(counters.allowed, 1);
-                    taken |= 1 << position;
+                Acquired::Allowed { remaining, full_in }
+                | Acquired::Leased {
+                    remaining, full_in, ..
+                } => {
+                    metrics.increment(runtime.allowed, 1);
+                    taken.note(position, epoch);
                     let candidate = RateLimitStatus {
                         limit: gcra.burst(),
                         remaining,
@@ -159,11 +382,11 @@ impl Engine {
                 Acquired::Limited { retry_in, full_in } => (retry_in, full_in),
                 Acquired::Failed(failure) => {
                     let counter = match failure {
-                        AcquireFailure::CasExhausted => counters.cas_exhausted,
-                        AcquireFailure::Store(_) => counters.store_errors,
+                        AcquireFailure::CasExhausted => runtime.cas_exhausted,
+                        AcquireFailure::Store(_) => runtime.store_errors,
                     };
                     metrics.increment(counter, 1);
-                    metrics.increment(counters.failure_mode_applied, 1);
+                    metrics.increment(runtime.failure_mode_applied, 1);
                     match policy.failure_mode {
                         FailureMode::Open => continue,
                         FailureMode::Closed => (gcra.interval(), gcra.interval()),
@@ -176,14 +399,14 @@ impl Engine {
                 reset: full_in,
             };
             if policy.mode == Mode::Shadow {
-                metrics.increment(counters.shadow_limited, 1);
+                metrics.increment(runtime.shadow_limited, 1);
                 if policy.response_headers {
                     status = Some(limited);
                 }
                 continue;
             }
-            metrics.increment(counters.limited, 1);
-            self.give_back(route, taken, request, store, scale_ppm);
+            metrics.increment(runtime.limited, 1);
+            self.give_back(route, &taken, request, store, scale_ppm);
             let grpc = self.is_grpc(request);
             return Err(LocalReply {
                 degraded: None,
@@ -198,22 +421,29 @@ impl Engine {
         Ok(status)
     }
 
-    /// Refunds the tokens taken (bit set `taken`, by position on the route) for a refused request.
-    pub(super) fn give_back<S: AttributeSource>(
+    /// Refunds the tokens taken for a refused request: a token admitted from this worker's lease
+    /// goes back to the lease, any other to shared data.
+    fn give_back<S: AttributeSource>(
         &self,
         route: &Route,
-        taken: u32,
+        taken: &Taken,
         request: &mut RequestView<'_, S>,
         store: &impl SharedStore,
         scale_ppm: Option<u32>,
     ) {
         for (position, &policy_index) in route.policies.rate_limits.iter().enumerate() {
-            if taken & (1 << position) == 0 {
-                continue;
-            }
-            let Some(policy) = self.config.rate_limits.get(policy_index) else {
+            let Some(epoch) = taken.at(position) else {
                 continue;
             };
+            let (Some(policy), Some(runtime)) = (
+                self.config.rate_limits.get(policy_index),
+                self.rate_limits.get(policy_index),
+            ) else {
+                continue;
+            };
+            if epoch != 0 && runtime.refund_locally(epoch) {
+                continue;
+            }
             let mut buffer = KeyBuf::default();
             if let BucketChoice::Key(key) = bucket(policy, request, self.secret.get(), &mut buffer)
             {
@@ -223,16 +453,81 @@ impl Engine {
             }
         }
     }
+
+    /// Tokens this worker holds in leases and has not admitted, over all its limits: what the
+    /// error bound is stated in (see the module doc).
+    pub fn leased_tokens_held(&self) -> u64 {
+        self.rate_limits
+            .iter()
+            .filter_map(|runtime| runtime.lease.get())
+            .map(|lease| u64::from(lease.left))
+            .sum()
+    }
+}
+
+/// The tokens one request took, by position on its route, and for each whether it came from a
+/// lease (its epoch) or from shared data (0).
+#[derive(Debug, Default)]
+struct Taken {
+    positions: u32,
+    epochs: [u32; 32],
+}
+
+impl Taken {
+    fn note(&mut self, position: usize, epoch: u32) {
+        if let Some(slot) = self.epochs.get_mut(position) {
+            *slot = epoch;
+            self.positions |= 1 << position;
+        }
+    }
+
+    fn at(&self, position: usize) -> Option<u32> {
+        let epoch = *self.epochs.get(position)?;
+        (self.positions & (1 << position) != 0).then_some(epoch)
+    }
 }
 
 impl Engine {
-    /// Gives back the tokens this worker leased and did not use. Called on the worker's tick (see [`Engine::on_worker_tick`]).
+    /// Gives back what this worker's leases left unspent, one CAS per lease, and starts the next
+    /// tick's count of use. Called on the worker's tick (see [`Engine::on_worker_tick`]); when
+    /// `retiring`, the config also stops leasing, so a superseded config holds nothing.
     pub(super) fn settle_limit_leases(
         &self,
-        _now: Timestamp,
-        _store: &impl SharedStore,
-        _metrics: &impl MetricSink,
-        _retiring: bool,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        retiring: bool,
     ) {
+        for (policy, runtime) in self.config.rate_limits.iter().zip(&self.rate_limits) {
+            runtime.last_demand.set(runtime.demand.replace(0));
+            if retiring {
+                runtime.retired.set(true);
+            }
+            let Some(lease) = runtime.lease.get() else {
+                continue;
+            };
+            let Buckets::Single { key } = &policy.buckets else {
+                runtime.lease.set(None);
+                continue;
+            };
+            if lease.left == 0 {
+                runtime.lease.set(None);
+                continue;
+            }
+            // Given back even while in use: no leased token outlives a tick, and the next
+            // request leases afresh, sized by this tick's use.
+            match rate_limit::give_back_lease(store, key, now.as_nanos(), lease.unspent()) {
+                Ok(retries) => {
+                    runtime.lease.set(None);
+                    metrics.increment(runtime.lease_tokens_returned, i64::from(lease.left));
+                    if retries > 0 {
+                        metrics.increment(runtime.cas_retries, i64::from(retries));
+                    }
+                }
+                // Kept, and offered back on the next tick or request: until then the bucket is
+                // stricter, never looser.
+                Err(error) => runtime.count_failure(error, metrics),
+            }
+        }
     }
 }
