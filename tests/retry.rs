@@ -834,7 +834,7 @@ proptest! {
             let mut next_tick = T0;
             store.interfere(move |store| {
                 turns += 1;
-                if turns % 3 != 0 {
+                if !turns.is_multiple_of(3) {
                     return;
                 }
                 let now = clock.load(Ordering::SeqCst);

@@ -481,6 +481,100 @@ mod tests {
         ));
     }
 
+    /// A lease is taken only while the budget keeps [`LEASE_SHARE`] times it for the others;
+    /// near empty, the grant alone is taken, as exactly as before.
+    #[test]
+    fn leases_need_ample_room() {
+        let budget = budget();
+        let mut state = BudgetState::empty();
+        let now = 1_000 * SECOND;
+        state.window.add(
+            budget.epoch(now),
+            &Tally {
+                requests: 300,
+                retries: 0,
+            },
+        );
+        // 60 earned plus the floor of 10: 70; after a grant of 2, 68 left, enough for 17 × 4.
+        let ask = |lease| Exchange {
+            deposit: true,
+            wanted: 2,
+            lease,
+            ..Exchange::NOTHING
+        };
+        let got = ask(16).apply(&budget, &mut state.clone(), now);
+        assert_eq!(got.leased, 16);
+        let got = ask(18).apply(&budget, &mut state.clone(), now);
+        assert_eq!(got.leased, 0, "68 left is less than 4 × 18");
+        assert_eq!(
+            got.grant,
+            Grant::Granted {
+                retries: 2,
+                short: false
+            }
+        );
+        let got = ask(16).apply(&budget, &mut state, now);
+        assert_eq!(state.window.totals(budget.epoch(now)).retries, 18);
+        assert_eq!(got.leased, 16);
+    }
+
+    /// Tallies land in the bucket they belong to, and those outside the window count for nothing.
+    #[test]
+    fn pending_tallies_go_to_their_own_buckets() {
+        let budget = budget();
+        let now = 1_000 * SECOND;
+        let epoch = budget.epoch(now);
+        let mut state = BudgetState::empty();
+        state.window.add(
+            epoch - 3,
+            &Tally {
+                requests: 1,
+                retries: 5,
+            },
+        );
+        let mut pending = Window::EMPTY;
+        pending.add(
+            epoch - 3,
+            &Tally {
+                requests: 4,
+                retries: 7,
+            },
+        );
+        pending.add(
+            epoch - 1,
+            &Tally {
+                requests: 2,
+                retries: 0,
+            },
+        );
+        // Expired: the window ending at `epoch` no longer counts it.
+        pending.add(
+            epoch - 10,
+            &Tally {
+                requests: 9,
+                retries: 0,
+            },
+        );
+        let ask = Exchange {
+            pending,
+            ..Exchange::NOTHING
+        };
+        let got = ask.apply(&budget, &mut state, now);
+        assert_eq!(got.leased, 0);
+        let mut window = state.window;
+        assert_eq!(
+            window.counted(epoch - 3).copied(),
+            Some(Tally {
+                requests: 5,
+                retries: 0
+            }),
+            "a give-back never takes a bucket below zero"
+        );
+        assert_eq!(window.counted(epoch - 1).map(|b| b.requests), Some(2));
+        assert_eq!(window.counted(epoch - 10), None);
+        assert_eq!(window.totals(epoch).requests, 7);
+    }
+
     #[test]
     fn header_values_parse() {
         assert_eq!(retries_used(b"3"), Some(2));
