@@ -62,7 +62,8 @@ pub(super) struct RetryMetrics {
     pub(super) cas_retries: MetricId,
     pub(super) cas_exhausted: MetricId,
     pub(super) store_errors: MetricId,
-    /// Requests decided without a shared-data call.
+    /// Requests decided without a shared-data call; added on the tick, so that counting them
+    /// costs no host call per request.
     pub(super) decided_locally: MetricId,
     /// Retries leased to this worker's allowance.
     pub(super) leased: MetricId,
@@ -94,6 +95,8 @@ struct Local {
     pushed_back_until: Cell<u64>,
     /// The config was replaced: nothing is kept locally any more.
     retired: Cell<bool>,
+    /// Requests decided locally since the last tick, for `decided_locally`.
+    decided: Cell<u32>,
 }
 
 impl RetryRuntime {
@@ -136,6 +139,7 @@ impl RetryRuntime {
                 leasing: Cell::new(false),
                 pushed_back_until: Cell::new(0),
                 retired: Cell::new(false),
+                decided: Cell::new(0),
             },
         })
     }
@@ -376,7 +380,7 @@ impl Engine {
         let (local, counters) = (&runtime.local, &runtime.counters);
         let epoch = budget.epoch(now);
         if let Some((grant, from_allowance)) = local.decide(wanted, now, epoch) {
-            metrics.increment(counters.decided_locally, 1);
+            local.decided.set(local.decided.get().saturating_add(1));
             let lease = if from_allowance {
                 local.period.get()
             } else {
@@ -563,6 +567,10 @@ impl Engine {
                 continue;
             };
             let (local, counters) = (&runtime.local, &runtime.counters);
+            let decided = local.decided.replace(0);
+            if decided > 0 {
+                metrics.increment(counters.decided_locally, i64::from(decided));
+            }
             let epoch = budget.epoch(now.as_nanos());
             local.drop_allowance(epoch, counters, metrics);
             let next = local.period.get().wrapping_add(1);
