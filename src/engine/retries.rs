@@ -244,7 +244,8 @@ impl Engine {
 
     /// Decides how many retries the router may make for this request: `max_retries` for a
     /// retryable request (idempotent method or idempotency header) when `allowed`, cut to what
-    /// the budget has left. The request is deposited in the budget either way.
+    /// the budget has left. The request is deposited in the budget either way: in shared data, or
+    /// in this worker's tally until its next write (see [`Engine::budget_grant`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn retry_grant<S: AttributeSource>(
         &self,
@@ -416,7 +417,9 @@ impl Engine {
                 }
                 if got.leased > 0 {
                     metrics.increment(counters.leased, i64::from(got.leased));
-                    local.allowance.set(local.allowance.get() + got.leased);
+                    local
+                        .allowance
+                        .set(local.allowance.get().saturating_add(got.leased));
                     local.lease_epoch.set(epoch);
                     local.leasing.set(true);
                     // Leased in the same write and bucket: its unused part may join the allowance.
@@ -439,7 +442,8 @@ impl Engine {
 
     /// Settles a request's retries from its response headers: counts the retries the router
     /// made (`x-envoy-attempt-count`), gives the unused part of the grant back to the budget, and
-    /// records the upstream's push-back (`Retry-After` on a 429 or 503) for every worker.
+    /// records the upstream's push-back (`Retry-After` on a 503) for every worker. A grant from
+    /// this worker's allowance goes back to it without a shared call.
     pub fn settle_retries(
         &self,
         stream: &StreamState,
@@ -517,7 +521,9 @@ impl Engine {
                 && ticket.lease == local.period.get()
                 && local.lease_epoch.get() == granted
             {
-                local.allowance.set(local.allowance.get() + unused);
+                local
+                    .allowance
+                    .set(local.allowance.get().saturating_add(unused));
             } else if unused > 0 {
                 let retries = Tally {
                     requests: 0,
