@@ -46,7 +46,7 @@ use breaker::BreakerRuntime;
 use degradation::DegradationRuntime;
 use fault::FaultRuntime;
 use limits::RateLimitRuntime;
-use retries::RetryMetrics;
+use retries::RetryRuntime;
 use routing::Routing;
 
 use crate::clock::Timestamp;
@@ -68,7 +68,7 @@ pub struct Engine {
     rate_limits: Vec<RateLimitRuntime>,
     circuit_breakers: Vec<BreakerRuntime>,
     faults: Vec<FaultRuntime>,
-    retries: Vec<RetryMetrics>,
+    retries: Vec<RetryRuntime>,
     degradations: Vec<DegradationRuntime>,
     /// This worker's draws for fault percentages; seeded by the host.
     random: Cell<Random>,
@@ -91,7 +91,7 @@ impl Engine {
         let rate_limits = each(&config.rate_limits, registry, RateLimitRuntime::define)?;
         let circuit_breakers = each(&config.circuit_breakers, registry, BreakerRuntime::new)?;
         let faults = each(&config.faults, registry, FaultRuntime::new)?;
-        let retries = each(&config.retries, registry, RetryMetrics::define)?;
+        let retries = each(&config.retries, registry, RetryRuntime::define)?;
         let degradations = each(&config.degradations, registry, DegradationRuntime::new)?;
         let secret_key = format!("sw:{}:secret", config.name);
         let generation_key = format!("sw:{}:generation", config.name);

@@ -460,6 +460,71 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
     assert!(metrics.value("seawall.retry.api.pushed_back").unwrap() > 0);
 }
 
+/// A healthy response: one attempt, nothing retried, no push-back.
+struct Healthy {
+    reads: u64,
+}
+
+impl seawall::policy::retry::ResponseHeaders for Healthy {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        let value: &[u8] = match name {
+            ":status" => b"200",
+            "x-envoy-attempt-count" => b"1",
+            _ => return None,
+        };
+        self.reads += 1;
+        Some(value.to_vec())
+    }
+}
+
+/// The worker-local path: grants from a leased allowance, unused grants back to it, deposits
+/// tallied, and the tick that settles them; none of it allocates.
+#[test]
+fn retry_grants_from_the_allowance_and_the_tick_allocate_only_the_host_buffers() {
+    let json = r#"{"retries": {"api": {"max_retries": 2}},
+                   "routes": [{"name": "api", "retry": "api"}]}"#;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let start = 1_800_000_000_000_000_000u64;
+    for round in 0..300u64 {
+        let now = Timestamp::from_nanos(start + round * 10_000_000);
+        let before = allocations();
+        if round % 10 == 0 {
+            engine.on_worker_tick(now, &store, &metrics, round == 290);
+            assert_eq!(allocations() - before, 0, "tick at round {round}");
+        }
+        let method: &[u8] = if round % 7 == 0 { b"POST" } else { b"GET" };
+        let mut host = Host {
+            values: vec![(Attribute::method(), method.to_vec())],
+            handed_out: 0,
+        };
+        let mut headers = Healthy { reads: 0 };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let granted = decision.retry.map(|r| r.max_retries);
+        if decision.stream.retry.is_some() {
+            engine.settle_retries(&decision.stream, &mut headers, now, &store, &metrics);
+        }
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + headers.reads,
+            "round {round}: {spent} allocations, {} host buffers",
+            host.handed_out + headers.reads
+        );
+        assert_eq!(granted, Some(if round % 7 == 0 { 0 } else { 2 }));
+    }
+    assert!(metrics.value("seawall.retry.api.decided_locally").unwrap() > 250);
+    assert!(metrics.value("seawall.retry.api.lease_returned").unwrap() > 0);
+    assert_eq!(metrics.value("seawall.retry.api.refunded"), Some(2 * 257));
+}
+
 const DEGRADATION_CONFIG: &str = r#"{
     "rate_limits": {"global": {"rate": "1000/s", "burst": 1000}},
     "degradation": {"payments": {

@@ -10,7 +10,11 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
 
 use common::{get, Worker};
 use seawall::clock::Timestamp;
@@ -54,6 +58,10 @@ trait Retries {
     fn failing_call(&mut self, request: FakeRequest, now: u64, store: &FakeStore) -> u32;
     fn settle(&mut self, stream: &StreamState, answer: Answer, now: u64, store: &FakeStore);
     fn metric(&self, name: &str) -> i64;
+    /// The host's worker tick, or the last one of a replaced config (`retiring`).
+    fn tick(&self, now: u64, store: &FakeStore, retiring: bool);
+    /// A request to a healthy upstream: one attempt, the grant unused.
+    fn healthy_call(&mut self, now: u64, store: &FakeStore) -> u32;
 }
 
 impl Retries for Worker {
@@ -104,6 +112,26 @@ impl Retries for Worker {
 
     fn metric(&self, name: &str) -> i64 {
         self.counter(&format!("seawall.retry.{name}"))
+    }
+
+    fn tick(&self, now: u64, store: &FakeStore, retiring: bool) {
+        self.engine
+            .on_worker_tick(Timestamp::from_nanos(now), store, &self.metrics, retiring);
+    }
+
+    fn healthy_call(&mut self, now: u64, store: &FakeStore) -> u32 {
+        let (headers, stream) = self.grant(get("/"), now, store);
+        self.settle(
+            &stream,
+            Answer {
+                status: 200,
+                attempts: Some(1),
+                retry_after: None,
+            },
+            now,
+            store,
+        );
+        headers.max_retries
     }
 }
 
@@ -454,4 +482,429 @@ fn a_clock_step_back_never_stretches_a_push_back() {
             .max_retries,
         2
     );
+}
+
+// Worker-local fast path: deposits tallied per worker, grants from a leased allowance.
+
+/// The default budget (20% plus 10/s over 10 s, a floor of 100), so that leases are taken.
+const AMPLE: &str =
+    r#"{"max_retries": 2, "budget": {"ratio": 20, "min_per_second": 10, "window": "10s"}}"#;
+const TICK: u64 = 100 * MS;
+const KEY: &str = "sw:seawall:retry:api";
+
+/// The budget's record as shared data holds it now.
+fn record(store: &FakeStore) -> seawall::policy::retry::BudgetState {
+    seawall::state::cas::read(store, KEY).unwrap().unwrap().0
+}
+
+/// The requests and retries the shared window counts at `now`.
+fn shared_totals(store: &FakeStore, now: u64) -> (u32, u32) {
+    let totals = record(store).window.totals(now / SECOND);
+    (totals.requests, totals.retries)
+}
+
+fn shared_calls(store: &FakeStore) -> u64 {
+    let counts = store.counts();
+    counts.gets + counts.sets
+}
+
+/// Before: every request cost 1 get + 1 set to deposit and reserve, and 1 get + 1 set to give
+/// back its unused grant. Now, with the budget ample, a worker's requests cost nothing shared
+/// except one lease and one tick write per 100 ms tick: three workers at 1000 requests a second
+/// each, healthy upstream, make 3 s of traffic.
+#[test]
+fn the_common_path_costs_no_shared_call_for_most_requests() {
+    let store = FakeStore::new();
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| Worker::new(&config(AMPLE), &store))
+        .collect();
+    let before = shared_calls(&store);
+    let mut requests = 0u64;
+    for step in 0..3_000u64 {
+        let now = T0 + step * MS;
+        if step % 100 == 0 {
+            for worker in &workers {
+                worker.tick(now, &store, false);
+            }
+        }
+        for worker in &mut workers {
+            assert_eq!(worker.healthy_call(now, &store), 2, "step {step}");
+            requests += 1;
+        }
+    }
+    let calls = shared_calls(&store) - before;
+    assert_eq!(
+        workers
+            .iter()
+            .map(|w| w.metric("api.requests"))
+            .sum::<i64>(),
+        9_000
+    );
+    assert_eq!(
+        workers
+            .iter()
+            .map(|w| w.metric("api.refunded"))
+            .sum::<i64>(),
+        18_000
+    );
+    assert_eq!(
+        workers
+            .iter()
+            .map(|w| w.metric("api.denied_by_budget"))
+            .sum::<i64>(),
+        0
+    );
+    // Per worker and tick: a lease write and a tick write (a get and a set each), and one more
+    // lease when a one-second bucket begins.
+    assert!(
+        calls <= 3 * 30 * 4 + 3 * 3 * 2 + 16,
+        "{calls} shared calls for {requests} requests"
+    );
+    // Every deposit reached the shared window on the ticks (the last tick's are still local).
+    let last = T0 + 3_000 * MS;
+    for worker in &workers {
+        worker.tick(last, &store, false);
+    }
+    // Counted on the tick too, so that counting costs no host call per request.
+    let local: i64 = workers
+        .iter()
+        .map(|w| w.metric("api.decided_locally"))
+        .sum();
+    assert!(
+        local as u64 >= requests * 95 / 100,
+        "{local} of {requests} decided locally"
+    );
+    assert_eq!(
+        shared_totals(&store, last),
+        (9_000, 0),
+        "all deposited, nothing held"
+    );
+}
+
+/// The deposits a worker tallies reach shared data on its tick, and until then they only make the
+/// budget stricter: the other worker sees fewer requests, so fewer retries.
+#[test]
+fn deposits_reach_the_shared_budget_on_the_tick_and_meanwhile_only_make_it_stricter() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(AMPLE), &store);
+    let mut other = Worker::new(&config(AMPLE), &store);
+    // 500 requests, none granted anything to spend: wanted 0 (not idempotent) is decided locally.
+    let before = shared_calls(&store);
+    for n in 0..500 {
+        let (headers, _) = worker.grant(FakeRequest::http("POST", "/"), T0 + n * MS, &store);
+        assert_eq!(headers.max_retries, 0);
+    }
+    assert_eq!(shared_calls(&store) - before, 0, "tallied, not shared");
+    assert_eq!(shared_totals(&store, T0 + SECOND / 2), (0, 0));
+    // Meanwhile the budget counts only the other worker's own requests: the floor of 100 plus
+    // 20% of its 100, not of 600.
+    let granted: u32 = (0..100)
+        .map(|n| other.failing_call(get("/"), T0 + SECOND / 2 + n, &store) - 1)
+        .sum();
+    assert_eq!(granted, 100 + 20);
+    worker.tick(T0 + SECOND / 2 + TICK, &store, false);
+    other.tick(T0 + SECOND / 2 + TICK, &store, false);
+    assert_eq!(shared_totals(&store, T0 + SECOND), (600, 120));
+    // Now the deposits earn: 20% of 600 plus the floor is 220, of which 120 were used.
+    let granted: u32 = (0..100)
+        .map(|n| other.failing_call(get("/"), T0 + SECOND + n, &store) - 1)
+        .sum();
+    assert_eq!(granted, 100 + 20, "and the 100 new requests' own 20%");
+}
+
+/// A lease is counted in the shared budget at once, grants from it and their unused parts cost
+/// nothing shared, and what is left goes back to its bucket on the tick.
+#[test]
+fn an_allowance_is_counted_at_once_and_goes_back_on_the_tick() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(AMPLE), &store);
+    let (_, in_flight) = worker.grant(get("/"), T0, &store);
+    // The first grant (2) and a lease of 8 requests' worth (16), in one write.
+    assert_eq!(worker.metric("api.leased"), 16);
+    assert_eq!(shared_totals(&store, T0), (1, 18));
+    let before = shared_calls(&store);
+    for n in 1..=50 {
+        assert_eq!(worker.healthy_call(T0 + n * MS, &store), 2);
+    }
+    assert_eq!(shared_calls(&store) - before, 0);
+    assert_eq!(shared_totals(&store, T0), (1, 18), "nothing shared yet");
+    worker.tick(T0 + TICK, &store, false);
+    // The allowance went back; the request still in flight holds its 2.
+    assert_eq!(shared_totals(&store, T0 + TICK), (51, 2));
+    assert_eq!(worker.metric("api.lease_returned"), 16);
+    // Its grant came with the lease, so it goes back to the worker, and to shared data on the
+    // next tick, to the bucket it was taken from.
+    worker.settle(
+        &in_flight,
+        Answer {
+            status: 200,
+            attempts: Some(1),
+            retry_after: None,
+        },
+        T0 + TICK,
+        &store,
+    );
+    assert_eq!(shared_totals(&store, T0 + TICK), (51, 2));
+    worker.tick(T0 + 2 * TICK, &store, false);
+    assert_eq!(shared_totals(&store, T0 + 2 * TICK), (51, 0));
+    assert_eq!(worker.metric("api.refunded"), 2 * 51);
+}
+
+/// An allowance serves only the bucket it was leased in: a retry counted in an older bucket would
+/// leave the window early. A new bucket takes a new lease and gives the old one back.
+#[test]
+fn a_new_bucket_gives_the_allowance_back_and_leases_anew() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(&config(AMPLE), &store);
+    worker.healthy_call(T0 + SECOND - 2 * MS, &store);
+    let calls = shared_calls(&store);
+    worker.healthy_call(T0 + SECOND - MS, &store);
+    assert_eq!(shared_calls(&store), calls, "from the allowance");
+    worker.healthy_call(T0 + SECOND, &store);
+    assert_eq!(
+        shared_calls(&store),
+        calls + 2,
+        "one write: give back and lease"
+    );
+    let state = record(&store);
+    let mut window = state.window;
+    assert_eq!(window.counted(T0 / SECOND).map(|b| b.retries), Some(0));
+    // The new bucket holds the new lease and the grant taken with it (back in the allowance).
+    assert_eq!(
+        window.counted(T0 / SECOND + 1).map(|b| b.retries),
+        Some(16 + 2)
+    );
+}
+
+/// A replaced config gives back its allowance and tallies on its last tick, and from then on
+/// decides on shared data; a grant it made before goes back to shared data when it settles.
+#[test]
+fn a_superseded_config_gives_its_allowance_back_when_it_retires() {
+    let store = FakeStore::new();
+    let mut old = Worker::new(&config(AMPLE), &store);
+    let (_, in_flight) = old.grant(get("/"), T0, &store);
+    for n in 1..10 {
+        old.healthy_call(T0 + n * MS, &store);
+    }
+    let mut new = Worker::new(&config(AMPLE), &store);
+    old.tick(T0 + 10 * MS, &store, true);
+    assert_eq!(
+        shared_totals(&store, T0),
+        (10, 2),
+        "only the grant in flight is held"
+    );
+    assert_eq!(old.metric("api.lease_returned"), 16);
+    old.settle(
+        &in_flight,
+        Answer {
+            status: 200,
+            attempts: Some(1),
+            retry_after: None,
+        },
+        T0 + 20 * MS,
+        &store,
+    );
+    assert_eq!(shared_totals(&store, T0), (10, 0), "given back at once");
+    // A request the old config still sees is decided and settled on shared data.
+    let before = shared_calls(&store);
+    assert_eq!(old.healthy_call(T0 + 30 * MS, &store), 2);
+    assert_eq!(shared_calls(&store) - before, 4);
+    assert_eq!(old.metric("api.leased"), 16, "no new lease");
+    assert_eq!(new.healthy_call(T0 + 40 * MS, &store), 2);
+    assert_eq!(shared_totals(&store, T0), (12, 18), "the new config leases");
+}
+
+/// Push-back goes to shared data at once. A worker granting from its allowance learns of it at
+/// its next shared read, which its next tick forces: within one tick. The worker that saw the 503
+/// stops at once.
+#[test]
+fn push_back_reaches_a_worker_with_an_allowance_within_one_tick() {
+    let store = FakeStore::new();
+    let mut leasing = Worker::new(&config(AMPLE), &store);
+    let mut seeing = Worker::new(&config(AMPLE), &store);
+    assert_eq!(leasing.healthy_call(T0, &store), 2);
+    let (_, stream) = seeing.grant(get("/"), T0 + MS, &store);
+    seeing.settle(
+        &stream,
+        Answer {
+            status: 503,
+            attempts: Some(3),
+            retry_after: Some(5),
+        },
+        T0 + MS,
+        &store,
+    );
+    assert_eq!(seeing.grant(get("/"), T0 + 2 * MS, &store).0.max_retries, 0);
+    // Until its tick the leasing worker may still grant from its allowance: the stated delay.
+    assert_eq!(leasing.healthy_call(T0 + 50 * MS, &store), 2);
+    leasing.tick(T0 + TICK, &store, false);
+    assert_eq!(
+        leasing.grant(get("/"), T0 + TICK + 1, &store).0.max_retries,
+        0
+    );
+    assert_eq!(leasing.metric("api.pushed_back"), 1);
+    // Knowing of it, the worker denies without shared calls until it ends.
+    let before = shared_calls(&store);
+    for n in 2..40 {
+        assert_eq!(
+            leasing.grant(get("/"), T0 + n * TICK, &store).0.max_retries,
+            0
+        );
+    }
+    assert_eq!(shared_calls(&store), before);
+    assert_eq!(leasing.metric("api.pushed_back"), 39);
+    assert_eq!(leasing.healthy_call(T0 + MS + 5 * SECOND, &store), 2);
+}
+
+/// Several workers in a brown-out, every attempt failing, ticking every 100 ms: the budget still
+/// holds retries to 20% of the requests plus the floor, as the exact path did.
+#[test]
+fn workers_with_allowances_in_a_brown_out_stay_within_ratio_and_floor() {
+    let store = FakeStore::new();
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|_| Worker::new(&config(AMPLE), &store))
+        .collect();
+    let mut attempts = 0;
+    // 2000 requests over 5 s, all in one 10 s window.
+    for n in 0..2_000u64 {
+        let now = T0 + n * 5 * MS / 2;
+        if n % 40 == 0 {
+            for worker in &workers {
+                worker.tick(now, &store, false);
+            }
+        }
+        attempts += workers[(n % 4) as usize].failing_call(get("/"), now, &store);
+    }
+    // The bound: 20% of 2000, plus the floor of 100.
+    assert!(attempts <= 2_000 + 400 + 100, "{attempts} attempts");
+    // Stricter only by the deposits of one tick (40 requests, 8 retries) and what the last
+    // requests could not use.
+    assert!(attempts >= 2_000 + 400 + 100 - 8 - 2, "{attempts} attempts");
+    let used: i64 = workers.iter().map(|w| w.metric("api.used")).sum();
+    assert_eq!(u32::try_from(used).unwrap(), attempts - 2_000);
+    let end = T0 + 5 * SECOND;
+    for worker in &workers {
+        worker.tick(end, &store, false);
+    }
+    // Nothing held anywhere: the window counts every request and exactly the retries used.
+    assert_eq!(shared_totals(&store, end), (2_000, attempts - 2_000));
+}
+
+/// Requests and the retries granted them, by the window bucket they arrived in.
+type Ledger = BTreeMap<u64, (u64, u64)>;
+
+fn note(ledger: &Mutex<Ledger>, bucket: u64, retries: u32) {
+    let mut ledger = ledger.lock().unwrap();
+    let entry = ledger.entry(bucket).or_default();
+    entry.0 += 1;
+    entry.1 += u64::from(retries);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The bound, on random schedules of four workers plus one that runs between other workers'
+    /// reads and writes, every attempt failing (every grant used), each worker ticking every
+    /// 100 ms with jitter and sometimes more often: for every window of buckets that ends in a
+    /// bucket with a grant, the retries granted to requests of that window are at most
+    /// `ratio × its requests + floor`, rounded down as the budget rounds. After a last tick
+    /// everywhere, the shared window counts every request and exactly the retries used: nothing
+    /// leased is lost or kept.
+    #[test]
+    fn under_total_failure_every_window_stays_within_ratio_and_floor(
+        ratio in 0u32..=60,
+        min_per_second in 0u32..120,
+        window_s in 1u64..=10,
+        max_retries in 1u32..=4,
+        steps in proptest::collection::vec((0usize..4, 0u64..40, 0u8..12), 1..400),
+    ) {
+        let json = config(&format!(
+            r#"{{"max_retries": {max_retries},
+                 "budget": {{"ratio": {ratio}, "min_per_second": {min_per_second}, "window": "{window_s}s"}}}}"#
+        ));
+        let store = FakeStore::new();
+        let mut workers: Vec<Worker> = (0..4).map(|_| Worker::new(&json, &store)).collect();
+        let budget = workers[0].engine.config().retries[0].budget.unwrap();
+        let bucket = budget.bucket_nanos;
+        let ledger = Arc::new(Mutex::new(Ledger::new()));
+        let clock = Arc::new(AtomicU64::new(T0));
+        let extra = Arc::new(Mutex::new(Worker::new(&json, &store)));
+        {
+            let (ledger, clock, extra) = (ledger.clone(), clock.clone(), extra.clone());
+            let mut turns = 0u64;
+            let mut next_tick = T0;
+            store.interfere(move |store| {
+                turns += 1;
+                if !turns.is_multiple_of(3) {
+                    return;
+                }
+                let now = clock.load(Ordering::SeqCst);
+                let mut extra = extra.lock().unwrap();
+                if now >= next_tick {
+                    extra.tick(now, store, false);
+                    next_tick = now + TICK;
+                }
+                let retries = extra.failing_call(get("/"), now, store) - 1;
+                note(&ledger, now / bucket, retries);
+            });
+        }
+        let mut next_tick = [T0; 4];
+        let mut now = T0;
+        for (index, advance_ms, action) in steps {
+            now += advance_ms * MS;
+            clock.store(now, Ordering::SeqCst);
+            for (worker, next) in workers.iter().zip(&mut next_tick) {
+                if now >= *next {
+                    worker.tick(now, &store, false);
+                    // Envoy's ticks jitter: up to 10 ms late.
+                    *next = now + TICK + (now / MS) % 10 * MS;
+                }
+            }
+            let worker = &mut workers[index];
+            let retries = match action {
+                0 => {
+                    worker.tick(now, &store, false);
+                    continue;
+                }
+                // Not retryable: wants nothing, still deposits.
+                1 => worker.failing_call(FakeRequest::http("POST", "/"), now, &store) - 1,
+                _ => worker.failing_call(get("/"), now, &store) - 1,
+            };
+            note(&ledger, now / bucket, retries);
+        }
+        store.stop_interfering();
+        for worker in &workers {
+            worker.tick(now, &store, false);
+        }
+        extra.lock().unwrap().tick(now, &store, false);
+
+        let ledger = ledger.lock().unwrap();
+        let span = |end: u64| {
+            ledger
+                .range(end.saturating_sub(9)..=end)
+                .fold((0, 0), |(r, g), (_, (requests, granted))| (r + requests, g + granted))
+        };
+        for (&end, &(_, granted)) in ledger.iter() {
+            if granted == 0 {
+                continue;
+            }
+            let (requests, retries) = span(end);
+            let allowed = requests * u64::from(budget.ratio_ppm) / 1_000_000 + u64::from(budget.floor);
+            prop_assert!(
+                retries <= allowed,
+                "window ending at bucket {}: {} retries for {} requests, {} allowed",
+                end, retries, requests, allowed
+            );
+        }
+        let (requests, retries) = span(now / bucket);
+        let shared = record(&store).window.totals(now / bucket);
+        prop_assert_eq!(
+            (u64::from(shared.requests), u64::from(shared.retries)),
+            (requests, retries)
+        );
+        let used: i64 = workers.iter().map(|w| w.metric("api.used")).sum::<i64>()
+            + extra.lock().unwrap().metric("api.used");
+        let granted: u64 = ledger.values().map(|(_, granted)| granted).sum();
+        prop_assert_eq!(u64::try_from(used).unwrap(), granted);
+    }
 }

@@ -61,6 +61,9 @@ pub struct RetryTicket {
     pub reserved: u32,
     /// When: the unused part goes back to the window bucket it was taken from.
     pub granted_at: u64,
+    /// The worker's lease period the grant came from, so its unused part can go back to the
+    /// worker's allowance; 0 when it came straight from shared data.
+    pub lease: u32,
 }
 
 /// The retry headers to set on a request, overwriting whatever the client sent.

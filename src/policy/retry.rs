@@ -8,11 +8,19 @@
 //! still retry. Then a brown-out costs at most `1 + ratio` times the load, plus the floor.
 //!
 //! The budget is one record in shared data: a window of buckets counting requests and retries.
-//! Each request deposits itself and takes its retry grant out of the budget in the same
-//! conditional write, so concurrent requests on all workers can never be granted the same
-//! retries. When the response shows how many attempts the router made (`x-envoy-attempt-count`),
-//! the unused part of the grant goes back. Upstream push-back (`Retry-After` on a 429 or 503)
-//! stops all grants until that time, on every worker.
+//! A worker changes it in one conditional write, an [`Exchange`], that brings what the worker
+//! tallied locally (requests to deposit and unused retries to give back, each in the bucket it
+//! belongs to), deposits and grants for one request, and, while the budget has ample room, leases
+//! the worker an allowance of retries. Every retry is counted in the budget, in the bucket of the
+//! moment it was granted, before any request can use it, so concurrent requests on all workers can
+//! never be granted the same retries; and a deposit that is still only tallied on its worker can
+//! only make the budget stricter (it earns nothing yet), never looser. When the response shows how
+//! many attempts the router made (`x-envoy-attempt-count`), the unused part of the grant goes
+//! back. Upstream push-back (`Retry-After` on a 503) stops all grants until that time, on every
+//! worker.
+//!
+//! The engine (`engine/retries.rs`) owns the worker-local side: the tallies, the allowance, and
+//! the rules for when a request may be decided without shared data.
 
 use core::time::Duration;
 
@@ -119,7 +127,8 @@ pub struct Budget {
 }
 
 impl Budget {
-    fn epoch(&self, now: u64) -> u64 {
+    /// The number of the window bucket that counts `now` (nanoseconds).
+    pub fn epoch(&self, now: u64) -> u64 {
         now / self.bucket_nanos.max(1)
     }
 
@@ -140,42 +149,139 @@ pub enum Grant {
     PushedBack,
 }
 
-/// Deposits one request and takes up to `wanted` retries for it: one read and one conditional
-/// write. Returns the grant and the CAS races lost; the budget fails closed.
-pub fn take<S: SharedStore + ?Sized>(
+/// A worker leases an allowance of this many requests' worth of retries (`max_retries` each).
+pub const LEASE_REQUESTS: u32 = 8;
+
+/// A lease is taken only while the budget keeps at least this many times the lease for everyone
+/// else after it: near empty, every grant is decided on the shared record, as exactly as before.
+pub const LEASE_SHARE: u32 = 4;
+
+/// One conditional write of one worker to a budget: what it brings, and what it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    /// What the worker tallied since its last write, by bucket: `requests` to deposit, and
+    /// `retries` leased or granted earlier and not used, to give back. Buckets that have left the
+    /// window (or lie ahead of it, after a clock step back) are dropped: they count for nothing.
+    pub pending: Window<Tally>,
+    /// Deposits this request.
+    pub deposit: bool,
+    /// Retries this request wants (0 asks for no grant).
+    pub wanted: u32,
+    /// Retries to lease to the worker's allowance if the budget has ample room (0: no lease).
+    pub lease: u32,
+    /// Unused retries of one grant, given back to the bucket of `refund_at` (nanoseconds), if that
+    /// bucket still counts.
+    pub refund: u32,
+    pub refund_at: u64,
+    /// Push-back the upstream asked for, until then (nanoseconds).
+    pub push_back: Option<u64>,
+}
+
+impl Exchange {
+    /// A write that brings and asks for nothing.
+    pub const NOTHING: Exchange = Exchange {
+        pending: Window::EMPTY,
+        deposit: false,
+        wanted: 0,
+        lease: 0,
+        refund: 0,
+        refund_at: 0,
+        push_back: None,
+    };
+
+    /// Applies the exchange to the record read at `now`: the pure decision of [`exchange`].
+    pub fn apply(&self, budget: &Budget, state: &mut BudgetState, now: u64) -> Exchanged {
+        let epoch = budget.epoch(now);
+        let mut pending = self.pending;
+        for number in epoch.saturating_sub(WINDOW_BUCKETS as u64 - 1)..=epoch {
+            let Some(tally) = pending.counted(number) else {
+                continue;
+            };
+            if tally.requests > 0 {
+                let bucket = state.window.current(number);
+                bucket.requests = bucket.requests.saturating_add(tally.requests);
+            }
+            // A bucket that was reused since the retries were counted in it no longer holds them.
+            if let Some(bucket) = state.window.counted(number) {
+                bucket.retries -= tally.retries.min(bucket.retries);
+            }
+        }
+        if self.deposit {
+            let newest = state.window.current(epoch);
+            newest.requests = newest.requests.saturating_add(1);
+        }
+        if self.refund > 0 {
+            if let Some(bucket) = state.window.counted(budget.epoch(self.refund_at)) {
+                bucket.retries -= self.refund.min(bucket.retries);
+            }
+        }
+        if let Some(until) = self.push_back {
+            state.pushed_back_until = state.pushed_back_until.max(until);
+        }
+        // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead was
+        // written under a later clock (it has stepped back since), and is written back clamped,
+        // so it ends rather than moving with now.
+        state.pushed_back_until = state
+            .pushed_back_until
+            .min(now.saturating_add(nanos(MAX_PUSH_BACK)));
+        let pushed_back_until = state.pushed_back_until;
+        if now < pushed_back_until {
+            return Exchanged {
+                grant: Grant::PushedBack,
+                leased: 0,
+                pushed_back_until,
+            };
+        }
+        let remaining = budget.remaining(&state.window.totals(epoch));
+        let retries = self.wanted.min(remaining);
+        let left = remaining - retries;
+        let leased = if self.lease > 0 && left / LEASE_SHARE >= self.lease {
+            self.lease
+        } else {
+            0
+        };
+        let newest = state.window.current(epoch);
+        newest.retries = newest.retries.saturating_add(retries + leased);
+        Exchanged {
+            grant: Grant::Granted {
+                retries,
+                short: retries < self.wanted,
+            },
+            leased,
+            pushed_back_until,
+        }
+    }
+}
+
+/// What an [`Exchange`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchanged {
+    /// The request's grant (for a write without one, a grant of 0 or the push-back).
+    pub grant: Grant,
+    /// Retries leased to the worker's allowance, counted in the budget's bucket of now.
+    pub leased: u32,
+    /// The push-back in the record (0 or a past time when there is none).
+    pub pushed_back_until: u64,
+}
+
+/// Makes `exchange` on the budget at `key` in one read and one conditional write (more only when
+/// other workers win races). Returns what it got and the races lost; on an error nothing of the
+/// exchange landed, and the budget fails closed.
+pub fn exchange<S: SharedStore + ?Sized>(
     budget: &Budget,
     store: &S,
     key: &str,
-    wanted: u32,
+    ask: &Exchange,
     now: u64,
-) -> (Result<Grant, UpdateError>, u32) {
-    let epoch = budget.epoch(now);
+) -> (Result<Exchanged, UpdateError>, u32) {
     let result = cas::update(
         store,
         key,
         MAX_CAS_ATTEMPTS,
         |state: Option<BudgetState>| {
             let mut state = state.unwrap_or(BudgetState::empty());
-            let newest = state.window.current(epoch);
-            newest.requests = newest.requests.saturating_add(1);
-            // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead
-            // was written under a later clock (it has stepped back since), and is written back
-            // clamped, so it ends rather than moving with now.
-            state.pushed_back_until = state
-                .pushed_back_until
-                .min(now.saturating_add(nanos(MAX_PUSH_BACK)));
-            let grant = if now < state.pushed_back_until {
-                Grant::PushedBack
-            } else {
-                let retries = wanted.min(budget.remaining(&state.window.totals(epoch)));
-                let newest = state.window.current(epoch);
-                newest.retries = newest.retries.saturating_add(retries);
-                Grant::Granted {
-                    retries,
-                    short: retries < wanted,
-                }
-            };
-            Step::Write(state, grant)
+            let got = ask.apply(budget, &mut state, now);
+            Step::Write(state, got)
         },
     );
     match result {
@@ -190,6 +296,24 @@ pub fn take<S: SharedStore + ?Sized>(
     }
 }
 
+/// Deposits one request and takes up to `wanted` retries for it, the exact path with nothing
+/// tallied locally: one read and one conditional write. Returns the grant and the CAS races lost.
+pub fn take<S: SharedStore + ?Sized>(
+    budget: &Budget,
+    store: &S,
+    key: &str,
+    wanted: u32,
+    now: u64,
+) -> (Result<Grant, UpdateError>, u32) {
+    let ask = Exchange {
+        deposit: true,
+        wanted,
+        ..Exchange::NOTHING
+    };
+    let (got, races) = exchange(budget, store, key, &ask, now);
+    (got.map(|got| got.grant), races)
+}
+
 /// Settles a granted request: gives back the `unused` part of the grant it took at `granted_at`
 /// (nanoseconds) to the bucket that grant went into, and records the upstream's push-back. A
 /// grant whose bucket has left the window has nothing left to give back: its retries no longer
@@ -201,29 +325,19 @@ pub fn settle<S: SharedStore + ?Sized>(
     unused: u32,
     granted_at: u64,
     pushed_back_until: Option<u64>,
+    now: u64,
 ) -> Result<u32, UpdateError> {
     if unused == 0 && pushed_back_until.is_none() {
         return Ok(0);
     }
-    let granted = budget.epoch(granted_at);
-    cas::update(
-        store,
-        key,
-        MAX_CAS_ATTEMPTS,
-        |state: Option<BudgetState>| {
-            let Some(mut state) = state else {
-                return Step::Keep(());
-            };
-            if let Some(bucket) = state.window.counted(granted) {
-                bucket.retries -= unused.min(bucket.retries);
-            }
-            if let Some(until) = pushed_back_until {
-                state.pushed_back_until = state.pushed_back_until.max(until);
-            }
-            Step::Write(state, ())
-        },
-    )
-    .map(|updated| updated.attempts - 1)
+    let ask = Exchange {
+        refund: unused,
+        refund_at: granted_at,
+        push_back: pushed_back_until,
+        ..Exchange::NOTHING
+    };
+    let (got, races) = exchange(budget, store, key, &ask, now);
+    got.map(|_| races)
 }
 
 /// The retries a response shows the router made: `x-envoy-attempt-count` minus the first try.
@@ -270,7 +384,16 @@ mod tests {
         };
         assert_eq!(granted(5, t0), 5);
         assert_eq!(granted(5, t0 + 9 * SECOND), 5);
-        settle(&budget(), &store, "b", 5, t0, None).unwrap();
+        settle(
+            &budget(),
+            &store,
+            "b",
+            5,
+            t0,
+            None,
+            t0 + 9 * SECOND + SECOND / 2,
+        )
+        .unwrap();
         // At 10 s the 0 s bucket leaves the window; the 9 s grant still counts.
         assert_eq!(granted(10, t0 + 10 * SECOND), 5);
     }
@@ -324,7 +447,7 @@ mod tests {
                 short: true
             })
         );
-        settle(&budget(), &store, "b", 3, now, None).unwrap();
+        settle(&budget(), &store, "b", 3, now, None, now).unwrap();
         assert_eq!(
             take(&budget(), &store, "b", 3, now).0,
             Ok(Grant::Granted {
@@ -347,7 +470,7 @@ mod tests {
         let store = FakeStore::new();
         ensure(&store, "b", &BudgetState::empty()).unwrap();
         let now = 1_000 * SECOND;
-        settle(&budget(), &store, "b", 0, now, Some(now + 2 * SECOND)).unwrap();
+        settle(&budget(), &store, "b", 0, now, Some(now + 2 * SECOND), now).unwrap();
         assert_eq!(
             take(&budget(), &store, "b", 2, now).0,
             Ok(Grant::PushedBack)
@@ -356,6 +479,100 @@ mod tests {
             take(&budget(), &store, "b", 2, now + 2 * SECOND).0,
             Ok(Grant::Granted { retries: 2, .. })
         ));
+    }
+
+    /// A lease is taken only while the budget keeps [`LEASE_SHARE`] times it for the others;
+    /// near empty, the grant alone is taken, as exactly as before.
+    #[test]
+    fn leases_need_ample_room() {
+        let budget = budget();
+        let mut state = BudgetState::empty();
+        let now = 1_000 * SECOND;
+        state.window.add(
+            budget.epoch(now),
+            &Tally {
+                requests: 300,
+                retries: 0,
+            },
+        );
+        // 60 earned plus the floor of 10: 70; after a grant of 2, 68 left, enough for 17 × 4.
+        let ask = |lease| Exchange {
+            deposit: true,
+            wanted: 2,
+            lease,
+            ..Exchange::NOTHING
+        };
+        let got = ask(16).apply(&budget, &mut state.clone(), now);
+        assert_eq!(got.leased, 16);
+        let got = ask(18).apply(&budget, &mut state.clone(), now);
+        assert_eq!(got.leased, 0, "68 left is less than 4 × 18");
+        assert_eq!(
+            got.grant,
+            Grant::Granted {
+                retries: 2,
+                short: false
+            }
+        );
+        let got = ask(16).apply(&budget, &mut state, now);
+        assert_eq!(state.window.totals(budget.epoch(now)).retries, 18);
+        assert_eq!(got.leased, 16);
+    }
+
+    /// Tallies land in the bucket they belong to, and those outside the window count for nothing.
+    #[test]
+    fn pending_tallies_go_to_their_own_buckets() {
+        let budget = budget();
+        let now = 1_000 * SECOND;
+        let epoch = budget.epoch(now);
+        let mut state = BudgetState::empty();
+        state.window.add(
+            epoch - 3,
+            &Tally {
+                requests: 1,
+                retries: 5,
+            },
+        );
+        let mut pending = Window::EMPTY;
+        pending.add(
+            epoch - 3,
+            &Tally {
+                requests: 4,
+                retries: 7,
+            },
+        );
+        pending.add(
+            epoch - 1,
+            &Tally {
+                requests: 2,
+                retries: 0,
+            },
+        );
+        // Expired: the window ending at `epoch` no longer counts it.
+        pending.add(
+            epoch - 10,
+            &Tally {
+                requests: 9,
+                retries: 0,
+            },
+        );
+        let ask = Exchange {
+            pending,
+            ..Exchange::NOTHING
+        };
+        let got = ask.apply(&budget, &mut state, now);
+        assert_eq!(got.leased, 0);
+        let mut window = state.window;
+        assert_eq!(
+            window.counted(epoch - 3).copied(),
+            Some(Tally {
+                requests: 5,
+                retries: 0
+            }),
+            "a give-back never takes a bucket below zero"
+        );
+        assert_eq!(window.counted(epoch - 1).map(|b| b.requests), Some(2));
+        assert_eq!(window.counted(epoch - 10), None);
+        assert_eq!(window.totals(epoch).requests, 7);
     }
 
     #[test]
