@@ -528,6 +528,18 @@ fn the_common_path_reads_once_and_records_with_one_write() {
     );
     worker.end(stream, MS, Ended::status(200), T0 + 1, &store);
     let recorded = store.counts();
+    // A success on a quiet record is tallied on the worker until its tick (see
+    // `closed_successes_cost_one_read_and_are_written_once_a_tick`); a failure is recorded at
+    // once, with one read and one write.
+    assert_eq!(
+        (recorded.gets - admitted.gets, recorded.sets - admitted.sets),
+        (0, 0),
+        "recording a success"
+    );
+    let stream = worker.start(get("/"), T0 + 2, &store).unwrap();
+    let admitted = store.counts();
+    worker.end(stream, MS, Ended::status(503), T0 + 2, &store);
+    let recorded = store.counts();
     assert_eq!(
         (recorded.gets - admitted.gets, recorded.sets - admitted.sets),
         (1, 1),
