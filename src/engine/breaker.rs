@@ -492,10 +492,9 @@ impl Engine {
         let grpc = matches!(admission, Admission::Pass { .. } | Admission::Probe { .. })
             && policy.classifier.grpc_codes != 0
             && self.is_grpc(request);
-        let quiet = runtime.tallies.admitted(
-            quiet && matches!(admission, Admission::Pass { .. }),
-            idle,
-        );
+        let quiet = runtime
+            .tallies
+            .admitted(quiet && matches!(admission, Admission::Pass { .. }), idle);
         match admission {
             Admission::Pass { generation } => Ok(Some(BreakerTicket {
                 at,
