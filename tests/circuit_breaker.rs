@@ -1209,3 +1209,50 @@ fn tallied_successes_from_before_a_trip_are_dropped_and_slow_calls_go_at_once() 
     let totals = window.totals(policy.breaker.bucket_of(T0 + 3));
     assert_eq!((totals.requests, totals.slow), (4, 1));
 }
+
+/// Keyed breakers tally per record; a worker tallies for at most TALLY_RECORDS records at once
+/// and records the successes of any other key at once, as before.
+#[test]
+fn keyed_breakers_tally_per_record_and_fall_back_when_the_table_is_full() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        r#"{"circuit_breakers": {"tenant": {"key": {"header": "x-tenant"}, "max_keys": 100,
+                                            "open_when": {"consecutive_failures": 1}}},
+            "routes": [{"name": "all", "circuit_breaker": "tenant"}]}"#,
+        &store,
+    );
+    let names: Vec<String> = (0..40).map(|n| format!("t{n}")).collect();
+    // Each tenant's first success claims its record, at once: one write at admission, one read
+    // and one write for the outcome.
+    let start = store.counts();
+    for (n, name) in names.iter().enumerate() {
+        worker.call(tenant(name), T0 + n as u64, &store, 200);
+    }
+    assert_eq!(
+        worker.metric("tenant.overflow"),
+        0,
+        "every tenant has its own record"
+    );
+    let before = store.counts();
+    assert_eq!(before.sets - start.sets, 80);
+    // A key whose slot another key holds reads the next slot too: the admissions' reads.
+    let admissions = before.gets - start.gets - 40;
+    for (n, name) in names.iter().enumerate() {
+        worker.call(tenant(name), T0 + 100 + n as u64, &store, 200);
+    }
+    let after = store.counts();
+    assert_eq!(
+        (after.gets - before.gets, after.sets - before.sets),
+        (admissions + 8, 8),
+        "32 tallied, 8 recorded at once"
+    );
+    tick(&worker, &store, T0 + TICK);
+    assert_eq!(worker.metric("tenant.tallied_successes"), 32);
+    // One tenant's failure opens its breaker only, tallies or not.
+    worker.call(tenant("t3"), T0 + TICK + 1, &store, 503);
+    assert!(worker.start(tenant("t3"), T0 + TICK + 2, &store).is_err());
+    assert_eq!(
+        worker.call(tenant("t4"), T0 + TICK + 3, &store, 200),
+        Seen::Upstream
+    );
+}

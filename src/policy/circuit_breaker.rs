@@ -1151,6 +1151,134 @@ mod tests {
         }
     }
 
+    /// Tallied successes added in one batch trip the rates exactly when recording them one by
+    /// one would have, and leave the same window, whatever the window held before.
+    #[cfg(not(target_family = "wasm"))]
+    mod batches {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn a_batch_trips_exactly_when_one_of_its_successes_would_have(
+                requests in 0u32..40,
+                failure_share in 0u32..=100,
+                slow_share in 0u32..=100,
+                successes in 1u32..40,
+                min_requests in 1u32..40,
+                rate in 1u32..=100,
+                slow_rule in any::<bool>(),
+            ) {
+                let failures = requests * failure_share / 100;
+                let slow = requests * slow_share / 100;
+                let mut breaker = breaker();
+                breaker.rules = TripRules {
+                    consecutive_failures: None,
+                    failure_rate_ppm: Some(rate * 10_000),
+                    slow_call_rate_ppm: slow_rule.then_some(rate * 10_000),
+                    min_requests,
+                    bucket_nanos: SECOND,
+                };
+                let now = 100 * SECOND + 5;
+                let mut window = Window::EMPTY;
+                window.add(95, &Tally { requests, failures, slow });
+                let state = BreakerState {
+                    owner: 1,
+                    generation: 7,
+                    trips: 0,
+                    circuit: Circuit::Closed { since: 0, consecutive_failures: 0, window },
+                };
+                let role = Role::Counted { generation: 7 };
+                let success = Outcome::Completed { failed: false, slow: false };
+                let mut one_by_one = state;
+                let mut tripped = false;
+                for _ in 0..successes {
+                    let Some(change) = breaker.record(&one_by_one, role, success, now) else {
+                        break;
+                    };
+                    one_by_one = change.state;
+                    if change.transition.is_some() {
+                        tripped = true;
+                        break;
+                    }
+                }
+                let pending = Pending { generation: 7, bucket: 100, successes };
+                let batch = breaker.settle(&state, None, Some(pending), now);
+                let change = batch.change.unwrap();
+                prop_assert_eq!(change.transition.is_some(), tripped);
+                prop_assert_eq!(batch.tallied, successes);
+                if !tripped {
+                    prop_assert_eq!(change.state, one_by_one);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tallies_of_another_spell_or_an_expired_bucket_are_dropped() {
+        let breaker = breaker();
+        let state = BreakerState {
+            owner: 1,
+            generation: 3,
+            trips: 0,
+            circuit: Circuit::Closed {
+                since: 0,
+                consecutive_failures: 2,
+                window: Window::EMPTY,
+            },
+        };
+        let now = 50 * SECOND;
+        let pending = |generation, bucket| Pending {
+            generation,
+            bucket,
+            successes: 4,
+        };
+        let dropped = Settled {
+            change: None,
+            tallied: 0,
+        };
+        assert_eq!(
+            breaker.settle(&state, None, Some(pending(2, 50)), now),
+            dropped
+        );
+        assert_eq!(
+            breaker.settle(&state, None, Some(pending(3, 40)), now),
+            dropped
+        );
+        let kept = breaker.settle(&state, None, Some(pending(3, 41)), now);
+        assert_eq!(kept.tallied, 4);
+        let Some(Change {
+            state:
+                BreakerState {
+                    circuit:
+                        Circuit::Closed {
+                            consecutive_failures,
+                            window,
+                            ..
+                        },
+                    ..
+                },
+            transition: None,
+        }) = kept.change
+        else {
+            panic!("closed, with the tally: {kept:?}");
+        };
+        assert_eq!(window.totals(50).requests, 4);
+        assert_eq!(
+            consecutive_failures, 2,
+            "tallied successes never break a run"
+        );
+        // Open: the spell is over.
+        let open = BreakerState {
+            circuit: Circuit::Open { until: now },
+            ..state
+        };
+        assert_eq!(
+            breaker.settle(&open, None, Some(pending(3, 50)), now),
+            dropped
+        );
+    }
+
     #[test]
     fn open_periods_double_up_to_the_cap() {
         let breaker = breaker();
