@@ -1128,7 +1128,7 @@ fn tallies_are_written_on_the_tick_and_on_retiring_and_the_window_is_as_before()
                 }
             }
             now += 10 * MS;
-            if now % TICK == 0 {
+            if now.is_multiple_of(TICK) {
                 for worker in &all {
                     tick(worker, &store, now);
                 }
@@ -1255,4 +1255,30 @@ fn keyed_breakers_tally_per_record_and_fall_back_when_the_table_is_full() {
         worker.call(tenant("t4"), T0 + TICK + 3, &store, 200),
         Seen::Upstream
     );
+}
+
+/// A tick whose write fails keeps the tally for the next tick; a retiring one that fails loses
+/// it, counted as untracked like any outcome the breaker could not record.
+#[test]
+fn a_failed_tick_keeps_the_tally_and_a_failed_retirement_counts_it_untracked() {
+    use seawall::state::StoreError;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATE_ONLY, &store);
+    for n in 0..4 {
+        worker.call(get("/"), T0 + n, &store, 200);
+    }
+    store.fail_next(1, StoreError::Host(2));
+    tick(&worker, &store, T0 + TICK);
+    assert_eq!(worker.metric("upstream.store_errors"), 1);
+    assert_eq!(worker.metric("upstream.untracked"), 0);
+    assert_eq!(shared_totals(&worker, &store, T0 + TICK).0, 1);
+    tick(&worker, &store, T0 + 2 * TICK);
+    assert_eq!(shared_totals(&worker, &store, T0 + 2 * TICK).0, 4);
+    for n in 0..5 {
+        worker.call(get("/"), T0 + 2 * TICK + n, &store, 200);
+    }
+    store.fail_next(1, StoreError::Host(2));
+    retire(&worker, &store, T0 + 3 * TICK);
+    assert_eq!(worker.metric("upstream.untracked"), 5);
+    assert_eq!(worker.metric("upstream.tallied_successes"), 3);
 }

@@ -17,16 +17,18 @@
 //! goes to shared data at once, so it breaks a failure run it follows. What other workers tallied
 //! before they saw the news reaches the window at their next tick.
 //!
-//! The bound: a failure is judged on a window that counts every success finished more than one
-//! tick ago on every worker, and every success on its own worker. Missing are at most the
-//! successes other workers finished since their last tick, and only those admitted before the
-//! window's first failure (or slow call) was visible to them; with W workers at R successes a
-//! second each, at most (W - 1) × R × 0.1 s, during the tick after an episode's first failure.
-//! They do not break a failure run either. So a trip can come earlier than with every success
-//! written at once (a rate computed over fewer successes, or a run they would have broken) or,
-//! when the window is short of `min_requests` without them, later; never when the other workers'
-//! successes are older than a tick. A closed record with no traffic but a worker's tally in the
-//! last tick may look idle to another key and be taken, as one without that traffic would be.
+//! The bound: an outcome is judged on a window that holds every success its own worker finished
+//! and every success other workers finished more than one tick (100 ms) ago. Missing are at most
+//! the successes other workers finished since their last tick, and only those admitted before
+//! the window's first failure (or judged slow call) landed and finished before their worker saw
+//! it; with W workers finishing R successes a second each, at most (W - 1) × R × 0.1 s. Missing
+//! successes do not break a failure run either. So a trip can come earlier than with every
+//! success written at once (a rate over fewer calls, a run they would have broken) or, when the
+//! window is short of `min_requests` without them, later; never when the other workers' successes
+//! are older than a tick. Once a failure is in the window every admission sees it, so the window
+//! stays exact until the failures have left it. A success is tallied only if its admission found
+//! traffic in the window, so a record in use looks idle to another key (`is_free_for`) at most
+//! for one tick, after a call that outlasted the rest of the window.
 
 use crate::clock::Timestamp;
 use crate::config::circuit_breaker::{BreakerKey, BreakerMode};
@@ -417,7 +419,14 @@ impl Engine {
         match report.recorded {
             Recorded::Applied(Some(transition)) => count_transition(counters, transition, metrics),
             Recorded::Applied(None) | Recorded::Stale => {}
-            Recorded::Failed(error) => count_failure(counters, error, metrics),
+            Recorded::Failed(error) if outcome.is_some() => count_failure(counters, error, metrics),
+            // A tally alone is kept for the next tick; the caller counts what is lost.
+            Recorded::Failed(UpdateError::Exhausted { .. }) => {
+                metrics.increment(counters.cas_exhausted, 1);
+            }
+            Recorded::Failed(UpdateError::Store(_)) => {
+                metrics.increment(counters.store_errors, 1);
+            }
         }
         report
     }
@@ -677,8 +686,7 @@ impl Engine {
                     if !retiring {
                         continue;
                     }
-                    // `record_on` counted one untracked; the rest of the tally is lost with it.
-                    let lost = i64::from(entry.pending.successes.saturating_sub(1));
+                    let lost = i64::from(entry.pending.successes);
                     metrics.increment(runtime.metrics.untracked, lost);
                 }
                 cell.set(None);

@@ -338,8 +338,9 @@ impl Breaker {
         };
         let totals = window.totals(self.epoch(now));
         let rules = &self.rules;
-        !(rules.failure_rate_ppm.is_some() && totals.failures > 0)
-            && !(rules.slow_call_rate_ppm.is_some() && totals.slow > 0)
+        let judged_failures = rules.failure_rate_ppm.is_some() && totals.failures > 0;
+        let judged_slow = rules.slow_call_rate_ppm.is_some() && totals.slow > 0;
+        !(judged_failures || judged_slow)
     }
 
     /// Whether a closed record's window counts nothing now, which makes it free for another key
