@@ -293,6 +293,88 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
     );
 }
 
+/// The worker's tallies of closed-state successes: counting one, writing a tally with the next
+/// outcome (a new bucket, a failure) and writing them on the tick or when retiring take no
+/// allocation; the table of tallies is sized when the engine is built.
+#[test]
+fn tallied_successes_and_their_writes_allocate_only_the_host_buffers() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(BREAKER_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let start = 1_800_000_000 * SECOND;
+    // (path, time offset, status): successes on both breakers (the first on each idle record is
+    // written at once, the rest tallied), a success in the next bucket, the tick, a failure.
+    let steps: [(&[u8], u64, u16); 9] = [
+        (b"/c/1", 0, 200),
+        (b"/c/2", 1, 200),
+        (b"/c/3", 2, 200),
+        (b"/r/1", 3, 200),
+        (b"/r/2", 4, 200),
+        (b"/r/3", 5, 200),
+        (b"/r/4", SECOND, 200),
+        (b"/c/4", SECOND + 2, 200),
+        (b"/c/5", SECOND + 3, 503),
+    ];
+    for (round, (path, offset, status)) in steps.into_iter().enumerate() {
+        let now = Timestamp::from_nanos(start + offset);
+        if round == 7 {
+            let before = allocations();
+            engine.on_worker_tick(now, &store, &metrics, false);
+            assert_eq!(allocations() - before, 0, "the tick");
+        }
+        let mut host = Host {
+            values: vec![
+                (Attribute::path(), path.to_vec()),
+                (Attribute::cluster_name(), b"payments".to_vec()),
+            ],
+            handed_out: 0,
+        };
+        let mut facts = Finished {
+            status: Some(status),
+            flags: 0,
+            reads: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(&mut view, now, &store, &metrics)
+        };
+        let mut stream = decision.stream;
+        assert!(
+            matches!(decision.verdict, Verdict::Continue),
+            "step {round}"
+        );
+        engine.on_response(&mut stream, now, &metrics);
+        engine.on_stream_end(&stream, &mut facts, now, &store, &metrics);
+        let spent = allocations() - before;
+        assert_eq!(
+            spent,
+            host.handed_out + facts.reads,
+            "step {round}: {spent} allocations, {} host buffers",
+            host.handed_out + facts.reads
+        );
+    }
+    let before = allocations();
+    engine.on_worker_tick(
+        Timestamp::from_nanos(start + 3 * SECOND),
+        &store,
+        &metrics,
+        true,
+    );
+    assert_eq!(allocations() - before, 0, "retiring");
+    let tallied =
+        |name: &str| metrics.value(&format!("seawall.circuit_breaker.{name}.tallied_successes"));
+    // by-cluster: 2 on the tick, 1 with the failure; by-route: 2 with /r/4, a success of the next
+    // bucket (/r/1 found the record idle); nothing was left for retiring.
+    assert_eq!(
+        (tallied("by-cluster"), tallied("by-route")),
+        (Some(3), Some(2))
+    );
+}
+
 #[test]
 fn local_replies_reuse_their_buffer() {
     let headers = vec![("x-seawall".to_owned(), "rate-limited".to_owned())];

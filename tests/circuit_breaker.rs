@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use seawall::clock::Timestamp;
 use seawall::engine::{StreamState, Verdict, GRPC_UNAVAILABLE};
-use seawall::policy::circuit_breaker::{flags, Classifier, Outcome, ResponseFacts, StatusSet};
+use seawall::policy::circuit_breaker::{
+    flags, BreakerState, Circuit, Classifier, Outcome, ResponseFacts, StatusSet, RECORD_LEN,
+};
 use seawall::request::FakeRequest;
+use seawall::state::cas::read;
 use seawall::state::fake::FakeStore;
 
 const MS: u64 = 1_000_000;
@@ -528,6 +531,18 @@ fn the_common_path_reads_once_and_records_with_one_write() {
     );
     worker.end(stream, MS, Ended::status(200), T0 + 1, &store);
     let recorded = store.counts();
+    // A success on a quiet record is tallied on the worker until its tick (see
+    // `closed_successes_cost_one_read_and_are_written_once_a_tick`); a failure is recorded at
+    // once, with one read and one write.
+    assert_eq!(
+        (recorded.gets - admitted.gets, recorded.sets - admitted.sets),
+        (0, 0),
+        "recording a success"
+    );
+    let stream = worker.start(get("/"), T0 + 2, &store).unwrap();
+    let admitted = store.counts();
+    worker.end(stream, MS, Ended::status(503), T0 + 2, &store);
+    let recorded = store.counts();
     assert_eq!(
         (recorded.gets - admitted.gets, recorded.sets - admitted.sets),
         (1, 1),
@@ -815,4 +830,455 @@ fn calls_admitted_before_a_trip_do_not_count_after_the_close() {
     );
     assert_eq!(worker.metric("payments.opened"), 1);
     assert_eq!(worker.metric("payments.reopened"), 0);
+}
+
+// Closed-state successes tallied per worker (engine/breaker.rs): the common closed path reads
+// once, successes reach the shared window on the tick, and trips keep the stated bound.
+
+/// The worker's tick, as the host runs it every 100 ms.
+const TICK: u64 = 100 * MS;
+
+fn tick(worker: &Worker, store: &FakeStore, now: u64) {
+    worker
+        .engine
+        .on_worker_tick(Timestamp::from_nanos(now), store, &worker.metrics, false);
+}
+
+fn retire(worker: &Worker, store: &FakeStore, now: u64) {
+    worker
+        .engine
+        .on_worker_tick(Timestamp::from_nanos(now), store, &worker.metrics, true);
+}
+
+/// The shared record of route `route`'s breaker as every worker sees it.
+fn shared_record(worker: &Worker, store: &FakeStore, route: &str) -> BreakerState {
+    let key = worker.engine.config().circuit_breakers[0]
+        .route_record(route)
+        .unwrap();
+    read::<RECORD_LEN, BreakerState, _>(store, &key)
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+/// The shared window's totals at `now` (requests, failures) and the failure run.
+fn shared_totals(worker: &Worker, store: &FakeStore, now: u64) -> (u32, u32, u32) {
+    let policy = &worker.engine.config().circuit_breakers[0];
+    match shared_record(worker, store, "all").circuit {
+        Circuit::Closed {
+            window,
+            consecutive_failures,
+            ..
+        } => {
+            let totals = window.totals(policy.breaker.bucket_of(now));
+            (totals.requests, totals.failures, consecutive_failures)
+        }
+        circuit => panic!("not closed: {circuit:?}"),
+    }
+}
+
+fn workers(json: &str, store: &FakeStore, count: usize) -> Vec<Worker> {
+    (0..count).map(|_| Worker::new(json, store)).collect()
+}
+
+const RATE_ONLY: &str = r#"{
+    "circuit_breakers": {"upstream": {"key": "route",
+        "open_when": {"failure_rate": 50, "min_requests": 20, "window": "10s"}}},
+    "routes": [{"name": "all", "circuit_breaker": "upstream"}]
+}"#;
+
+/// (a) Once a record shows traffic and nothing that could trip it, a closed request costs its
+/// admission's one read, nothing more; each worker then writes once a tick per record.
+#[test]
+fn closed_successes_cost_one_read_and_are_written_once_a_tick() {
+    let store = FakeStore::new();
+    let mut all = workers(RATE_ONLY, &store, 4);
+    // The first success on an idle record is written at once, so the record shows traffic.
+    assert_eq!(all[0].call(get("/"), T0, &store, 200), Seen::Upstream);
+    let before = store.counts();
+    for n in 0..50 {
+        for worker in &mut all {
+            assert_eq!(
+                worker.call(get("/"), T0 + 1 + n, &store, 200),
+                Seen::Upstream
+            );
+        }
+    }
+    let after = store.counts();
+    assert_eq!(
+        (after.gets - before.gets, after.sets - before.sets),
+        (200, 0),
+        "200 requests: one read each, no write"
+    );
+    assert_eq!(shared_totals(&all[0], &store, T0 + 60), (1, 0, 0));
+    let after = store.counts();
+    for worker in &all {
+        tick(worker, &store, T0 + TICK);
+    }
+    let ticked = store.counts();
+    assert_eq!(
+        (ticked.gets - after.gets, ticked.sets - after.sets),
+        (4, 4),
+        "one read and one write per worker and record"
+    );
+    assert_eq!(shared_totals(&all[0], &store, T0 + TICK), (201, 0, 0));
+    for worker in &all {
+        assert_eq!(worker.metric("upstream.tallied_successes"), 50);
+        assert!(
+            worker.metric("upstream.successes") >= 50,
+            "every outcome counts"
+        );
+    }
+    // A tick with nothing tallied touches nothing.
+    let ticked = store.counts();
+    for worker in &all {
+        tick(worker, &store, T0 + 2 * TICK);
+    }
+    assert_eq!(store.counts(), ticked);
+}
+
+/// Runs the scenario of (b) and (d): three workers succeed `flushed` times each, tick, succeed
+/// `pending` times each without a tick, then a fourth worker fails until the breaker opens.
+/// With `tick_every_call`, every worker ticks after each call, so every success is in shared data
+/// before the next outcome is judged: the breaker as it was before tallies. Returns the failure
+/// that opened it (1-based).
+fn failures_to_trip(flushed: u64, pending: u64, tick_every_call: bool) -> u64 {
+    let store = FakeStore::new();
+    let mut all = workers(RATE_ONLY, &store, 4);
+    let mut now = T0;
+    let call = |worker: &mut Worker, now: u64, status: u16| {
+        assert_eq!(worker.call(get("/"), now, &store, status), Seen::Upstream);
+        if tick_every_call {
+            tick(worker, &store, now);
+        }
+    };
+    for _ in 0..flushed {
+        for worker in &mut all[1..] {
+            call(worker, now, 200);
+        }
+        now += MS;
+    }
+    now += TICK;
+    for worker in &all[1..] {
+        tick(worker, &store, now);
+    }
+    for _ in 0..pending {
+        for worker in &mut all[1..] {
+            call(worker, now, 200);
+        }
+        now += MS;
+    }
+    for failure in 1..=100 {
+        let (first, _) = all.split_at_mut(1);
+        call(&mut first[0], now, 503);
+        now += MS;
+        if first[0].metric("upstream.opened") == 1 {
+            return failure;
+        }
+    }
+    panic!("never opened");
+}
+
+/// The failure at which RATE_ONLY (50 %, at least 20 calls) opens after `successes` successes.
+fn rate_trip(successes: u64) -> u64 {
+    (1..)
+        .find(|&k| k + successes >= 20 && 2 * k >= k + successes)
+        .unwrap()
+}
+
+/// (b) Successes older than a tick are all in the window: a run of failures on one worker trips
+/// at exactly the failure it tripped at before tallies.
+#[test]
+fn failures_trip_at_the_same_request_when_the_other_workers_succeeded_more_than_a_tick_ago() {
+    for flushed in [0, 3, 7, 10, 25] {
+        let today = failures_to_trip(flushed, 0, true);
+        assert_eq!(today, rate_trip(3 * flushed), "{flushed} each");
+        assert_eq!(failures_to_trip(flushed, 0, false), today, "{flushed} each");
+    }
+}
+
+/// (d) The bound: the window a failure is judged on lacks exactly the successes the other workers
+/// tallied since their last tick (here 3 workers × `pending`), no more. Without them the rate is
+/// judged over fewer calls, so a trip can come earlier, or later when `min_requests` is not met
+/// without them; their ticks put them back.
+#[test]
+fn a_rate_trip_misses_at_most_the_other_workers_successes_of_the_last_tick() {
+    for (flushed, pending) in [(10, 10), (3, 6), (0, 6), (5, 1)] {
+        let today = failures_to_trip(flushed, pending, true);
+        assert_eq!(today, rate_trip(3 * (flushed + pending)));
+        let tallied = failures_to_trip(flushed, pending, false);
+        // With nothing flushed, the first success was written at once: the record was idle.
+        let written = 3 * flushed + u64::from(flushed == 0);
+        assert_eq!(
+            tallied,
+            rate_trip(written),
+            "{flushed} flushed and {pending} pending each: judged without the other {}",
+            3 * (flushed + pending) - written
+        );
+    }
+    // Both directions occur: 30 missing of 60 trips at 30 instead of 60 ...
+    assert_eq!(
+        (
+            failures_to_trip(10, 10, true),
+            failures_to_trip(10, 10, false)
+        ),
+        (60, 30)
+    );
+    // ... and 17 missing of 18 trips at 19 (min_requests) instead of 18.
+    assert_eq!(
+        (failures_to_trip(0, 6, true), failures_to_trip(0, 6, false)),
+        (18, 19)
+    );
+
+    // What the failing worker itself succeeded in is never missing: it goes in with its failure.
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATE_ONLY, &store);
+    for n in 0..10 {
+        worker.call(get("/"), T0 + n, &store, 200);
+    }
+    for n in 0..9 {
+        worker.call(get("/"), T0 + 20 + n, &store, 503);
+    }
+    assert_eq!(worker.metric("upstream.opened"), 0, "9 of 19");
+    assert_eq!(shared_totals(&worker, &store, T0 + 30), (19, 9, 9));
+    worker.call(get("/"), T0 + 30, &store, 503);
+    assert_eq!(worker.metric("upstream.opened"), 1, "10 of 20");
+}
+
+const RUN_OF_THREE: &str = r#"{
+    "circuit_breakers": {"upstream": {"key": "route", "open_when": {"consecutive_failures": 3}}},
+    "routes": [{"name": "all", "circuit_breaker": "upstream"}]
+}"#;
+
+/// (c) A success admitted once the record shows a failure run is recorded at once and breaks the
+/// run, whichever worker it is on; so is a success admitted before, once its worker has seen the
+/// run.
+#[test]
+fn a_success_on_another_worker_breaks_a_failure_run() {
+    let store = FakeStore::new();
+    let mut all = workers(RUN_OF_THREE, &store, 2);
+    let (a, b) = all.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    b.call(get("/"), T0, &store, 200);
+    // Admitted on a quiet record, still in flight when the run starts.
+    let in_flight = b.start(get("/"), T0 + 1, &store).unwrap();
+    a.call(get("/"), T0 + 2, &store, 503);
+    a.call(get("/"), T0 + 3, &store, 503);
+    assert_eq!(shared_totals(a, &store, T0 + 3).2, 2);
+    // B's next request sees the run: its success goes to shared data and breaks it.
+    let before = store.counts();
+    assert_eq!(b.call(get("/"), T0 + 4, &store, 200), Seen::Upstream);
+    let after = store.counts();
+    assert_eq!((after.gets - before.gets, after.sets - before.sets), (2, 1));
+    assert_eq!(shared_totals(a, &store, T0 + 4).2, 0, "the run is broken");
+    a.call(get("/"), T0 + 5, &store, 503);
+    a.call(get("/"), T0 + 6, &store, 503);
+    // The call B admitted before the run ends now: B has seen the run since, so this success
+    // comes after it and is recorded at once too.
+    b.end(in_flight, 0, Ended::status(200), T0 + 7, &store);
+    assert_eq!(shared_totals(a, &store, T0 + 7).2, 0);
+    a.call(get("/"), T0 + 8, &store, 503);
+    a.call(get("/"), T0 + 9, &store, 503);
+    assert_eq!(a.metric("upstream.opened"), 0);
+    a.call(get("/"), T0 + 10, &store, 503);
+    assert_eq!(a.metric("upstream.opened"), 1, "three in a row");
+}
+
+/// (c, the bound's other half) A success admitted and finished on a quiet record before its worker
+/// saw any failure is tallied: it counts in the window at the tick but does not break a run that
+/// may have started before it, so a run can trip sooner than if it had been written at once.
+#[test]
+fn a_tallied_success_counts_in_the_window_but_never_breaks_a_run() {
+    let store = FakeStore::new();
+    let mut all = workers(RUN_OF_THREE, &store, 2);
+    let (a, b) = all.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    b.call(get("/"), T0, &store, 200);
+    let in_flight = b.start(get("/"), T0 + 1, &store).unwrap();
+    a.call(get("/"), T0 + 2, &store, 503);
+    b.end(in_flight, 0, Ended::status(200), T0 + 3, &store);
+    a.call(get("/"), T0 + 4, &store, 503);
+    tick(b, &store, T0 + TICK);
+    assert_eq!(shared_totals(a, &store, T0 + TICK), (4, 2, 2));
+    assert_eq!(b.metric("upstream.tallied_successes"), 1);
+    a.call(get("/"), T0 + TICK + 1, &store, 503);
+    assert_eq!(a.metric("upstream.opened"), 1);
+}
+
+/// (e) Tallies go to shared data on the tick and when the config retires, and the window then
+/// holds what it held before tallies, bucket by bucket.
+#[test]
+fn tallies_are_written_on_the_tick_and_on_retiring_and_the_window_is_as_before() {
+    let window_after = |tick_every_call: bool| {
+        let store = FakeStore::new();
+        let mut all = workers(RATE_ONLY, &store, 3);
+        let mut now = T0;
+        // Fifteen seconds of traffic, ticks every 100 ms, two failures at 2 s: the window is
+        // quiet before them and again once they have left it, 10 s later.
+        for step in 0..1_500u64 {
+            for (n, worker) in all.iter_mut().enumerate() {
+                let status = if n == 1 && (step == 200 || step == 205) {
+                    503
+                } else {
+                    200
+                };
+                worker.call(get("/"), now + n as u64, &store, status);
+                if tick_every_call {
+                    tick(worker, &store, now + n as u64);
+                }
+            }
+            now += 10 * MS;
+            if now.is_multiple_of(TICK) {
+                for worker in &all {
+                    tick(worker, &store, now);
+                }
+            }
+        }
+        for worker in &all {
+            tick(worker, &store, now);
+        }
+        let tallied: i64 = all
+            .iter()
+            .map(|w| w.metric("upstream.tallied_successes"))
+            .sum();
+        (shared_record(&all[0], &store, "all"), tallied)
+    };
+    // Ticking after every call writes each success before the next outcome: the record as it
+    // was before tallies.
+    let (today, _) = window_after(true);
+    let (tallied, count) = window_after(false);
+    assert!(count > 1_000, "{count} of 4,500 tallied");
+    assert_eq!(tallied, today, "the same record, window and all");
+
+    // Retiring writes what is tallied, and the retired config tallies nothing more.
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATE_ONLY, &store);
+    for n in 0..5 {
+        worker.call(get("/"), T0 + n, &store, 200);
+    }
+    assert_eq!(shared_totals(&worker, &store, T0 + 5).0, 1);
+    retire(&worker, &store, T0 + 10);
+    assert_eq!(shared_totals(&worker, &store, T0 + 10).0, 5);
+    assert_eq!(worker.metric("upstream.tallied_successes"), 4);
+    let before = store.counts();
+    worker.call(get("/"), T0 + 11, &store, 200);
+    let after = store.counts();
+    assert_eq!((after.gets - before.gets, after.sets - before.sets), (2, 1));
+    assert_eq!(shared_totals(&worker, &store, T0 + 11).0, 6);
+}
+
+/// Tallies keep today's rules on generations and slow calls: successes tallied before a trip do
+/// not land in the window after the close, and a slow success is recorded at once.
+#[test]
+fn tallied_successes_from_before_a_trip_are_dropped_and_slow_calls_go_at_once() {
+    let store = FakeStore::new();
+    let mut all = workers(RATES, &store, 2);
+    let (a, b) = all.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    b.call(get("/"), T0, &store, 200);
+    for n in 1..4 {
+        b.call(get("/"), T0 + n, &store, 200);
+    }
+    for n in 0..10 {
+        a.call(get("/"), T0 + 10 + n, &store, 503);
+    }
+    assert_eq!(a.metric("upstream.opened"), 1);
+    tick(b, &store, T0 + TICK);
+    assert_eq!(
+        b.metric("upstream.tallied_successes"),
+        0,
+        "the spell they counted in is over"
+    );
+    assert!(matches!(
+        shared_record(a, &store, "all").circuit,
+        Circuit::Open { .. }
+    ));
+
+    // A slow success (slow_call_rate is a rule) is written at once, with what was tallied.
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATES, &store);
+    for n in 0..3 {
+        worker.call(get("/"), T0 + n, &store, 200);
+    }
+    let stream = worker.start(get("/"), T0 + 3, &store).unwrap();
+    worker.end(stream, 150 * MS, Ended::status(200), T0 + 3, &store);
+    let policy = &worker.engine.config().circuit_breakers[0];
+    let Circuit::Closed { window, .. } = shared_record(&worker, &store, "all").circuit else {
+        panic!("closed");
+    };
+    let totals = window.totals(policy.breaker.bucket_of(T0 + 3));
+    assert_eq!((totals.requests, totals.slow), (4, 1));
+}
+
+/// Keyed breakers tally per record; a worker tallies for at most TALLY_RECORDS records at once
+/// and records the successes of any other key at once, as before.
+#[test]
+fn keyed_breakers_tally_per_record_and_fall_back_when_the_table_is_full() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        r#"{"circuit_breakers": {"tenant": {"key": {"header": "x-tenant"}, "max_keys": 100,
+                                            "open_when": {"consecutive_failures": 1}}},
+            "routes": [{"name": "all", "circuit_breaker": "tenant"}]}"#,
+        &store,
+    );
+    let names: Vec<String> = (0..40).map(|n| format!("t{n}")).collect();
+    // Each tenant's first success claims its record, at once: one write at admission, one read
+    // and one write for the outcome.
+    let start = store.counts();
+    for (n, name) in names.iter().enumerate() {
+        worker.call(tenant(name), T0 + n as u64, &store, 200);
+    }
+    assert_eq!(
+        worker.metric("tenant.overflow"),
+        0,
+        "every tenant has its own record"
+    );
+    let before = store.counts();
+    assert_eq!(before.sets - start.sets, 80);
+    // A key whose slot another key holds reads the next slot too: the admissions' reads.
+    let admissions = before.gets - start.gets - 40;
+    for (n, name) in names.iter().enumerate() {
+        worker.call(tenant(name), T0 + 100 + n as u64, &store, 200);
+    }
+    let after = store.counts();
+    assert_eq!(
+        (after.gets - before.gets, after.sets - before.sets),
+        (admissions + 8, 8),
+        "32 tallied, 8 recorded at once"
+    );
+    tick(&worker, &store, T0 + TICK);
+    assert_eq!(worker.metric("tenant.tallied_successes"), 32);
+    // One tenant's failure opens its breaker only, tallies or not.
+    worker.call(tenant("t3"), T0 + TICK + 1, &store, 503);
+    assert!(worker.start(tenant("t3"), T0 + TICK + 2, &store).is_err());
+    assert_eq!(
+        worker.call(tenant("t4"), T0 + TICK + 3, &store, 200),
+        Seen::Upstream
+    );
+}
+
+/// A tick whose write fails keeps the tally for the next tick; a retiring one that fails loses
+/// it, counted as untracked like any outcome the breaker could not record.
+#[test]
+fn a_failed_tick_keeps_the_tally_and_a_failed_retirement_counts_it_untracked() {
+    use seawall::state::StoreError;
+    let store = FakeStore::new();
+    let mut worker = Worker::new(RATE_ONLY, &store);
+    for n in 0..4 {
+        worker.call(get("/"), T0 + n, &store, 200);
+    }
+    store.fail_next(1, StoreError::Host(2));
+    tick(&worker, &store, T0 + TICK);
+    assert_eq!(worker.metric("upstream.store_errors"), 1);
+    assert_eq!(worker.metric("upstream.untracked"), 0);
+    assert_eq!(shared_totals(&worker, &store, T0 + TICK).0, 1);
+    tick(&worker, &store, T0 + 2 * TICK);
+    assert_eq!(shared_totals(&worker, &store, T0 + 2 * TICK).0, 4);
+    for n in 0..5 {
+        worker.call(get("/"), T0 + 2 * TICK + n, &store, 200);
+    }
+    store.fail_next(1, StoreError::Host(2));
+    retire(&worker, &store, T0 + 3 * TICK);
+    assert_eq!(worker.metric("upstream.untracked"), 5);
+    assert_eq!(worker.metric("upstream.tallied_successes"), 3);
 }

@@ -104,6 +104,9 @@ pub struct BreakerTicket {
     pub role: Role,
     /// A gRPC request, whose outcome includes its `grpc-status`.
     pub grpc: bool,
+    /// Admitted on a quiet record, when the worker's count of news about its breaker was this:
+    /// its success may be tallied on the worker if no news came since (see `engine/breaker.rs`).
+    pub quiet: Option<u32>,
 }
 
 impl BreakerTicket {

@@ -13,6 +13,16 @@
 //! recorded when the stream ends, with one read and one conditional write. Everything here is a
 //! pure function of the record, the time and the outcome; the bounded CAS loop of
 //! [`crate::state::cas`] applies it.
+//!
+//! A closed record that nothing can trip soon is *quiet* ([`Breaker::is_quiet`]): no failure run,
+//! and no failure (or slow call) in the window that a rate rule judges. A success admitted on a
+//! quiet record changes no decision by itself, so its worker may tally it ([`Pending`]) and add
+//! it later, in one write with others ([`Breaker::settle`]), instead of writing at once. Tallied
+//! successes are added to the window only: they never break a failure run, because their worker
+//! cannot tell whether they came before or after another worker's failures; a success that is
+//! known to come after a failure (its admission saw one) is recorded at once and breaks the run.
+//! Added in a batch, they are judged as if each had landed on its own (see
+//! [`Breaker::settle`]), so batching never hides a rate trip that one of them would have caused.
 
 use core::time::Duration;
 
@@ -283,9 +293,165 @@ pub struct Change {
     pub transition: Option<Transition>,
 }
 
+/// Successes one worker counted on its own for one record: all admitted on a quiet record at
+/// `generation`, all finished in window bucket `bucket`, none written to shared data yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub generation: u32,
+    pub bucket: u64,
+    pub successes: u32,
+}
+
+/// What settling did to a record, beyond the change itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub change: Option<Change>,
+    /// Tallied successes added to the window (0 when the record moved on and they were dropped).
+    pub tallied: u32,
+}
+
 impl Breaker {
     fn epoch(&self, now: u64) -> u64 {
         now / self.rules.bucket_nanos.max(1)
+    }
+
+    /// The window bucket an outcome at `now` counts in.
+    pub fn bucket_of(&self, now: u64) -> u64 {
+        self.epoch(now)
+    }
+
+    /// Whether a success admitted on `state` may be tallied by its worker: closed, no failure run
+    /// to break, and nothing in the window for a missing success to change the judgement of: no
+    /// failure when a failure rate is a rule, no slow call when a slow-call rate is.
+    ///
+    /// The window check keeps the rates exact once an episode of failures has begun: every
+    /// worker's next admission sees the failure and records its successes at once. Only the
+    /// successes tallied before that are late, by at most one tick.
+    pub fn is_quiet(&self, state: &BreakerState, now: u64) -> bool {
+        let Circuit::Closed {
+            consecutive_failures: 0,
+            window,
+            ..
+        } = state.circuit
+        else {
+            return false;
+        };
+        let totals = window.totals(self.epoch(now));
+        let rules = &self.rules;
+        let judged_failures = rules.failure_rate_ppm.is_some() && totals.failures > 0;
+        let judged_slow = rules.slow_call_rate_ppm.is_some() && totals.slow > 0;
+        !(judged_failures || judged_slow)
+    }
+
+    /// Whether a closed record's window counts nothing now, which makes it free for another key
+    /// (see `is_free_for`). A success on such a record is recorded at once rather than tallied, so
+    /// a key with traffic never looks idle for longer than one tick after a call that outlasted
+    /// the window.
+    pub fn is_idle(&self, state: &BreakerState, now: u64) -> bool {
+        match state.circuit {
+            Circuit::Closed { window, .. } => window.is_empty_at(self.epoch(now)),
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
+        }
+    }
+
+    /// Applies what one worker has to say about a record in one write: first its tallied
+    /// successes (`pending`, which came before anything else it reports), then a call's outcome.
+    ///
+    /// Tallied successes count only in the closed spell they were admitted in (`generation`) and
+    /// while their bucket is in the window; otherwise they are dropped, as their outcomes would
+    /// have been stale or expired. They are judged as if each had been recorded alone: failures
+    /// stay as they are while the requests grow one by one, so the failure and slow-call shares
+    /// are highest at the first success that meets `min_requests`, and the rates trip on the batch
+    /// exactly when they would have tripped on one of its successes. A trip makes `outcome` stale,
+    /// as it would have been after a trip by another call.
+    pub fn settle(
+        &self,
+        state: &BreakerState,
+        outcome: Option<(Role, Outcome)>,
+        pending: Option<Pending>,
+        now: u64,
+    ) -> Settled {
+        let mut current = *state;
+        let mut change = None;
+        let mut tallied = 0;
+        if let Some(added) = pending.and_then(|pending| self.add_pending(state, pending, now)) {
+            tallied = added.1;
+            current = added.0.state;
+            let tripped = added.0.transition.is_some();
+            change = Some(added.0);
+            if tripped {
+                return Settled { change, tallied };
+            }
+        }
+        if let Some((role, outcome)) = outcome {
+            if let Some(recorded) = self.record(&current, role, outcome, now) {
+                change = Some(recorded);
+            }
+        }
+        Settled { change, tallied }
+    }
+
+    fn add_pending(
+        &self,
+        state: &BreakerState,
+        pending: Pending,
+        now: u64,
+    ) -> Option<(Change, u32)> {
+        let Circuit::Closed {
+            since,
+            consecutive_failures,
+            mut window,
+        } = state.circuit
+        else {
+            return None;
+        };
+        let epoch = self.epoch(now);
+        if pending.generation != state.generation
+            || pending.successes == 0
+            || epoch.saturating_sub(pending.bucket) >= WINDOW_BUCKETS as u64
+        {
+            return None;
+        }
+        let before = window.totals(epoch);
+        window.add(
+            pending.bucket,
+            &Tally {
+                requests: pending.successes,
+                failures: 0,
+                slow: 0,
+            },
+        );
+        // A bucket ahead of `now` (the clock stepped back since) is out of the totals, as the
+        // successes would have been had they been recorded one by one.
+        if pending.bucket <= epoch {
+            let last = before.requests.saturating_add(pending.successes);
+            let judged = Tally {
+                requests: before
+                    .requests
+                    .saturating_add(1)
+                    .max(self.rules.min_requests)
+                    .min(last),
+                ..before
+            };
+            if self.trips_on_rates(&judged) {
+                return Some((self.open(state, now, Transition::Opened), pending.successes));
+            }
+        }
+        let next = BreakerState {
+            circuit: Circuit::Closed {
+                since,
+                consecutive_failures,
+                window,
+            },
+            ..*state
+        };
+        Some((
+            Change {
+                state: next,
+                transition: None,
+            },
+            pending.successes,
+        ))
     }
 
     /// Decides for a request at `now`. Returns the admission and, when the record must change, the
@@ -517,13 +683,14 @@ impl Breaker {
     }
 
     fn trips(&self, consecutive_failures: u32, totals: &Tally) -> bool {
-        let rules = &self.rules;
-        if rules
+        self.rules
             .consecutive_failures
             .is_some_and(|limit| consecutive_failures >= limit)
-        {
-            return true;
-        }
+            || self.trips_on_rates(totals)
+    }
+
+    fn trips_on_rates(&self, totals: &Tally) -> bool {
+        let rules = &self.rules;
         if totals.requests < rules.min_requests.max(1) {
             return false;
         }
@@ -590,7 +757,7 @@ fn is_free_for(breaker: &Breaker, state: &BreakerState, owner: u64, now: u64) ->
     }
     let idle = nanos(breaker.max_open_for.max(breaker.open_for));
     match state.circuit {
-        Circuit::Closed { window, .. } => window.is_empty_at(breaker.epoch(now)),
+        Circuit::Closed { .. } => breaker.is_idle(state, now),
         Circuit::Open { until } => now.saturating_sub(until) > idle,
         Circuit::HalfOpen { since, .. } => now.saturating_sub(since) > idle.saturating_mul(2),
     }
@@ -620,6 +787,11 @@ pub enum Admitted {
         admission: Admission,
         at: Located,
         transition: Option<Transition>,
+        /// The record was quiet ([`Breaker::is_quiet`]) as read.
+        quiet: bool,
+        /// The record's window, as read, counted nothing: it looks free to other keys (see
+        /// [`Breaker::is_idle`]), so a success recorded at once keeps it held.
+        idle: bool,
     },
     /// Every slot the key may use is held by other keys: the request passes untracked.
     NoRecord,
@@ -683,12 +855,16 @@ pub fn admit<S: SharedStore + ?Sized>(
                         },
                     };
                     let generation = claimed.generation;
-                    return Step::Write(claimed, Some((Admission::Pass { generation }, None)));
+                    return Step::Write(
+                        claimed,
+                        Some((Admission::Pass { generation }, None, (true, true))),
+                    );
                 }
+                let seen = (breaker.is_quiet(&state, now), breaker.is_idle(&state, now));
                 match breaker.admit(&state, now) {
-                    (admission, None) => Step::Keep(Some((admission, None))),
+                    (admission, None) => Step::Keep(Some((admission, None, seen))),
                     (admission, Some(change)) => {
-                        Step::Write(change.state, Some((admission, change.transition)))
+                        Step::Write(change.state, Some((admission, change.transition, seen)))
                     }
                 }
             },
@@ -696,12 +872,14 @@ pub fn admit<S: SharedStore + ?Sized>(
         match outcome {
             Ok(updated) => {
                 races += updated.attempts - 1;
-                if let Some((admission, transition)) = updated.value {
+                if let Some((admission, transition, (quiet, idle))) = updated.value {
                     return (
                         Admitted::Decided {
                             admission,
                             at: Located { slot, owner },
                             transition,
+                            quiet,
+                            idle,
                         },
                         races,
                     );
@@ -727,17 +905,27 @@ pub enum Recorded {
     Failed(UpdateError),
 }
 
-/// Records a finished call's outcome on the record it was admitted from: one read and one
-/// conditional write. Returns what happened and the CAS races lost.
+/// What [`record`] did: the outcome, the tallied successes it added, and whether the record is
+/// quiet afterwards (false when it was not found or moved on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub recorded: Recorded,
+    pub tallied: u32,
+    pub quiet: bool,
+}
+
+/// Records on the record a call was admitted from, in one read and one conditional write: a
+/// worker's tallied successes for it (`pending`) and then a finished call's `outcome`, either
+/// of which may be absent. Returns what happened and the CAS races lost.
 pub fn record<S: SharedStore + ?Sized>(
     breaker: &Breaker,
     store: &S,
     records: Records<'_>,
     at: Located,
-    role: Role,
-    outcome: Outcome,
+    outcome: Option<(Role, Outcome)>,
+    pending: Option<Pending>,
     now: u64,
-) -> (Recorded, u32) {
+) -> (Report, u32) {
     let mut buffer = KeyBuf::default();
     let key = record_key(records, at.slot, &mut buffer);
     let result = cas::update(
@@ -746,28 +934,47 @@ pub fn record<S: SharedStore + ?Sized>(
         MAX_CAS_ATTEMPTS,
         |state: Option<BreakerState>| {
             let Some(state) = state.filter(|s| s.owner == at.owner) else {
-                return Step::Keep(None);
+                return Step::Keep((Recorded::Stale, 0, false));
             };
-            match breaker.record(&state, role, outcome, now) {
-                Some(change) => Step::Write(change.state, Some(change.transition)),
-                None => Step::Keep(None),
+            let settled = breaker.settle(&state, outcome, pending, now);
+            match settled.change {
+                Some(change) => Step::Write(
+                    change.state,
+                    (
+                        Recorded::Applied(change.transition),
+                        settled.tallied,
+                        breaker.is_quiet(&change.state, now),
+                    ),
+                ),
+                None => Step::Keep((Recorded::Stale, 0, breaker.is_quiet(&state, now))),
             }
         },
     );
     match result {
         Ok(updated) => {
-            let recorded = match updated.value {
-                Some(transition) => Recorded::Applied(transition),
-                None => Recorded::Stale,
-            };
-            (recorded, updated.attempts - 1)
+            let (recorded, tallied, quiet) = updated.value;
+            (
+                Report {
+                    recorded,
+                    tallied,
+                    quiet,
+                },
+                updated.attempts - 1,
+            )
         }
         Err(error) => {
             let races = match error {
                 UpdateError::Exhausted { attempts } => attempts,
                 UpdateError::Store(_) => 0,
             };
-            (Recorded::Failed(error), races)
+            (
+                Report {
+                    recorded: Recorded::Failed(error),
+                    tallied: 0,
+                    quiet: false,
+                },
+                races,
+            )
         }
     }
 }
@@ -943,6 +1150,134 @@ mod tests {
         for state in states {
             assert_eq!(BreakerState::decode(&state.encode()), state);
         }
+    }
+
+    /// Tallied successes added in one batch trip the rates exactly when recording them one by
+    /// one would have, and leave the same window, whatever the window held before.
+    #[cfg(not(target_family = "wasm"))]
+    mod batches {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn a_batch_trips_exactly_when_one_of_its_successes_would_have(
+                requests in 0u32..40,
+                failure_share in 0u32..=100,
+                slow_share in 0u32..=100,
+                successes in 1u32..40,
+                min_requests in 1u32..40,
+                rate in 1u32..=100,
+                slow_rule in any::<bool>(),
+            ) {
+                let failures = requests * failure_share / 100;
+                let slow = requests * slow_share / 100;
+                let mut breaker = breaker();
+                breaker.rules = TripRules {
+                    consecutive_failures: None,
+                    failure_rate_ppm: Some(rate * 10_000),
+                    slow_call_rate_ppm: slow_rule.then_some(rate * 10_000),
+                    min_requests,
+                    bucket_nanos: SECOND,
+                };
+                let now = 100 * SECOND + 5;
+                let mut window = Window::EMPTY;
+                window.add(95, &Tally { requests, failures, slow });
+                let state = BreakerState {
+                    owner: 1,
+                    generation: 7,
+                    trips: 0,
+                    circuit: Circuit::Closed { since: 0, consecutive_failures: 0, window },
+                };
+                let role = Role::Counted { generation: 7 };
+                let success = Outcome::Completed { failed: false, slow: false };
+                let mut one_by_one = state;
+                let mut tripped = false;
+                for _ in 0..successes {
+                    let Some(change) = breaker.record(&one_by_one, role, success, now) else {
+                        break;
+                    };
+                    one_by_one = change.state;
+                    if change.transition.is_some() {
+                        tripped = true;
+                        break;
+                    }
+                }
+                let pending = Pending { generation: 7, bucket: 100, successes };
+                let batch = breaker.settle(&state, None, Some(pending), now);
+                let change = batch.change.unwrap();
+                prop_assert_eq!(change.transition.is_some(), tripped);
+                prop_assert_eq!(batch.tallied, successes);
+                if !tripped {
+                    prop_assert_eq!(change.state, one_by_one);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tallies_of_another_spell_or_an_expired_bucket_are_dropped() {
+        let breaker = breaker();
+        let state = BreakerState {
+            owner: 1,
+            generation: 3,
+            trips: 0,
+            circuit: Circuit::Closed {
+                since: 0,
+                consecutive_failures: 2,
+                window: Window::EMPTY,
+            },
+        };
+        let now = 50 * SECOND;
+        let pending = |generation, bucket| Pending {
+            generation,
+            bucket,
+            successes: 4,
+        };
+        let dropped = Settled {
+            change: None,
+            tallied: 0,
+        };
+        assert_eq!(
+            breaker.settle(&state, None, Some(pending(2, 50)), now),
+            dropped
+        );
+        assert_eq!(
+            breaker.settle(&state, None, Some(pending(3, 40)), now),
+            dropped
+        );
+        let kept = breaker.settle(&state, None, Some(pending(3, 41)), now);
+        assert_eq!(kept.tallied, 4);
+        let Some(Change {
+            state:
+                BreakerState {
+                    circuit:
+                        Circuit::Closed {
+                            consecutive_failures,
+                            window,
+                            ..
+                        },
+                    ..
+                },
+            transition: None,
+        }) = kept.change
+        else {
+            panic!("closed, with the tally: {kept:?}");
+        };
+        assert_eq!(window.totals(50).requests, 4);
+        assert_eq!(
+            consecutive_failures, 2,
+            "tallied successes never break a run"
+        );
+        // Open: the spell is over.
+        let open = BreakerState {
+            circuit: Circuit::Open { until: now },
+            ..state
+        };
+        assert_eq!(
+            breaker.settle(&open, None, Some(pending(3, 50)), now),
+            dropped
+        );
     }
 
     #[test]
