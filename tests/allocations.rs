@@ -487,7 +487,7 @@ struct Headers {
 }
 
 impl seawall::policy::retry::ResponseHeaders for Headers {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         let value: &[u8] = match name {
             ":status" => b"503",
             "x-envoy-attempt-count" => b"2",
@@ -495,7 +495,7 @@ impl seawall::policy::retry::ResponseHeaders for Headers {
             _ => return None,
         };
         self.reads += 1;
-        Some(value.to_vec())
+        Some(std::borrow::Cow::Owned(value.to_vec()))
     }
 }
 
@@ -548,14 +548,14 @@ struct Healthy {
 }
 
 impl seawall::policy::retry::ResponseHeaders for Healthy {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         let value: &[u8] = match name {
             ":status" => b"200",
             "x-envoy-attempt-count" => b"1",
             _ => return None,
         };
         self.reads += 1;
-        Some(value.to_vec())
+        Some(std::borrow::Cow::Owned(value.to_vec()))
     }
 }
 
@@ -780,4 +780,96 @@ fn leased_admissions_refunds_and_returns_allocate_only_the_host_buffers() {
             > 0
     );
     assert!(local > 300, "{local} of 400 decided global from the lease");
+}
+
+/// Envoy's way: every request header in one buffer (the header map), properties one by one.
+struct MapHost {
+    /// The request's headers in the map wire form, as the host keeps them.
+    map: Vec<u8>,
+    properties: Vec<(Attribute, Vec<u8>)>,
+    handed_out: u64,
+    map_reads: u64,
+}
+
+impl AttributeSource for MapHost {
+    fn read(&mut self, attribute: &Attribute) -> Option<Vec<u8>> {
+        assert!(
+            matches!(attribute, Attribute::Property(_)),
+            "a header was read on its own: {attribute:?}"
+        );
+        let value = self.properties.iter().find(|(a, _)| a == attribute)?;
+        self.handed_out += 1;
+        Some(value.1.clone())
+    }
+
+    /// One buffer handed out, a copy of the whole map.
+    fn read_header_map(&mut self) -> Option<Vec<u8>> {
+        self.map_reads += 1;
+        self.handed_out += 1;
+        Some(self.map.clone())
+    }
+
+    fn remove_header(&mut self, _name: &str) {}
+}
+
+#[test]
+fn every_header_from_one_read_of_the_map_allocates_only_that_buffer() {
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let mut scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let requests = [
+        // Falls through checkout (method, x-tier) and limited (path) to by-cluster.
+        vec![
+            (Attribute::path(), b"/other".to_vec()),
+            (Attribute::method(), b"GET".to_vec()),
+            (Attribute::header("x-tier"), b"gold".to_vec()),
+            (Attribute::authority(), b"shop.example.com".to_vec()),
+        ],
+        // Both limits, keyed by a header and a property.
+        vec![
+            (Attribute::path(), b"/limited/x".to_vec()),
+            (Attribute::header("x-user"), b"carol".to_vec()),
+            (Attribute::header("x-tier"), vec![0xff; 64 * 1024]),
+        ],
+    ];
+    for (round, headers) in requests.into_iter().enumerate() {
+        let pairs = headers
+            .iter()
+            .filter_map(|(attribute, value)| match attribute {
+                Attribute::Header(name) => Some((name.as_bytes(), value.as_slice())),
+                Attribute::Property(_) => None,
+            });
+        let mut host = MapHost {
+            map: seawall::request::encode_header_map(pairs),
+            properties: vec![
+                (Attribute::cluster_name(), b"payments".to_vec()),
+                (Attribute::client_address(), b"10.1.2.3:4567".to_vec()),
+            ],
+            handed_out: 0,
+            map_reads: 0,
+        };
+        let before = allocations();
+        let decision = {
+            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
+            engine.on_request(
+                &mut view,
+                Timestamp::from_nanos(1_800_000_000_000_000_000),
+                &store,
+                &metrics,
+            )
+        };
+        let spent = allocations() - before;
+        assert_eq!(
+            spent, host.handed_out,
+            "request {round}: {spent} allocations, {} from the host",
+            host.handed_out
+        );
+        assert_eq!(host.map_reads, 1, "request {round}");
+        assert!(
+            matches!(decision.verdict, Verdict::Continue),
+            "request {round}"
+        );
+    }
 }

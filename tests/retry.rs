@@ -36,13 +36,14 @@ struct Answer {
 }
 
 impl ResponseHeaders for Answer {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        match name {
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        let value = match name {
             ":status" => Some(self.status.to_string().into_bytes()),
             "x-envoy-attempt-count" => self.attempts.map(|a| a.to_string().into_bytes()),
             "retry-after" => self.retry_after.map(|s| s.to_string().into_bytes()),
             _ => None,
-        }
+        };
+        value.map(std::borrow::Cow::Owned)
     }
 }
 

@@ -155,15 +155,23 @@ fn get_header(map_type: u32, name: &str) -> Option<Vec<u8>> {
 
 /// Every request header in one call, in the map wire form (`request::HeaderPairs` reads it).
 pub fn request_header_map() -> Option<Vec<u8>> {
+    header_map(MAP_HTTP_REQUEST_HEADERS)
+}
+
+fn header_map(map_type: u32) -> Option<Vec<u8>> {
     count(Kind::HeaderMapRead);
     let mut data = null_mut();
     let mut size = 0usize;
-    let status =
-        unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut data, &mut size) };
+    let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
     match status {
         OK => Some(unsafe { take_host_buffer(data, size) }),
         _ => None,
     }
+}
+
+/// Every response header in one call, in the map wire form.
+pub fn response_header_map() -> Option<Vec<u8>> {
+    header_map(MAP_HTTP_RESPONSE_HEADERS)
 }
 
 /// A request header's raw bytes, UTF-8 or not.

@@ -10,6 +10,7 @@ mod abi;
 mod alloc_count;
 mod hostcall_count;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -28,7 +29,7 @@ use crate::metrics::{
 };
 use crate::policy::circuit_breaker::ResponseFacts;
 use crate::policy::retry::ResponseHeaders;
-use crate::request::{Attribute, AttributeSource, RequestView, Scratch};
+use crate::request::{Attribute, AttributeSource, HeaderPairs, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
 use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 
@@ -532,20 +533,22 @@ impl HttpContext for Stream {
             } else {
                 state.started
             };
+            // The status and the retries' headers in one read of the map when both are wanted.
+            let mut response = HostResponse {
+                headers: (engine.wants_status(state) && state.retry.is_some())
+                    .then(abi::response_header_map)
+                    .flatten(),
+                ..HostResponse::default()
+            };
             if engine.wants_status(state) {
                 // A header read now spares a property read (`response.code`) later.
-                state.response_status = abi::response_header(":status")
+                state.response_status = response
+                    .header(":status")
                     .and_then(|value| crate::policy::fault::parse_decimal(&value))
                     .and_then(|status| u16::try_from(status).ok());
             }
             if state.retry.is_some() {
-                engine.settle_retries(
-                    state,
-                    &mut HostResponse::default(),
-                    now,
-                    &HostStore,
-                    &engine.metrics,
-                );
+                engine.settle_retries(state, &mut response, now, &HostStore, &engine.metrics);
             }
             let decision = engine.on_response(state, now, &engine.metrics);
             if let Some(fault) = decision.fault {
@@ -637,6 +640,7 @@ impl Stream {
             let mut response = HostResponse {
                 status: state.response_status,
                 complete: self.response_complete,
+                headers: None,
             };
             engine.on_stream_end(state, &mut response, now, &HostStore, &engine.metrics);
         }
@@ -674,11 +678,19 @@ struct HostResponse {
     status: Option<u16>,
     /// The response ran to its end.
     complete: bool,
+    /// The response's headers, when they were read at once (the map wire form).
+    headers: Option<Vec<u8>>,
 }
 
 impl ResponseHeaders for HostResponse {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        abi::response_header(name)
+    fn header(&mut self, name: &str) -> Option<Cow<'_, [u8]>> {
+        match &self.headers {
+            Some(map) => HeaderPairs::new(map)
+                .find(|(found, _)| *found == name.as_bytes())
+                .and_then(|(_, value)| map.get(value))
+                .map(Cow::Borrowed),
+            None => abi::response_header(name).map(Cow::Owned),
+        }
     }
 }
 

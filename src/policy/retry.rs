@@ -30,7 +30,9 @@ use crate::state::SharedStore;
 
 /// Response headers, read one at a time from the host.
 pub trait ResponseHeaders {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>>;
+    /// A response header's value: borrowed from headers read once for the whole response, or a
+    /// buffer of its own read for this one.
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>>;
 }
 
 pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
