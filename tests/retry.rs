@@ -77,6 +77,7 @@ impl Retries for Worker {
         // Keep only what the tests look at, so the worker is free again.
         let owned = RetryHeaders {
             max_retries: headers.max_retries,
+            write_max_retries: headers.write_max_retries,
             retry_on: None,
             grpc_retry_on: None,
             per_try_timeout_ms: headers.per_try_timeout_ms,
@@ -449,6 +450,83 @@ fn retry_config_errors_name_their_paths() {
     assert_eq!(
         policy.grpc_retry_on.as_deref(),
         Some("unavailable,deadline-exceeded")
+    );
+}
+
+/// Issue 15: a request-header write makes Envoy match the route again. With the route's own
+/// retry policy, a request granted every retry needs no write at all; only a cut grant writes
+/// `x-envoy-max-retries`, and a client's own retry headers are removed either way.
+#[test]
+fn with_the_envoy_routes_policy_only_a_cut_grant_writes_a_header() {
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        &config(
+            r#"{"max_retries": 2, "retry_policy_from": "envoy_route",
+                "budget": {"ratio": 0, "min_per_second": 1, "window": "1s"}}"#,
+        ),
+        &store,
+    );
+    let policy = &worker.engine.config().retries[0];
+    assert!(policy.from_route);
+    assert_eq!(
+        (policy.retry_on.as_deref(), policy.per_try_timeout_ms),
+        (None, None)
+    );
+
+    // A ratio of 0 and a floor of 1 retry a second: the first request gets 1 retry of its 2.
+    let (first, _) = worker.grant(get("/"), T0, &store);
+    assert_eq!((first.max_retries, first.write_max_retries), (1, true));
+    assert_eq!(first.remove, 0);
+
+    // A roomier budget grants in full: nothing to write.
+    let store = FakeStore::new();
+    let mut worker = Worker::new(
+        &config(r#"{"max_retries": 2, "retry_policy_from": "envoy_route"}"#),
+        &store,
+    );
+    let (full, _) = worker.grant(get("/"), T0, &store);
+    assert_eq!((full.max_retries, full.write_max_retries), (2, false));
+    assert_eq!(
+        (full.retry_on, full.per_try_timeout_ms, full.remove),
+        (None, None, 0)
+    );
+
+    // A client's own retry headers go, all of them: none is written in their place.
+    let spoofed = get("/")
+        .header("x-envoy-max-retries", "10")
+        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-upstream-rq-per-try-timeout-ms", "1");
+    let (cleaned, _) = worker.grant(spoofed, T0, &store);
+    assert!(!cleaned.write_max_retries);
+    assert_eq!(cleaned.remove, 0b1011);
+
+    // A request the route must not retry (not idempotent) is cut to 0, in writing, and a
+    // client's x-envoy-max-retries is overwritten rather than removed.
+    let post = FakeRequest::http("POST", "/orders").header("x-envoy-max-retries", "10");
+    let (cut, _) = worker.grant(post, T0, &store);
+    assert_eq!(
+        (cut.max_retries, cut.write_max_retries, cut.remove),
+        (0, true, 0)
+    );
+}
+
+#[test]
+fn the_envoy_routes_policy_takes_no_conditions_of_seawalls() {
+    let errors = match compile(
+        config(
+            r#"{"retry_policy_from": "envoy_route", "retry_on": ["5xx"], "per_try_timeout": "1s"}"#,
+        )
+        .as_bytes(),
+    ) {
+        Ok(_) => panic!("expected the config to be refused"),
+        Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    };
+    assert_eq!(
+        errors,
+        [
+            r#"retries.api.retry_on: expected no "retry_on" with "retry_policy_from": "envoy_route": set it in the Envoy route's retry_policy"#,
+            r#"retries.api.per_try_timeout: expected no "per_try_timeout" with "retry_policy_from": "envoy_route": set it in the Envoy route's retry_policy"#,
+        ]
     );
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, Upstream};
+use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, RouteSpec, Upstream};
 
 const PLUGIN: &str = r#"{
     "retries": {
@@ -175,4 +175,55 @@ fn without_the_attempt_count_nothing_breaks_and_it_is_counted() {
     }
     assert_eq!(stat(&envoy, "budgeted.attempt_count_missing"), 5);
     assert_eq!(stat(&envoy, "budgeted.granted"), 10);
+}
+
+/// With `"retry_policy_from": "envoy_route"` the Envoy route carries the retry policy and seawall
+/// writes `x-envoy-max-retries` only to cut a grant: the budget still caps what a failing
+/// upstream sees across both workers, a request the policy must not retry (a POST) is tried
+/// once, and a healthy request costs no header write (the `hostcalls` scenario counts it).
+#[test]
+fn with_the_envoy_routes_retry_policy_the_budget_still_caps_the_attempts() {
+    let upstream = Upstream::start();
+    upstream.set_behaviour(Behaviour::ok().status(503));
+    let mut routed = RouteSpec::prefix("routed", "/routed", "upstream");
+    routed.route_extra = Some("retry_policy: {retry_on: 5xx, num_retries: 2}".to_owned());
+    let envoy = Envoy::start(
+        EnvoyConfig::new()
+            .concurrency(2)
+            .cluster("upstream", upstream.addr())
+            .route(routed)
+            .route(RouteSpec::prefix("default", "/", "upstream"))
+            .seawall(
+                r#"{"retries": {"routed": {"max_retries": 2, "retry_policy_from": "envoy_route",
+                                           "budget": {"ratio": 20, "min_per_second": 1, "window": "10s"}}},
+                    "routes": [{"name": "routed", "match": {"path": {"prefix": "/routed"}}, "retry": "routed"}]}"#,
+            ),
+    );
+    let addr = envoy.listener_addr();
+    let report = load(
+        addr,
+        LoadSpec::new(8, Duration::from_secs(3), |_| Request::get("/routed/item")),
+    );
+    let sent = report.sent();
+    let attempts = upstream.count_path("/routed/item");
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.count(503), sent, "{:?}", report.statuses);
+    let bound = sent + sent / 5 + 10;
+    eprintln!("[retry] envoy_route: {sent} requests, {attempts} attempts, bound {bound}");
+    assert!(attempts <= bound, "{attempts} attempts, bound {bound}");
+    assert!(
+        attempts > sent,
+        "the route's policy retried: {attempts} of {sent}"
+    );
+    assert_eq!(stat(&envoy, "routed.used"), attempts - sent);
+
+    // A POST is not idempotent: seawall writes x-envoy-max-retries: 0 over the route's 2.
+    let before = upstream.count_path("/routed/order");
+    let mut client = Client::connect(addr);
+    for _ in 0..10 {
+        let response = client.send(&Request::post("/routed/order")).unwrap();
+        assert_eq!(response.status, 503);
+    }
+    assert_eq!(upstream.count_path("/routed/order") - before, 10);
+    assert_eq!(stat(&envoy, "routed.not_idempotent"), 10);
 }

@@ -52,9 +52,10 @@ const MAX_RETRIES_LIMIT: u32 = 10;
 pub struct RawRetry {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
-    #[serde(default = "default_retry_on")]
-    pub retry_on: Vec<String>,
+    pub retry_on: Option<Vec<String>>,
     pub per_try_timeout: Option<TimeSpan>,
+    #[serde(default)]
+    pub retry_policy_from: RawRetryPolicyFrom,
     #[serde(default)]
     pub budget: RawBudget,
     #[serde(default = "default_methods")]
@@ -116,6 +117,17 @@ fn default_window() -> TimeSpan {
     TimeSpan::from_duration(core::time::Duration::from_secs(10))
 }
 
+/// Who tells Envoy's router what to retry.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawRetryPolicyFrom {
+    /// Seawall, with request headers on every request it grants retries to.
+    #[default]
+    Seawall,
+    /// The Envoy route's own `retry_policy`; seawall only lowers `x-envoy-max-retries`.
+    EnvoyRoute,
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RawRetryMode {
@@ -142,6 +154,10 @@ pub struct RetryPolicy {
     /// `x-envoy-retry-grpc-on`, joined, when gRPC conditions were given.
     pub grpc_retry_on: Option<String>,
     pub per_try_timeout_ms: Option<u64>,
+    /// The Envoy route carries the retry policy (`retry_on`, `num_retries` = `max_retries`, its
+    /// per-try timeout): seawall writes `x-envoy-max-retries` only to grant fewer, so a request
+    /// granted in full costs no header write (and no route-cache clear).
+    pub from_route: bool,
     /// `None` when the budget is off: every retryable request gets `max_retries`.
     pub budget: Option<Budget>,
     /// The budget's record in shared data.
@@ -171,8 +187,29 @@ pub fn compile(
             ),
         ));
     }
+    let from_route = raw.retry_policy_from == RawRetryPolicyFrom::EnvoyRoute;
+    if from_route {
+        for (field, given) in [
+            ("retry_on", raw.retry_on.is_some()),
+            ("per_try_timeout", raw.per_try_timeout.is_some()),
+        ] {
+            if given {
+                errors.push(ConfigError::invalid(
+                    child(path, field),
+                    format!(
+                        "expected no \"{field}\" with \"retry_policy_from\": \"envoy_route\": set it in the Envoy route's retry_policy"
+                    ),
+                ));
+            }
+        }
+    }
+    let retry_on = match (&raw.retry_on, from_route) {
+        (Some(conditions), _) => conditions.clone(),
+        (None, false) => default_retry_on(),
+        (None, true) => Vec::new(),
+    };
     let (mut http, mut grpc) = (Vec::new(), Vec::new());
-    for (position, condition) in raw.retry_on.iter().enumerate() {
+    for (position, condition) in retry_on.iter().enumerate() {
         if HTTP_CONDITIONS.contains(&condition.as_str()) {
             http.push(condition.as_str());
         } else if GRPC_CONDITIONS.contains(&condition.as_str()) {
@@ -188,7 +225,7 @@ pub fn compile(
             ));
         }
     }
-    if raw.retry_on.is_empty() {
+    if retry_on.is_empty() && !from_route {
         errors.push(ConfigError::invalid(
             child(path, "retry_on"),
             "expected at least one condition",
@@ -263,6 +300,7 @@ pub fn compile(
         retry_on: (!http.is_empty()).then(|| http.join(",")),
         grpc_retry_on: (!grpc.is_empty()).then(|| grpc.join(",")),
         per_try_timeout_ms,
+        from_route,
         budget: raw.budget.enabled.then(|| Budget {
             ratio_ppm: raw.budget.ratio.ppm(),
             floor: u32::try_from(floor).unwrap_or(u32::MAX),

@@ -69,8 +69,10 @@ pub struct RetryTicket {
 /// The retry headers to set on a request, overwriting whatever the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryHeaders<'a> {
-    /// `x-envoy-max-retries`.
+    /// The retries granted: `x-envoy-max-retries`, written when `write_max_retries`.
     pub max_retries: u32,
+    /// False when the Envoy route's own retry policy already allows exactly `max_retries`.
+    pub write_max_retries: bool,
     /// `x-envoy-retry-on`.
     pub retry_on: Option<&'a str>,
     /// `x-envoy-retry-grpc-on`.

@@ -261,21 +261,6 @@ impl Engine {
         let runtime = self.retries.get(index)?;
         let counters = &runtime.counters;
         metrics.increment(counters.requests, 1);
-        let set = [
-            true,
-            policy.retry_on.is_some(),
-            policy.grpc_retry_on.is_some(),
-            policy.per_try_timeout_ms.is_some(),
-            false,
-            false,
-            false,
-        ];
-        let mut remove = 0u8;
-        for (bit, (&id, set)) in policy.client_headers.iter().zip(set).enumerate() {
-            if !set && request.get(id).is_some() {
-                remove |= 1 << bit;
-            }
-        }
         let method = request.get(policy.method).unwrap_or_default();
         let retryable = policy.methods.iter().any(|m| m.as_slice() == method)
             || policy
@@ -354,8 +339,26 @@ impl Engine {
                 lease: 0,
             });
         }
+        // With the Envoy route's policy, a grant in full needs no header at all.
+        let write_max_retries = !policy.from_route || max_retries < policy.max_retries;
+        let set = [
+            write_max_retries,
+            policy.retry_on.is_some(),
+            policy.grpc_retry_on.is_some(),
+            policy.per_try_timeout_ms.is_some(),
+            false,
+            false,
+            false,
+        ];
+        let mut remove = 0u8;
+        for (bit, (&id, set)) in policy.client_headers.iter().zip(set).enumerate() {
+            if !set && request.get(id).is_some() {
+                remove |= 1 << bit;
+            }
+        }
         Some(RetryHeaders {
             max_retries,
+            write_max_retries,
             retry_on: policy.retry_on.as_deref(),
             grpc_retry_on: policy.grpc_retry_on.as_deref(),
             per_try_timeout_ms: policy.per_try_timeout_ms,

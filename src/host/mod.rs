@@ -651,10 +651,12 @@ impl Stream {
 /// can retry beyond the budget.
 fn set_retry_headers(retry: &RetryHeaders<'_>) {
     let [max_retries, retry_on, grpc_retry_on, per_try_timeout, ..] = CLIENT_RETRY_HEADERS;
-    abi::replace_request_header(
-        max_retries,
-        Decimal::new(u64::from(retry.max_retries)).as_bytes(),
-    );
+    if retry.write_max_retries {
+        abi::replace_request_header(
+            max_retries,
+            Decimal::new(u64::from(retry.max_retries)).as_bytes(),
+        );
+    }
     if let Some(conditions) = retry.retry_on {
         abi::replace_request_header(retry_on, conditions.as_bytes());
     }
