@@ -48,8 +48,8 @@ impl ResponseFacts for Ok200 {
 }
 
 impl ResponseHeaders for Ok200 {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        (name == "x-envoy-attempt-count").then(|| b"1".to_vec())
+    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        (name == "x-envoy-attempt-count").then_some(std::borrow::Cow::Borrowed(&b"1"[..]))
     }
 }
 
