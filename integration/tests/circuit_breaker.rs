@@ -383,3 +383,55 @@ fn each_upstream_cluster_has_its_own_breaker() {
     assert_eq!(stats.seawall(&format!("{CB}.open")), 1);
     assert_eq!(stats.seawall(&format!("{CB}.successes")), 5);
 }
+
+/// Issue 15: closed-state successes are tallied on each worker and reach the shared window on
+/// the worker's tick. Once the ticks have passed, a failure is judged on every worker's
+/// successes: with 30 successes on each of the four workers and a 50% failure rate, the breaker
+/// opens at exactly the 120th failure, as it did when every success was written at once.
+#[test]
+fn successes_tallied_on_every_worker_count_in_full_once_a_tick_has_passed() {
+    let upstream = Upstream::start();
+    let envoy = guarded(
+        &upstream,
+        r#"{"circuit_breakers": {"payments": {"open_when": {"failure_rate": 50, "min_requests": 20, "window": "30s"},
+                                              "open_for": "30s"}},
+            "routes": [{"name": "pay", "circuit_breaker": "payments"}]}"#,
+    );
+    let mut clients = envoy.client_per_worker();
+    for client in clients.iter_mut() {
+        for _ in 0..30 {
+            assert_eq!(client.send(&Request::get("/pay/ok")).unwrap().status, 200);
+        }
+    }
+    // Counted at stream end; `stats()` then waits for every worker's next ticks, which write the
+    // tallies before they flush the metrics.
+    wait_for(&envoy, "successes", 120);
+    let stats = envoy.stats();
+    let tallied = stats.seawall(&format!("{CB}.tallied_successes"));
+    eprintln!(
+        "[breaker] 120 successes on 4 workers, {tallied} of them tallied and written on a tick"
+    );
+    assert!(tallied > 0, "successes on a quiet breaker were tallied");
+
+    upstream.set_behaviour(Behaviour::ok().status(503));
+    let client = &mut clients[0];
+    let mut failures = 0;
+    loop {
+        let response = client.send(&Request::get("/pay/fail")).unwrap();
+        if refused_as_open(&response) {
+            break;
+        }
+        assert_eq!(response.status, 503);
+        failures += 1;
+        assert!(failures <= 200, "the breaker never opened");
+    }
+    assert_eq!(
+        upstream.count_path("/pay/fail"),
+        failures,
+        "the upstream served exactly the failures seawall let through"
+    );
+    assert_eq!(
+        failures, 120,
+        "50% of 120 successes and n failures first holds at n = 120"
+    );
+}

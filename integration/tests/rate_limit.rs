@@ -85,6 +85,52 @@ fn a_global_limit_holds_exactly_across_four_workers() {
     );
 }
 
+/// Issue 15: a bucket with ample tokens is leased to the workers in batches, and the limit still
+/// holds exactly: a flood drains the burst through leases, then the refill is decided in shared
+/// data token by token, and the upstream sees burst + rate over its window.
+#[test]
+fn a_leased_bucket_still_admits_exactly_burst_plus_rate_across_four_workers() {
+    let upstream = Upstream::start();
+    let envoy = limited(
+        &upstream,
+        r#"{"rate_limits": {"global": {"rate": "400/s", "burst": 2000}}, "routes": [{"name": "all", "rate_limits": ["global"]}]}"#,
+    );
+    let report = load(
+        envoy.listener_addr(),
+        LoadSpec::new(8, Duration::from_secs(4), |_| Request::get("/flood")),
+    );
+    let accepted = report.count(200);
+    let window = span(upstream.arrival_window("/flood"));
+    let expected = 2000.0 + 400.0 * window;
+    let wall = report.elapsed.as_secs_f64();
+    let ceiling = (2000.0 + 400.0 * wall).floor() as u64 + 1;
+    let stats = envoy.stats();
+    let leases = stats.seawall("seawall.rate_limit.global.leases");
+    let leased = stats.seawall("seawall.rate_limit.global.leased_tokens");
+    let returned = stats.seawall("seawall.rate_limit.global.lease_tokens_returned");
+    eprintln!(
+        "[rate-limit] leased bucket: {} requests; upstream window {window:.3} s: {accepted} accepted (expected {expected:.0} ± 3%, ceiling {ceiling}); {leases} leases of {leased} tokens, {returned} returned",
+        report.sent()
+    );
+    assert_eq!(report.errors, 0);
+    assert!(
+        report.count(429) > 1000,
+        "the load must flood: {:?}",
+        report.statuses
+    );
+    assert!(leases > 0, "an ample bucket was leased");
+    assert!(
+        (accepted as f64 - expected).abs() <= expected * 0.03,
+        "{accepted} accepted, expected {expected:.0} ± 3% (burst 2000 + 400/s over the upstream's {window:.3} s)"
+    );
+    assert!(
+        accepted <= ceiling,
+        "{accepted} accepted, ceiling {ceiling}"
+    );
+    assert_eq!(upstream.total(), accepted);
+    assert_eq!(stats.seawall("seawall.rate_limit.global.allowed"), accepted);
+}
+
 #[test]
 fn two_keys_keep_their_quota_while_a_third_floods() {
     let upstream = Upstream::start();
