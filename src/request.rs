@@ -13,6 +13,8 @@
 
 use core::fmt;
 
+pub use crate::wire::{encode_header_map, HeaderPairs};
+
 /// Something about a request that a route or a policy can look at.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Attribute {
@@ -211,91 +213,6 @@ impl Scratch {
             Slot::Absent | Slot::Unread => None,
         }
     }
-}
-
-/// The pairs of a header map in proxy-wasm's wire form: a little-endian `u32` count, then a
-/// `u32` name length and a `u32` value length per pair, then each name and value followed by a
-/// NUL. Yields each pair's name and the value's byte range in the buffer; stops at the first
-/// length that runs past the end, so a malformed buffer yields what it holds and no more.
-pub struct HeaderPairs<'b> {
-    buffer: &'b [u8],
-    remaining: usize,
-    /// Where the next pair's two lengths are.
-    lengths_at: usize,
-    /// Where the next pair's name starts.
-    data_at: usize,
-}
-
-impl<'b> HeaderPairs<'b> {
-    pub fn new(buffer: &'b [u8]) -> Self {
-        let count = read_u32(buffer, 0).map_or(0, |n| n as usize);
-        // A count the buffer cannot hold is malformed: nothing is read from it.
-        let lengths_end = count
-            .checked_mul(8)
-            .and_then(|n| n.checked_add(4))
-            .filter(|&end| end <= buffer.len());
-        match lengths_end {
-            Some(data_at) => HeaderPairs {
-                buffer,
-                remaining: count,
-                lengths_at: 4,
-                data_at,
-            },
-            None => HeaderPairs {
-                buffer,
-                remaining: 0,
-                lengths_at: 0,
-                data_at: 0,
-            },
-        }
-    }
-}
-
-fn read_u32(buffer: &[u8], at: usize) -> Option<u32> {
-    let bytes = buffer.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-}
-
-impl<'b> Iterator for HeaderPairs<'b> {
-    type Item = (&'b [u8], core::ops::Range<usize>);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.remaining == 0 {
-            return None;
-        }
-        self.remaining -= 1;
-        let name_len = read_u32(self.buffer, self.lengths_at)? as usize;
-        let value_len = read_u32(self.buffer, self.lengths_at + 4)? as usize;
-        self.lengths_at += 8;
-        let name_end = self.data_at.checked_add(name_len)?;
-        let value_start = name_end.checked_add(1)?;
-        let value_end = value_start.checked_add(value_len)?;
-        if value_end >= self.buffer.len() {
-            self.remaining = 0;
-            return None;
-        }
-        let name = self.buffer.get(self.data_at..name_end)?;
-        self.data_at = value_end + 1;
-        Some((name, value_start..value_end))
-    }
-}
-
-/// Encodes `pairs` in the header map wire form [`HeaderPairs`] reads: for tests and fakes.
-pub fn encode_header_map<'p>(pairs: impl Iterator<Item = (&'p [u8], &'p [u8])> + Clone) -> Vec<u8> {
-    let mut out = Vec::new();
-    let count = pairs.clone().count() as u32;
-    out.extend_from_slice(&count.to_le_bytes());
-    for (name, value) in pairs.clone() {
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    }
-    for (name, value) in pairs {
-        out.extend_from_slice(name);
-        out.push(0);
-        out.extend_from_slice(value);
-        out.push(0);
-    }
-    out
 }
 
 /// One request's attributes, read lazily and at most once each.

@@ -575,3 +575,26 @@ fn settings_that_cannot_work_are_refused_with_their_paths() {
         ["degradation.d.admission_control.max_reject: expected a percentage below 100 (at 100 nothing reaches the upstream, so nothing shows it has recovered), got 100"]
     );
 }
+
+#[test]
+fn rate_limit_headers_come_in_three_or_in_one_or_not_at_all() {
+    use seawall::config::rate_limit::RateLimitHeaderForm;
+    let form = |fields: &str| {
+        let json = format!(
+            r#"{{"rate_limits": {{"r": {{"rate": "1/s"{fields}}}}}, "routes": [{{"name": "a", "rate_limits": ["r"]}}]}}"#
+        );
+        compile(json.as_bytes()).unwrap().rate_limits[0].response_headers
+    };
+    assert_eq!(form(""), Some(RateLimitHeaderForm::Separate));
+    assert_eq!(
+        form(r#", "response_header_form": "combined""#),
+        Some(RateLimitHeaderForm::Combined)
+    );
+    assert_eq!(form(r#", "response_headers": false"#), None);
+    let found =
+        errors(r#"{"rate_limits": {"r": {"rate": "1/s", "response_header_form": "draft-8"}}}"#);
+    assert!(
+        found[0].starts_with("rate_limits.r.response_header_form: unknown variant `draft-8`"),
+        "{found:?}"
+    );
+}

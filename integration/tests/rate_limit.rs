@@ -131,6 +131,42 @@ fn a_leased_bucket_still_admits_exactly_burst_plus_rate_across_four_workers() {
     assert_eq!(stats.seawall("seawall.rate_limit.global.allowed"), accepted);
 }
 
+/// `"response_header_form": "combined"` writes the bucket's state as one `RateLimit` header, on
+/// admitted responses and on the 429 alike, and none of the three separate ones.
+#[test]
+fn the_combined_form_is_one_ratelimit_header_on_admissions_and_refusals() {
+    let upstream = Upstream::start();
+    let envoy = limited(
+        &upstream,
+        r#"{"rate_limits": {"global": {"rate": "1/m", "burst": 2, "response_header_form": "combined"}},
+            "routes": [{"name": "all", "rate_limits": ["global"]}]}"#,
+    );
+    let mut client = Client::connect(envoy.listener_addr());
+    let first = client.send(&Request::get("/x")).unwrap();
+    let second = client.send(&Request::get("/x")).unwrap();
+    let refused = client.send(&Request::get("/x")).unwrap();
+    assert_eq!(
+        (first.status, second.status, refused.status),
+        (200, 200, 429)
+    );
+    assert_eq!(
+        first.header("ratelimit"),
+        Some("limit=2, remaining=1, reset=60")
+    );
+    assert_eq!(
+        second.header("ratelimit"),
+        Some("limit=2, remaining=0, reset=120")
+    );
+    let value = refused.header("ratelimit").unwrap();
+    assert!(value.starts_with("limit=2, remaining=0, reset="), "{value}");
+    for response in [&first, &second, &refused] {
+        for separate in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+            assert_eq!(response.header(separate), None, "{separate}");
+        }
+    }
+    assert_eq!(upstream.total(), 2);
+}
+
 #[test]
 fn two_keys_keep_their_quota_while_a_third_floods() {
     let upstream = Upstream::start();

@@ -39,7 +39,20 @@ pub struct RawRateLimit {
     #[serde(default = "default_true")]
     pub response_headers: bool,
     #[serde(default)]
+    pub response_header_form: RateLimitHeaderForm,
+    #[serde(default)]
     pub on_limit: RawReply<429>,
+}
+
+/// How a bucket's state is written on responses.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitHeaderForm {
+    /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`: three header writes.
+    #[default]
+    Separate,
+    /// One `RateLimit: limit=…, remaining=…, reset=…` (the IETF draft's later form): one write.
+    Combined,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -76,7 +89,8 @@ pub struct RateLimitPolicy {
     pub buckets: Buckets,
     pub mode: Mode,
     pub failure_mode: FailureMode,
-    pub response_headers: bool,
+    /// `None`: no `RateLimit` headers.
+    pub response_headers: Option<RateLimitHeaderForm>,
     pub on_limit: Reply,
 }
 
@@ -151,7 +165,7 @@ pub fn compile(
             RawFailureMode::Open => FailureMode::Open,
             RawFailureMode::Closed => FailureMode::Closed,
         },
-        response_headers: raw.response_headers,
+        response_headers: raw.response_headers.then_some(raw.response_header_form),
         on_limit,
     })
 }

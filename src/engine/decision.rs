@@ -126,6 +126,8 @@ pub struct RateLimitStatus {
     pub remaining: u32,
     /// `RateLimit-Reset`: until the bucket is full again.
     pub reset: Duration,
+    /// Three headers, or one.
+    pub form: crate::config::rate_limit::RateLimitHeaderForm,
 }
 
 impl RateLimitStatus {

@@ -179,6 +179,7 @@ impl RateLimitRuntime {
             limit: gcra.burst(),
             remaining,
             reset: full_in,
+            form: Default::default(),
         };
         Some((status, lease.epoch))
     }
@@ -371,8 +372,9 @@ impl Engine {
                         limit: gcra.burst(),
                         remaining,
                         reset: full_in,
+                        form: policy.response_headers.unwrap_or_default(),
                     };
-                    if policy.response_headers
+                    if policy.response_headers.is_some()
                         && status.is_none_or(|s| candidate.remaining < s.remaining)
                     {
                         status = Some(candidate);
@@ -397,10 +399,11 @@ impl Engine {
                 limit: gcra.burst(),
                 remaining: 0,
                 reset: full_in,
+                form: policy.response_headers.unwrap_or_default(),
             };
             if policy.mode == Mode::Shadow {
                 metrics.increment(runtime.shadow_limited, 1);
-                if policy.response_headers {
+                if policy.response_headers.is_some() {
                     status = Some(limited);
                 }
                 continue;
@@ -415,7 +418,7 @@ impl Engine {
                 headers: &policy.on_limit.headers,
                 retry_after: Some(retry_in),
                 grpc_status: grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
-                rate_limit: policy.response_headers.then_some(limited),
+                rate_limit: policy.response_headers.is_some().then_some(limited),
             });
         }
         Ok(status)

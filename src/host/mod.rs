@@ -19,6 +19,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel as SdkLogLevel};
 
 use crate::clock::Timestamp;
 use crate::config;
+use crate::config::rate_limit::RateLimitHeaderForm::Combined;
 use crate::config::retry::CLIENT_RETRY_HEADERS;
 use crate::engine::{
     Engine, LocalReplies, LocalReply, Reroute, RetryHeaders, StreamState, Verdict,
@@ -31,7 +32,10 @@ use crate::policy::circuit_breaker::ResponseFacts;
 use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, HeaderPairs, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
-use crate::wire::{Decimal, ReplyBuffer, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
+use crate::wire::{
+    CombinedRateLimit, Decimal, ReplyBuffer, RATELIMIT, RATELIMIT_LIMIT, RATELIMIT_REMAINING,
+    RATELIMIT_RESET,
+};
 
 proxy_wasm::main! {{
     // Installs the SDK's `log` backend, which forwards every record to Envoy's log.
@@ -302,9 +306,21 @@ impl RootContext for Root {
         }))
     }
 
-    /// Resumes the delayed requests that are due. They are taken out of the queue first, so
-    /// that resuming (which can run other callbacks of the stream) never finds the queue borrowed.
+    /// The tick's host calls are counted apart in counting builds (`hostcall_count::on_tick`).
     fn on_tick(&mut self) {
+        hostcall_count::on_tick(|| self.tick());
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// Resumes the delayed requests that are due, then does the worker's periodic work. Due
+    /// requests are taken out of the queue first, so that resuming (which can run other callbacks
+    /// of the stream) never finds the queue borrowed.
+    fn tick(&mut self) {
         let now = Timestamp::from_nanos(abi::now_nanos());
         loop {
             let due = {
@@ -340,12 +356,6 @@ impl RootContext for Root {
         }
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-impl Root {
     /// The worker's tick: settles the config's worker-local state, shares the degradation
     /// tally, reads the level back, sends the probes the lease holder owes, and hands the batched
     /// metric updates to Envoy.
@@ -569,7 +579,14 @@ impl HttpContext for Stream {
             if let Some(level) = decision.degraded {
                 abi::add_response_header(DEGRADED_HEADER, level.as_bytes());
             }
-            if let Some(status) = decision.rate_limit {
+            if let Some(status) = decision.rate_limit.filter(|s| s.form == Combined) {
+                let value = CombinedRateLimit::new(
+                    u64::from(status.limit),
+                    u64::from(status.remaining),
+                    status.reset_seconds(),
+                );
+                abi::add_response_header(RATELIMIT, value.as_bytes());
+            } else if let Some(status) = decision.rate_limit {
                 abi::add_response_header(
                     RATELIMIT_LIMIT,
                     Decimal::new(u64::from(status.limit)).as_bytes(),

@@ -889,6 +889,15 @@ fn breakdown(tools: &Tools, plan: &Plan) -> Result<Vec<(&'static str, f64)>, Str
             )),
         ),
         (
+            // Against the row above: what the two retry request-header writes cost, the route
+            // match Envoy makes again after them included.
+            "seawall, retry budget, conditions in the Envoy route (no header write)",
+            Some(one_route(
+                r#", "retry": "budgeted""#,
+                r#""retries": {"budgeted": {"max_retries": 2, "retry_policy_from": "envoy_route"}},"#,
+            )),
+        ),
+        (
             "seawall, fault (0%)",
             Some(one_route(
                 r#", "faults": ["never"]"#,
@@ -905,6 +914,13 @@ fn breakdown(tools: &Tools, plan: &Plan) -> Result<Vec<(&'static str, f64)>, Str
         (
             "seawall, all policies (variant 5)",
             Some(ALL_POLICIES.to_owned()),
+        ),
+        (
+            "seawall, all policies, retries from the Envoy route",
+            Some(ALL_POLICIES.replace(
+                r#""retry_on": ["5xx", "reset", "connect-failure"]"#,
+                r#""retry_policy_from": "envoy_route""#,
+            )),
         ),
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
