@@ -482,16 +482,41 @@ fn fault_injection_allocates_only_the_host_buffers() {
 }
 
 /// Response headers as the host hands them out: one buffer per header found.
-struct Headers {
+struct Answer {
+    status: &'static [u8],
+    attempts: &'static [u8],
+    retry_after: Option<&'static [u8]>,
     reads: u64,
 }
 
-impl seawall::policy::retry::ResponseHeaders for Headers {
+impl Answer {
+    /// A 503 after two attempts, pushing back for a second.
+    fn failed() -> Self {
+        Answer {
+            status: b"503",
+            attempts: b"2",
+            retry_after: Some(b"1"),
+            reads: 0,
+        }
+    }
+
+    /// A healthy response: one attempt, nothing retried, no push-back.
+    fn healthy() -> Self {
+        Answer {
+            status: b"200",
+            attempts: b"1",
+            retry_after: None,
+            reads: 0,
+        }
+    }
+}
+
+impl seawall::policy::retry::ResponseHeaders for Answer {
     fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         let value: &[u8] = match name {
-            ":status" => b"503",
-            "x-envoy-attempt-count" => b"2",
-            "retry-after" => b"1",
+            ":status" => self.status,
+            "x-envoy-attempt-count" => self.attempts,
+            "retry-after" => self.retry_after?,
             _ => return None,
         };
         self.reads += 1;
@@ -521,7 +546,7 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
             ],
             handed_out: 0,
         };
-        let mut headers = Headers { reads: 0 };
+        let mut headers = Answer::failed();
         let before = allocations();
         let decision = {
             let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
@@ -540,23 +565,6 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
     }
     assert!(metrics.value("seawall.retry.api.used").unwrap() > 0);
     assert!(metrics.value("seawall.retry.api.pushed_back").unwrap() > 0);
-}
-
-/// A healthy response: one attempt, nothing retried, no push-back.
-struct Healthy {
-    reads: u64,
-}
-
-impl seawall::policy::retry::ResponseHeaders for Healthy {
-    fn header(&mut self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
-        let value: &[u8] = match name {
-            ":status" => b"200",
-            "x-envoy-attempt-count" => b"1",
-            _ => return None,
-        };
-        self.reads += 1;
-        Some(std::borrow::Cow::Owned(value.to_vec()))
-    }
 }
 
 /// The worker-local path: grants from a leased allowance, unused grants back to it, deposits
@@ -583,7 +591,7 @@ fn retry_grants_from_the_allowance_and_the_tick_allocate_only_the_host_buffers()
             values: vec![(Attribute::method(), method.to_vec())],
             handed_out: 0,
         };
-        let mut headers = Healthy { reads: 0 };
+        let mut headers = Answer::healthy();
         let before = allocations();
         let decision = {
             let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);

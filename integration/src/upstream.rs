@@ -252,8 +252,15 @@ impl Upstream {
             .sum()
     }
 
+    /// Every request received, as recorded. A scenario that sent more than `MAX_RECORDED` would
+    /// read an incomplete record: that fails here rather than as a wrong count later.
     pub fn received(&self) -> Vec<Received> {
-        self.shared.record.lock().unwrap().received.clone()
+        let record = self.shared.record.lock().unwrap();
+        assert_eq!(
+            record.unrecorded, 0,
+            "the upstream recorded only the first {MAX_RECORDED} requests: pace the load or count with total()/count_path()"
+        );
+        record.received.clone()
     }
 
     /// When the requests `keep` selects arrived, in order: the upstream's own clock, which is

@@ -101,8 +101,14 @@ fn a_slow_upstream_degrades_the_level_and_sheds_low_priority_while_critical_traf
         )
     };
 
-    // Healthy: both classes reach the upstream.
-    let calm = load(addr, LoadSpec::new(4, Duration::from_millis(1500), mixed));
+    // Healthy: both classes reach the upstream. Paced, so the upstream records every request.
+    let calm = load(
+        addr,
+        LoadSpec {
+            rate: Some(2000.0),
+            ..LoadSpec::new(4, Duration::from_millis(1500), mixed)
+        },
+    );
     assert_eq!(calm.count(200), calm.sent(), "{:?}", calm.statuses);
     assert_eq!(stat(&envoy, "level"), 0);
     assert!(upstream.received_with_header("x-priority").len() as u64 >= calm.sent());

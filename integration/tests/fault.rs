@@ -239,6 +239,9 @@ fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_sl
                         .unwrap();
                     assert_eq!(response.status, 200);
                     sent += 1;
+                    // Paced, so the upstream records every request: at most 40 clients × 200/s
+                    // × 2 s = 16,000, under its 20,000. Still far more clients than slots.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 sent
             })

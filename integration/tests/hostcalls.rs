@@ -23,37 +23,14 @@ const KINDS: [&str; 10] = [
     "other",
 ];
 
-/// The bench's config with every policy on one route, none of them triggering.
-const ALL_FIVE: &str = r#"{
-  "name": "bench",
-  "rate_limits": {"global": {"rate": "100000000/s", "burst": 100000000}},
-  "circuit_breakers": {"upstream": {"open_when": {"consecutive_failures": 1000000, "failure_rate": 99, "min_requests": 1000000}}},
-  "retries": {"budgeted": {"max_retries": 2, "retry_on": ["5xx", "reset", "connect-failure"]}},
-  "faults": {"never": {"abort": {"percent": 0}, "delay": {"fixed": "100ms", "percent": 0}}},
-  "degradation": {"health": {"priority": {"header": "x-priority"},
-                             "levels": [{"name": "degraded", "enter": {"failure_rate": 90, "p95_latency": "5s"},
-                                         "shed_below": "normal"}]}},
-  "routes": [{"name": "bench", "match": {"path": {"prefix": "/bench"}}, "rate_limits": ["global"],
-              "circuit_breaker": "upstream", "retry": "budgeted", "faults": ["never"],
-              "degradation": "health"}]
-}"#;
-
-/// The same, with the retries' conditions in the Envoy route's own retry policy: seawall writes
-/// no request header for a request it grants every retry to.
-fn all_five_with_the_routes_retry_policy() -> String {
-    ALL_FIVE.replace(
-        r#""retry_on": ["5xx", "reset", "connect-failure"]"#,
-        r#""retry_policy_from": "envoy_route""#,
-    )
-}
-
-/// The same again, with the rate limit's state in one `RateLimit` header instead of three.
-fn all_five_with_both_opt_ins() -> String {
-    all_five_with_the_routes_retry_policy().replace(
-        r#""burst": 100000000}"#,
-        r#""burst": 100000000, "response_header_form": "combined"}"#,
-    )
-}
+/// The bench's configs (`cargo xtask bench` runs the same files): every policy on one route,
+/// none of them triggering; the same with the retries' conditions in the Envoy route's own retry
+/// policy (no request header for a request granted every retry); and the same again with one
+/// `RateLimit` header instead of three.
+const ALL_FIVE: &str = include_str!("../../bench/configs/all-five.json");
+const ALL_FIVE_ROUTE_RETRIES: &str =
+    include_str!("../../bench/configs/all-five-route-retries.json");
+const ALL_FIVE_LEAN: &str = include_str!("../../bench/configs/all-five-lean.json");
 
 const ROUTE_ONLY: &str =
     r#"{"name": "bench", "routes": [{"name": "bench", "match": {"path": {"prefix": "/bench"}}}]}"#;
@@ -162,14 +139,12 @@ fn host_calls_per_request_stay_a_handful_with_every_policy_on_the_route() {
     show("one global rate limit", &one_limit);
     let all_five = per_request(ALL_FIVE);
     show("all five policies, none triggering", &all_five);
-    let routed_retries = all_five_with_the_routes_retry_policy();
-    let all_five_routed = per_request(&routed_retries);
+    let all_five_routed = per_request(ALL_FIVE_ROUTE_RETRIES);
     show(
         "all five, retries from the Envoy route's policy",
         &all_five_routed,
     );
-    let both = all_five_with_both_opt_ins();
-    let all_five_lean = per_request(&both);
+    let all_five_lean = per_request(ALL_FIVE_LEAN);
     show(
         "all five, the route's retry policy and one RateLimit header",
         &all_five_lean,

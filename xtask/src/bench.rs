@@ -38,20 +38,14 @@ const URL: &str = "http://127.0.0.1:19000/bench/item";
 /// Requests the main listener's connection manager finished: counted by Envoy, not the client.
 const SERVED: &str = "http.main.downstream_rq_completed";
 
-/// Seawall with every policy of this build on the request path, none of them triggering.
-const ALL_POLICIES: &str = r#"{
-  "name": "bench",
-  "rate_limits": {"global": {"rate": "100000000/s", "burst": 100000000}},
-  "circuit_breakers": {"upstream": {"open_when": {"consecutive_failures": 1000000, "failure_rate": 99, "min_requests": 1000000}}},
-  "retries": {"budgeted": {"max_retries": 2, "retry_on": ["5xx", "reset", "connect-failure"]}},
-  "faults": {"never": {"abort": {"percent": 0}, "delay": {"fixed": "100ms", "percent": 0}}},
-  "degradation": {"health": {"priority": {"header": "x-priority"},
-                             "levels": [{"name": "degraded", "enter": {"failure_rate": 90, "p95_latency": "5s"},
-                                         "shed_below": "normal"}]}},
-  "routes": [{"name": "bench", "match": {"path": {"prefix": "/bench"}}, "rate_limits": ["global"],
-              "circuit_breaker": "upstream", "retry": "budgeted", "faults": ["never"],
-              "degradation": "health"}]
-}"#;
+/// Seawall with every policy of this build on the request path, none of them triggering; the
+/// real-Envoy `hostcalls` scenario counts the same configs.
+const ALL_POLICIES: &str = include_str!("../../bench/configs/all-five.json");
+/// The same, with the retries' conditions in the Envoy route's retry policy.
+const ALL_POLICIES_ROUTE_RETRIES: &str =
+    include_str!("../../bench/configs/all-five-route-retries.json");
+/// The same again, with one combined `RateLimit` header.
+const ALL_POLICIES_LEAN: &str = include_str!("../../bench/configs/all-five-lean.json");
 
 /// Which policies [`ALL_POLICIES`] holds, for the report.
 const ALL_POLICIES_HOLDS: &str =
@@ -761,22 +755,17 @@ impl HostcallRow {
 fn host_calls(tools: &Tools, plan: &Plan) -> Result<Vec<HostcallRow>, String> {
     const PREFIX: &str = "wasmcustom.seawall.";
     let settle = || thread::sleep(Duration::from_millis(300));
-    let routed = ALL_POLICIES.replace(
-        r#""retry_on": ["5xx", "reset", "connect-failure"]"#,
-        r#""retry_policy_from": "envoy_route""#,
-    );
-    let lean = routed.replace(
-        r#""burst": 100000000}"#,
-        r#""burst": 100000000, "response_header_form": "combined"}"#,
-    );
     let configs = [
         ("a route, no policy", route_only()),
         ("one global rate limit", one_rate_limit()),
         ("all five policies", ALL_POLICIES.to_owned()),
-        ("all five, retries from the Envoy route", routed),
+        (
+            "all five, retries from the Envoy route",
+            ALL_POLICIES_ROUTE_RETRIES.to_owned(),
+        ),
         (
             "all five, the route's retries and one RateLimit header",
-            lean,
+            ALL_POLICIES_LEAN.to_owned(),
         ),
     ];
     let mut rows = Vec::new();
@@ -941,24 +930,11 @@ fn breakdown(tools: &Tools, plan: &Plan) -> Result<Vec<(&'static str, f64)>, Str
         ),
         (
             "seawall, all policies, retries from the Envoy route",
-            Some(ALL_POLICIES.replace(
-                r#""retry_on": ["5xx", "reset", "connect-failure"]"#,
-                r#""retry_policy_from": "envoy_route""#,
-            )),
+            Some(ALL_POLICIES_ROUTE_RETRIES.to_owned()),
         ),
         (
             "seawall, all policies, retries from the Envoy route, one RateLimit header",
-            Some(
-                ALL_POLICIES
-                    .replace(
-                        r#""retry_on": ["5xx", "reset", "connect-failure"]"#,
-                        r#""retry_policy_from": "envoy_route""#,
-                    )
-                    .replace(
-                        r#""burst": 100000000}"#,
-                        r#""burst": 100000000, "response_header_form": "combined"}"#,
-                    ),
-            ),
+            Some(ALL_POLICIES_LEAN.to_owned()),
         ),
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
