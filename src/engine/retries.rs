@@ -226,6 +226,30 @@ impl Local {
         self.pending.set(Window::EMPTY);
         self.pushed_back_until.set(got.pushed_back_until);
     }
+
+    /// A write that asks for nothing back (tallies, a refund, a push-back): the races it lost
+    /// and how it failed are counted; what it carried has landed when it succeeds.
+    #[allow(clippy::too_many_arguments)]
+    fn write_tallies(
+        &self,
+        budget: &retry::Budget,
+        key: &str,
+        ask: &Exchange,
+        now: Timestamp,
+        store: &impl SharedStore,
+        counters: &RetryMetrics,
+        metrics: &impl MetricSink,
+    ) {
+        let (got, races) = retry::exchange(budget, store, key, ask, now.as_nanos());
+        if races > 0 {
+            metrics.increment(counters.cas_retries, i64::from(races));
+        }
+        match got {
+            Ok(got) => self.landed(&got),
+            Err(UpdateError::Exhausted { .. }) => metrics.increment(counters.cas_exhausted, 1),
+            Err(UpdateError::Store(_)) => metrics.increment(counters.store_errors, 1),
+        }
+    }
 }
 
 impl Engine {
@@ -545,16 +569,8 @@ impl Engine {
             push_back: pushed_back_until,
             ..Exchange::NOTHING
         };
-        let (got, races) = retry::exchange(budget, store, &policy.key, &ask, now.as_nanos());
-        if races > 0 {
-            metrics.increment(counters.cas_retries, i64::from(races));
-        }
-        match got {
-            Ok(got) => local.landed(&got),
-            // The grant stays spent: the budget errs strict.
-            Err(UpdateError::Exhausted { .. }) => metrics.increment(counters.cas_exhausted, 1),
-            Err(UpdateError::Store(_)) => metrics.increment(counters.store_errors, 1),
-        }
+        // On failure the grant stays spent: the budget errs strict.
+        local.write_tallies(budget, &policy.key, &ask, now, store, counters, metrics);
     }
 }
 
@@ -597,16 +613,9 @@ impl Engine {
                 pending,
                 ..Exchange::NOTHING
             };
-            let (got, races) = retry::exchange(budget, store, &policy.key, &ask, now.as_nanos());
-            if races > 0 {
-                metrics.increment(counters.cas_retries, i64::from(races));
-            }
-            match got {
-                Ok(got) => local.landed(&got),
-                // Kept for the next write: deposits late, allowance held, the budget errs strict.
-                Err(UpdateError::Exhausted { .. }) => metrics.increment(counters.cas_exhausted, 1),
-                Err(UpdateError::Store(_)) => metrics.increment(counters.store_errors, 1),
-            }
+            // On failure the tallies are kept for the next write: deposits late, the budget
+            // errs strict.
+            local.write_tallies(budget, &policy.key, &ask, now, store, counters, metrics);
         }
     }
 }
