@@ -7,8 +7,12 @@
 //! are built in `on_configure` and the request path handles plain integers.
 //!
 //! Each update is still a host call, and most requests bump several counters. So in the plugin a
-//! worker's updates go to a [`MetricBatch`] (plain memory, sized at configure time) and reach
-//! Envoy on the worker's tick: one call per metric that changed, not one per update.
+//! worker's counter updates go to a [`MetricBatch`] (plain memory, sized at configure time) and
+//! reach Envoy on the worker's tick: one call per counter that changed, not one per update.
+//! Gauges are not batched: a gauge is one value for all workers, and workers flush at different
+//! moments, so batched deltas would add up to a value no moment had (an `active` count above its
+//! cap). They change only when something happens (a fault held, a breaker opening), never on the
+//! common path.
 
 use core::cell::RefCell;
 use core::fmt;
@@ -53,45 +57,57 @@ pub fn metric_name(kind: &str, name: &str, counter: &str) -> String {
     format!("seawall.{kind}.{name}.{counter}")
 }
 
-/// One worker's metric updates since its last flush, for one compiled config. The config's
+/// One worker's counter updates since its last flush, for one compiled config. The config's
 /// metrics are defined through [`MetricBatch::registry`], which hands out the batch's own ids;
-/// updates by those ids only touch memory, and [`MetricBatch::flush`] passes the totals on to the
-/// host's sink under the host's ids. Counters add up; a gauge keeps its last value.
-#[derive(Debug, Default)]
-pub struct MetricBatch {
+/// a counter update by those ids only touches memory, and [`MetricBatch::flush`] passes the
+/// totals on to the host under the host's ids. Gauge updates go to the host at once.
+#[derive(Debug)]
+pub struct MetricBatch<H: MetricSink> {
+    host: H,
     entries: Vec<Pending>,
 }
 
 #[derive(Debug)]
 struct Pending {
     host: MetricId,
+    kind: MetricKind,
     delta: core::cell::Cell<i64>,
-    gauge: core::cell::Cell<Option<u64>>,
 }
 
 /// Defines metrics with the host and numbers them for a [`MetricBatch`].
-pub struct BatchRegistry<'a, R: MetricsRegistry> {
+pub struct BatchRegistry<'a, R: MetricsRegistry, H: MetricSink> {
     host: &'a mut R,
-    batch: &'a mut MetricBatch,
+    batch: &'a mut MetricBatch<H>,
 }
 
-impl MetricBatch {
-    pub fn registry<'a, R: MetricsRegistry>(&'a mut self, host: &'a mut R) -> BatchRegistry<'a, R> {
+impl<H: MetricSink> MetricBatch<H> {
+    /// An empty batch that hands its updates to `host`.
+    pub fn new(host: H) -> Self {
+        MetricBatch {
+            host,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    pub fn registry<'a, R: MetricsRegistry>(
+        &'a mut self,
+        host: &'a mut R,
+    ) -> BatchRegistry<'a, R, H> {
         BatchRegistry { host, batch: self }
     }
 
-    /// Hands every change since the last flush to `sink`, under the host's ids, and starts
-    /// afresh. Returns how many host updates it made.
-    pub fn flush(&self, sink: &impl MetricSink) -> usize {
+    /// Hands every counter change since the last flush to the host, under the host's ids, and
+    /// starts afresh. Returns how many host updates it made.
+    pub fn flush(&self) -> usize {
         let mut updates = 0;
         for entry in &self.entries {
             let delta = entry.delta.replace(0);
             if delta != 0 {
-                sink.increment(entry.host, delta);
-                updates += 1;
-            }
-            if let Some(value) = entry.gauge.take() {
-                sink.set(entry.host, value);
+                self.host.increment(entry.host, delta);
                 updates += 1;
             }
         }
@@ -100,13 +116,11 @@ impl MetricBatch {
 
     /// Whether an update waits for the next flush.
     pub fn is_pending(&self) -> bool {
-        self.entries
-            .iter()
-            .any(|entry| entry.delta.get() != 0 || entry.gauge.get().is_some())
+        self.entries.iter().any(|entry| entry.delta.get() != 0)
     }
 }
 
-impl<R: MetricsRegistry> MetricsRegistry for BatchRegistry<'_, R> {
+impl<R: MetricsRegistry, H: MetricSink> MetricsRegistry for BatchRegistry<'_, R, H> {
     /// A name defined twice is one metric, as with the host.
     fn define(&mut self, kind: MetricKind, name: &str) -> Result<MetricId, MetricsError> {
         let host = self.host.define(kind, name)?;
@@ -116,8 +130,8 @@ impl<R: MetricsRegistry> MetricsRegistry for BatchRegistry<'_, R> {
             None => {
                 entries.push(Pending {
                     host,
+                    kind,
                     delta: core::cell::Cell::new(0),
-                    gauge: core::cell::Cell::new(None),
                 });
                 entries.len() - 1
             }
@@ -130,16 +144,20 @@ impl<R: MetricsRegistry> MetricsRegistry for BatchRegistry<'_, R> {
     }
 }
 
-impl MetricSink for MetricBatch {
+impl<H: MetricSink> MetricSink for MetricBatch<H> {
     fn increment(&self, id: MetricId, delta: i64) {
-        if let Some(entry) = self.entries.get(id.0 as usize) {
-            entry.delta.set(entry.delta.get().saturating_add(delta));
+        match self.entries.get(id.0 as usize) {
+            Some(entry) if entry.kind == MetricKind::Counter => {
+                entry.delta.set(entry.delta.get().saturating_add(delta));
+            }
+            Some(entry) => self.host.increment(entry.host, delta),
+            None => {}
         }
     }
 
     fn set(&self, id: MetricId, value: u64) {
         if let Some(entry) = self.entries.get(id.0 as usize) {
-            entry.gauge.set(Some(value));
+            self.host.set(entry.host, value);
         }
     }
 }
@@ -258,11 +276,11 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_reaches_the_host_as_one_update_per_changed_metric_on_flush() {
-        let mut host = CountingHost::default();
-        let mut batch = MetricBatch::default();
-        let (requests, allowed, level, idle) = {
-            let mut registry = batch.registry(&mut host.metrics);
+    fn counters_reach_the_host_as_one_update_per_changed_counter_on_flush() {
+        let mut batch = MetricBatch::new(CountingHost::default());
+        let mut registry_host = FakeMetrics::new();
+        let (requests, allowed, idle) = {
+            let mut registry = batch.registry(&mut registry_host);
             (
                 registry
                     .define(MetricKind::Counter, "seawall.route.r.requests")
@@ -271,44 +289,94 @@ mod tests {
                     .define(MetricKind::Counter, "seawall.rate_limit.g.allowed")
                     .unwrap(),
                 registry
-                    .define(MetricKind::Gauge, "seawall.degradation.d.level")
-                    .unwrap(),
-                registry
                     .define(MetricKind::Counter, "seawall.rate_limit.g.limited")
                     .unwrap(),
             )
         };
+        // The registry numbered the host's metrics; the counting host sees them under those ids.
+        for name in registry_host.names() {
+            batch
+                .host()
+                .metrics
+                .entries
+                .borrow_mut()
+                .push((name, MetricKind::Counter, 0));
+        }
         for _ in 0..1000 {
             batch.increment(requests, 1);
             batch.increment(allowed, 1);
         }
-        batch.set(level, 2);
-        batch.set(level, 1);
         assert!(batch.is_pending());
-        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(0));
-        assert_eq!(batch.flush(&host), 3);
-        assert_eq!(host.calls.get(), 3);
-        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(1000));
-        assert_eq!(
-            host.metrics.value("seawall.rate_limit.g.allowed"),
-            Some(1000)
-        );
-        assert_eq!(host.metrics.value("seawall.degradation.d.level"), Some(1));
-        assert_eq!(host.metrics.value("seawall.rate_limit.g.limited"), Some(0));
+        assert_eq!(batch.host().calls.get(), 0);
+        assert_eq!(batch.flush(), 2);
+        assert_eq!(batch.host().calls.get(), 2);
+        let host = &batch.host().metrics;
+        assert_eq!(host.value("seawall.route.r.requests"), Some(1000));
+        assert_eq!(host.value("seawall.rate_limit.g.allowed"), Some(1000));
+        assert_eq!(host.value("seawall.rate_limit.g.limited"), Some(0));
         let _ = idle;
         // Nothing changed since: a flush costs nothing.
         assert!(!batch.is_pending());
-        assert_eq!(batch.flush(&host), 0);
+        assert_eq!(batch.flush(), 0);
         batch.increment(requests, 1);
-        batch.flush(&host);
-        assert_eq!(host.metrics.value("seawall.route.r.requests"), Some(1001));
+        batch.flush();
+        assert_eq!(
+            batch.host().metrics.value("seawall.route.r.requests"),
+            Some(1001)
+        );
+    }
+
+    /// Workers flush at different moments, so batched gauge deltas would add up to a value no
+    /// moment had: gauges reach the host at once.
+    #[test]
+    fn gauges_reach_the_host_at_once() {
+        let mut batch = MetricBatch::new(CountingHost::default());
+        let mut registry_host = FakeMetrics::new();
+        let (active, level) = {
+            let mut registry = batch.registry(&mut registry_host);
+            (
+                registry
+                    .define(MetricKind::Gauge, "seawall.fault.f.active")
+                    .unwrap(),
+                registry
+                    .define(MetricKind::Gauge, "seawall.degradation.d.level")
+                    .unwrap(),
+            )
+        };
+        for name in registry_host.names() {
+            batch
+                .host()
+                .metrics
+                .entries
+                .borrow_mut()
+                .push((name, MetricKind::Gauge, 0));
+        }
+        batch.increment(active, 1);
+        batch.increment(active, 1);
+        batch.set(level, 2);
+        assert_eq!(batch.host().calls.get(), 3);
+        assert_eq!(
+            batch.host().metrics.value("seawall.fault.f.active"),
+            Some(2)
+        );
+        assert_eq!(
+            batch.host().metrics.value("seawall.degradation.d.level"),
+            Some(2)
+        );
+        batch.increment(active, -1);
+        assert_eq!(
+            batch.host().metrics.value("seawall.fault.f.active"),
+            Some(1)
+        );
+        assert!(!batch.is_pending());
+        assert_eq!(batch.flush(), 0);
     }
 
     #[test]
     fn a_name_defined_twice_is_one_batched_metric() {
-        let mut host = FakeMetrics::new();
-        let mut batch = MetricBatch::default();
-        let mut registry = batch.registry(&mut host);
+        let mut batch = MetricBatch::new(FakeMetrics::new());
+        let mut registry_host = FakeMetrics::new();
+        let mut registry = batch.registry(&mut registry_host);
         let a = registry
             .define(MetricKind::Counter, "seawall.x.y.z")
             .unwrap();
@@ -316,9 +384,14 @@ mod tests {
             .define(MetricKind::Counter, "seawall.x.y.z")
             .unwrap();
         assert_eq!(a, b);
+        batch.host().entries.borrow_mut().push((
+            "seawall.x.y.z".to_owned(),
+            MetricKind::Counter,
+            0,
+        ));
         batch.increment(a, 2);
         batch.increment(b, 3);
-        batch.flush(&host);
-        assert_eq!(host.value("seawall.x.y.z"), Some(5));
+        batch.flush();
+        assert_eq!(batch.host().value("seawall.x.y.z"), Some(5));
     }
 }

@@ -73,7 +73,7 @@ const MAX_PAUSED: usize = 4096;
 /// the worker's tick hands them to Envoy.
 struct Loaded {
     engine: Engine,
-    metrics: MetricBatch,
+    metrics: MetricBatch<HostMetrics>,
 }
 
 impl core::ops::Deref for Loaded {
@@ -90,7 +90,7 @@ impl Loaded {
     fn tick(&self, now: Timestamp, retiring: bool) {
         self.engine
             .on_worker_tick(now, &HostStore, &self.metrics, retiring);
-        self.metrics.flush(&HostMetrics);
+        self.metrics.flush();
     }
 }
 
@@ -227,7 +227,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let mut metrics = MetricBatch::default();
+        let mut metrics = MetricBatch::new(HostMetrics);
         let engine = match Engine::new(compiled, &mut metrics.registry(&mut HostMetrics)) {
             Ok(engine) => engine,
             Err(error) => {
@@ -420,7 +420,7 @@ impl Root {
             return;
         };
         if let Some(retired) = worker.retired.take() {
-            retired.metrics.flush(&HostMetrics);
+            retired.metrics.flush();
             // Kept while a stream or a probe of the old config may still report to it.
             if Rc::strong_count(&retired) > 1 {
                 worker.retired = Some(retired);
@@ -442,7 +442,7 @@ impl Root {
             engine.tick(now, true);
         }
         if let Some(retired) = &worker.retired {
-            retired.metrics.flush(&HostMetrics);
+            retired.metrics.flush();
         }
     }
 }
