@@ -275,33 +275,32 @@ mod tests {
         }
     }
 
+    /// A batch over a counting host that knows `defs` by the ids the batch's registry got for
+    /// them, as Envoy's one stat table does; and the batch's own ids, in order.
+    fn batch_of(defs: &[(MetricKind, &str)]) -> (MetricBatch<CountingHost>, Vec<MetricId>) {
+        let mut host = CountingHost::default();
+        for (kind, name) in defs {
+            host.metrics.define(*kind, name).unwrap();
+        }
+        let mut batch = MetricBatch::new(host);
+        let mut names = FakeMetrics::new();
+        let ids = {
+            let mut registry = batch.registry(&mut names);
+            defs.iter()
+                .map(|(kind, name)| registry.define(*kind, name).unwrap())
+                .collect()
+        };
+        (batch, ids)
+    }
+
     #[test]
     fn counters_reach_the_host_as_one_update_per_changed_counter_on_flush() {
-        let mut batch = MetricBatch::new(CountingHost::default());
-        let mut registry_host = FakeMetrics::new();
-        let (requests, allowed, idle) = {
-            let mut registry = batch.registry(&mut registry_host);
-            (
-                registry
-                    .define(MetricKind::Counter, "seawall.route.r.requests")
-                    .unwrap(),
-                registry
-                    .define(MetricKind::Counter, "seawall.rate_limit.g.allowed")
-                    .unwrap(),
-                registry
-                    .define(MetricKind::Counter, "seawall.rate_limit.g.limited")
-                    .unwrap(),
-            )
-        };
-        // The registry numbered the host's metrics; the counting host sees them under those ids.
-        for name in registry_host.names() {
-            batch
-                .host()
-                .metrics
-                .entries
-                .borrow_mut()
-                .push((name, MetricKind::Counter, 0));
-        }
+        let (batch, ids) = batch_of(&[
+            (MetricKind::Counter, "seawall.route.r.requests"),
+            (MetricKind::Counter, "seawall.rate_limit.g.allowed"),
+            (MetricKind::Counter, "seawall.rate_limit.g.limited"),
+        ]);
+        let (requests, allowed) = (ids[0], ids[1]);
         for _ in 0..1000 {
             batch.increment(requests, 1);
             batch.increment(allowed, 1);
@@ -314,7 +313,6 @@ mod tests {
         assert_eq!(host.value("seawall.route.r.requests"), Some(1000));
         assert_eq!(host.value("seawall.rate_limit.g.allowed"), Some(1000));
         assert_eq!(host.value("seawall.rate_limit.g.limited"), Some(0));
-        let _ = idle;
         // Nothing changed since: a flush costs nothing.
         assert!(!batch.is_pending());
         assert_eq!(batch.flush(), 0);
@@ -330,27 +328,11 @@ mod tests {
     /// moment had: gauges reach the host at once.
     #[test]
     fn gauges_reach_the_host_at_once() {
-        let mut batch = MetricBatch::new(CountingHost::default());
-        let mut registry_host = FakeMetrics::new();
-        let (active, level) = {
-            let mut registry = batch.registry(&mut registry_host);
-            (
-                registry
-                    .define(MetricKind::Gauge, "seawall.fault.f.active")
-                    .unwrap(),
-                registry
-                    .define(MetricKind::Gauge, "seawall.degradation.d.level")
-                    .unwrap(),
-            )
-        };
-        for name in registry_host.names() {
-            batch
-                .host()
-                .metrics
-                .entries
-                .borrow_mut()
-                .push((name, MetricKind::Gauge, 0));
-        }
+        let (batch, ids) = batch_of(&[
+            (MetricKind::Gauge, "seawall.fault.f.active"),
+            (MetricKind::Gauge, "seawall.degradation.d.level"),
+        ]);
+        let (active, level) = (ids[0], ids[1]);
         batch.increment(active, 1);
         batch.increment(active, 1);
         batch.set(level, 2);
@@ -374,24 +356,14 @@ mod tests {
 
     #[test]
     fn a_name_defined_twice_is_one_batched_metric() {
-        let mut batch = MetricBatch::new(FakeMetrics::new());
-        let mut registry_host = FakeMetrics::new();
-        let mut registry = batch.registry(&mut registry_host);
-        let a = registry
-            .define(MetricKind::Counter, "seawall.x.y.z")
-            .unwrap();
-        let b = registry
-            .define(MetricKind::Counter, "seawall.x.y.z")
-            .unwrap();
-        assert_eq!(a, b);
-        batch.host().entries.borrow_mut().push((
-            "seawall.x.y.z".to_owned(),
-            MetricKind::Counter,
-            0,
-        ));
-        batch.increment(a, 2);
-        batch.increment(b, 3);
+        let (batch, ids) = batch_of(&[
+            (MetricKind::Counter, "seawall.x.y.z"),
+            (MetricKind::Counter, "seawall.x.y.z"),
+        ]);
+        assert_eq!(ids[0], ids[1]);
+        batch.increment(ids[0], 2);
+        batch.increment(ids[1], 3);
         batch.flush();
-        assert_eq!(batch.host().value("seawall.x.y.z"), Some(5));
+        assert_eq!(batch.host().metrics.value("seawall.x.y.z"), Some(5));
     }
 }

@@ -49,6 +49,29 @@ fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
 }
 
+/// One worker's engine for `json`, its metrics and scratch, and the store it prepared its state
+/// in, as `on_configure` leaves them.
+struct Prepared {
+    engine: Engine,
+    metrics: FakeMetrics,
+    scratch: Scratch,
+    store: FakeStore,
+}
+
+fn prepared(json: &str) -> Prepared {
+    let mut metrics = FakeMetrics::new();
+    let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
+    let scratch = Scratch::for_plan(&engine.config().attributes);
+    let store = FakeStore::new();
+    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    Prepared {
+        engine,
+        metrics,
+        scratch,
+        store,
+    }
+}
+
 /// Returns preset values, counting the buffers it hands out like the host does.
 struct Host {
     values: Vec<(Attribute, Vec<u8>)>,
@@ -87,11 +110,12 @@ const CONFIG: &str = r#"{
 
 #[test]
 fn matching_and_deciding_allocate_only_the_host_buffers() {
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(CONFIG);
     let limited = |user: &[u8]| {
         vec![
             (Attribute::path(), b"/limited/x".to_vec()),
@@ -213,11 +237,12 @@ const BREAKER_CONFIG: &str = r#"{
 #[test]
 fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buffers() {
     const SECOND: u64 = 1_000_000_000;
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(BREAKER_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(BREAKER_CONFIG);
     let start = 1_800_000_000 * SECOND;
     // (path, time offset, response status, admitted): two failures open the clustered breaker,
     // the next request is refused, a second later a probe goes through and closes it; the routed
@@ -299,11 +324,12 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
 #[test]
 fn tallied_successes_and_their_writes_allocate_only_the_host_buffers() {
     const SECOND: u64 = 1_000_000_000;
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(BREAKER_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(BREAKER_CONFIG);
     let start = 1_800_000_000 * SECOND;
     // (path, time offset, status): successes on both breakers (the first on each idle record is
     // written at once, the rest tallied), a success in the next bucket, the tick, a failure.
@@ -413,11 +439,12 @@ const FAULT_CONFIG: &str = r#"{
 
 #[test]
 fn fault_injection_allocates_only_the_host_buffers() {
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(FAULT_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(FAULT_CONFIG);
     let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
     let mut verdicts = std::collections::BTreeSet::new();
     for user in 0..64u8 {
@@ -528,11 +555,12 @@ impl seawall::policy::retry::ResponseHeaders for Answer {
 fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
     let json = r#"{"retries": {"api": {"max_retries": 2, "idempotency_header": "idempotency-key"}},
                    "routes": [{"name": "api", "retry": "api"}]}"#;
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(json);
     let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
     for round in 0..50u64 {
         let mut host = Host {
@@ -573,11 +601,12 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
 fn retry_grants_from_the_allowance_and_the_tick_allocate_only_the_host_buffers() {
     let json = r#"{"retries": {"api": {"max_retries": 2}},
                    "routes": [{"name": "api", "retry": "api"}]}"#;
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(json.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(json);
     let start = 1_800_000_000_000_000_000u64;
     for round in 0..300u64 {
         let now = Timestamp::from_nanos(start + round * 10_000_000);
@@ -734,11 +763,12 @@ const LEASE_CONFIG: &str = r#"{
 #[test]
 fn leased_admissions_refunds_and_returns_allocate_only_the_host_buffers() {
     const MS: u64 = 1_000_000;
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(LEASE_CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(LEASE_CONFIG);
     let start = 1_800_000_000_000_000_000;
     let mut local = 0;
     for round in 0..400u64 {
@@ -822,11 +852,12 @@ impl AttributeSource for MapHost {
 
 #[test]
 fn every_header_from_one_read_of_the_map_allocates_only_that_buffer() {
-    let mut metrics = FakeMetrics::new();
-    let engine = Engine::new(compile(CONFIG.as_bytes()).unwrap(), &mut metrics).unwrap();
-    let mut scratch = Scratch::for_plan(&engine.config().attributes);
-    let store = FakeStore::new();
-    engine.prepare_state(&store, 0x5ea_5ec2e7).unwrap();
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(CONFIG);
     let requests = [
         // Falls through checkout (method, x-tier) and limited (path) to by-cluster.
         vec![
