@@ -52,6 +52,22 @@ pub trait MetricSink {
     fn set(&self, id: MetricId, value: u64);
 }
 
+/// The kinds of host call a `hostcall-count` build counts, as its stats name them
+/// (`seawall.hostcalls.all.<kind>`, `seawall.hostcalls.tick.<kind>`), in its order: the plugin,
+/// the benchmark and the real-Envoy `hostcalls` scenario read this one list.
+pub const HOSTCALL_KINDS: [&str; 10] = [
+    "header_read",
+    "header_map_read",
+    "header_write",
+    "property_read",
+    "shared_get",
+    "shared_set",
+    "metric",
+    "time",
+    "local_reply",
+    "other",
+];
+
 /// The one naming scheme: `seawall.<kind>.<name>.<counter>`, e.g. `seawall.route.checkout.requests`.
 pub fn metric_name(kind: &str, name: &str, counter: &str) -> String {
     format!("seawall.{kind}.{name}.{counter}")

@@ -72,6 +72,19 @@ fn prepared(json: &str) -> Prepared {
     }
 }
 
+/// One request through the engine, as the host's request callback runs it.
+fn decide<'e>(
+    engine: &'e Engine,
+    source: &mut impl AttributeSource,
+    scratch: &mut Scratch,
+    now: Timestamp,
+    store: &FakeStore,
+    metrics: &FakeMetrics,
+) -> seawall::engine::RequestDecision<'e> {
+    let mut view = RequestView::new(&engine.config().attributes, source, scratch);
+    engine.on_request(&mut view, now, store, metrics)
+}
+
 /// Returns preset values, counting the buffers it hands out like the host does.
 struct Host {
     values: Vec<(Attribute, Vec<u8>)>,
@@ -158,15 +171,14 @@ fn matching_and_deciding_allocate_only_the_host_buffers() {
             handed_out: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(
-                &mut view,
-                Timestamp::from_nanos(1_800_000_000_000_000_000),
-                &store,
-                &metrics,
-            )
-        };
+        let decision = decide(
+            &engine,
+            &mut host,
+            &mut scratch,
+            Timestamp::from_nanos(1_800_000_000_000_000_000),
+            &store,
+            &metrics,
+        );
         let mut stream = decision.stream;
         let response = engine.on_response(
             &mut stream,
@@ -272,10 +284,7 @@ fn breaker_admissions_rejections_probes_and_outcomes_allocate_only_the_host_buff
             reads: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let mut stream = decision.stream;
         if matches!(decision.verdict, Verdict::Continue) {
             // The routed call that must be slow answers 200 ms late.
@@ -364,10 +373,7 @@ fn tallied_successes_and_their_writes_allocate_only_the_host_buffers() {
             reads: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let mut stream = decision.stream;
         assert!(
             matches!(decision.verdict, Verdict::Continue),
@@ -458,10 +464,7 @@ fn fault_injection_allocates_only_the_host_buffers() {
             handed_out: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let mut stream = decision.stream;
         let taken = match decision.verdict {
             Verdict::Continue => "continue",
@@ -576,10 +579,7 @@ fn retry_grants_and_settlements_allocate_only_the_host_buffers() {
         };
         let mut headers = Answer::failed();
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let granted = decision.retry.map(|r| r.max_retries);
         engine.settle_retries(&decision.stream, &mut headers, now, &store, &metrics);
         let spent = allocations() - before;
@@ -622,10 +622,7 @@ fn retry_grants_from_the_allowance_and_the_tick_allocate_only_the_host_buffers()
         };
         let mut headers = Answer::healthy();
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let granted = decision.retry.map(|r| r.max_retries);
         if decision.stream.retry.is_some() {
             engine.settle_retries(&decision.stream, &mut headers, now, &store, &metrics);
@@ -718,10 +715,7 @@ fn degradation_decisions_and_outcomes_allocate_only_the_host_buffers() {
             reads: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, now, &store, &metrics)
-        };
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
         let mut stream = decision.stream;
         if matches!(decision.verdict, Verdict::Continue) {
             engine.on_response(&mut stream, now, &metrics);
@@ -790,10 +784,14 @@ fn leased_admissions_refunds_and_returns_allocate_only_the_host_buffers() {
         };
         let calls = store.counts();
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(&mut view, Timestamp::from_nanos(now), &store, &metrics)
-        };
+        let decision = decide(
+            &engine,
+            &mut host,
+            &mut scratch,
+            Timestamp::from_nanos(now),
+            &store,
+            &metrics,
+        );
         let spent = allocations() - before;
         assert_eq!(
             spent, host.handed_out,
@@ -890,15 +888,14 @@ fn every_header_from_one_read_of_the_map_allocates_only_that_buffer() {
             map_reads: 0,
         };
         let before = allocations();
-        let decision = {
-            let mut view = RequestView::new(&engine.config().attributes, &mut host, &mut scratch);
-            engine.on_request(
-                &mut view,
-                Timestamp::from_nanos(1_800_000_000_000_000_000),
-                &store,
-                &metrics,
-            )
-        };
+        let decision = decide(
+            &engine,
+            &mut host,
+            &mut scratch,
+            Timestamp::from_nanos(1_800_000_000_000_000_000),
+            &store,
+            &metrics,
+        );
         let spent = allocations() - before;
         assert_eq!(
             spent, host.handed_out,

@@ -7,21 +7,9 @@
 
 use std::collections::BTreeMap;
 
+use seawall::metrics::HOSTCALL_KINDS as KINDS;
 use seawall_integration::envoy::hostcall_counting_wasm;
 use seawall_integration::{Client, Envoy, EnvoyConfig, Request, Stats, Upstream};
-
-const KINDS: [&str; 10] = [
-    "header_read",
-    "header_map_read",
-    "header_write",
-    "property_read",
-    "shared_get",
-    "shared_set",
-    "metric",
-    "time",
-    "local_reply",
-    "other",
-];
 
 /// The bench's configs (`cargo xtask bench` runs the same files): every policy on one route,
 /// none of them triggering; the same with the retries' conditions in the Envoy route's own retry

@@ -14,10 +14,11 @@
 use std::cell::Cell;
 
 #[cfg(feature = "hostcall-count")]
-use crate::metrics::{metric_name, MetricId, MetricKind, MetricsRegistry};
+use crate::metrics::{metric_name, MetricId, MetricKind, MetricsRegistry, HOSTCALL_KINDS};
 
-/// What a host call does. (Header-map reads are a kind of their own so the one-call read of the
-/// request's headers shows apart from single reads.)
+/// What a host call does, in the order of [`HOSTCALL_KINDS`], which names them. (Header-map
+/// reads are a kind of their own so the one-call read of the request's headers shows apart from
+/// single reads.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(feature = "hostcall-count"), allow(dead_code))]
 pub enum Kind {
@@ -32,20 +33,6 @@ pub enum Kind {
     LocalReply,
     Other,
 }
-
-#[cfg(feature = "hostcall-count")]
-const KINDS: [(Kind, &str); 10] = [
-    (Kind::HeaderRead, "header_read"),
-    (Kind::HeaderMapRead, "header_map_read"),
-    (Kind::HeaderWrite, "header_write"),
-    (Kind::PropertyRead, "property_read"),
-    (Kind::SharedGet, "shared_get"),
-    (Kind::SharedSet, "shared_set"),
-    (Kind::Metric, "metric"),
-    (Kind::Time, "time"),
-    (Kind::LocalReply, "local_reply"),
-    (Kind::Other, "other"),
-];
 
 #[cfg(feature = "hostcall-count")]
 thread_local! {
@@ -70,21 +57,13 @@ pub fn on_tick<R>(work: impl FnOnce() -> R) -> R {
     work()
 }
 
-#[cfg(feature = "hostcall-count")]
-fn slot(kind: Kind) -> usize {
-    KINDS
-        .iter()
-        .position(|(k, _)| *k == kind)
-        .unwrap_or(KINDS.len() - 1)
-}
-
 /// Counts one host call.
 #[inline(always)]
 pub fn count(kind: Kind) {
     #[cfg(feature = "hostcall-count")]
     {
         let bump = |counts: &[Cell<u64>; 10]| {
-            let cell = &counts[slot(kind)];
+            let cell = &counts[kind as usize];
             cell.set(cell.get() + 1);
         };
         COUNTS.with(bump);
@@ -111,7 +90,7 @@ impl HostcallStats {
     pub fn define(registry: &mut impl MetricsRegistry) -> Option<Self> {
         let mut kinds = [MetricId(0); 10];
         let mut tick_kinds = [MetricId(0); 10];
-        for ((id, tick_id), (_, name)) in kinds.iter_mut().zip(&mut tick_kinds).zip(KINDS) {
+        for ((id, tick_id), name) in kinds.iter_mut().zip(&mut tick_kinds).zip(HOSTCALL_KINDS) {
             *id = registry
                 .define(MetricKind::Counter, &metric_name("hostcalls", "all", name))
                 .ok()?;

@@ -29,6 +29,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use seawall::metrics::HOSTCALL_KINDS;
+
 use crate::{build_wasm, cargo, install_envoy, workspace_root};
 
 const LISTENER: u16 = 19000;
@@ -50,20 +52,6 @@ const ALL_POLICIES_LEAN: &str = include_str!("../../bench/configs/all-five-lean.
 /// Which policies [`ALL_POLICIES`] holds, for the report.
 const ALL_POLICIES_HOLDS: &str =
     "a route match, a global rate limit, a circuit breaker keyed by cluster, a retry budget, a fault policy (0%) and a degradation policy (priority header, failure-rate and p95 levels, shared on the tick)";
-
-/// The host-call kinds the `hostcall-count` build reports, in its order.
-const HOSTCALL_KINDS: [&str; 10] = [
-    "header_read",
-    "header_map_read",
-    "header_write",
-    "property_read",
-    "shared_get",
-    "shared_set",
-    "metric",
-    "time",
-    "local_reply",
-    "other",
-];
 
 /// How long each part runs: the full run is about 15 minutes, `--quick` about 3.
 struct Plan {
