@@ -5,6 +5,7 @@
 //!   delay, failure ratio, by path or header) and which records what it received;
 //! - [`client`]: a raw HTTP/1.1 client with full control over the bytes (hostile headers) and a
 //!   bounded multi-connection load generator;
+//! - [`compose`]: brings a docker-compose project (the compose demo) up and down;
 //! - [`remote`]: the upstream's control port, when it runs as its own program (`seawall-upstream`,
 //!   the compose demo's upstream container);
 //! - [`envoy`]: renders an Envoy config with seawall and free ports, runs Envoy with
@@ -14,6 +15,7 @@
 //! Dependencies are kept to std and serde_json so the harness builds in seconds.
 
 pub mod client;
+pub mod compose;
 pub mod envoy;
 pub mod remote;
 pub mod upstream;
