@@ -161,7 +161,9 @@ fn match_from_json(value: &Value) -> Result<Match, String> {
         return Ok(Match::PathPrefix(prefix.into()));
     }
     match value.get("header").map(|h| (h[0].as_str(), h[1].as_str())) {
-        Some((Some(name), Some(header_value))) => Ok(Match::Header(name.into(), header_value.into())),
+        Some((Some(name), Some(header_value))) => {
+            Ok(Match::Header(name.into(), header_value.into()))
+        }
         _ => Err("match: expected {\"path_prefix\": …} or {\"header\": [name, value]}".into()),
     }
 }
@@ -183,7 +185,8 @@ impl RemoteUpstream {
     }
 
     pub fn set_rule(&self, matcher: &Match, behaviour: &Behaviour) -> Result<(), String> {
-        let rule = json!({"match": match_to_json(matcher), "behaviour": behaviour_to_json(behaviour)});
+        let rule =
+            json!({"match": match_to_json(matcher), "behaviour": behaviour_to_json(behaviour)});
         self.call("PUT", "/rules", Some(rule)).map(drop)
     }
 
@@ -243,7 +246,10 @@ mod tests {
         control
             .set_rule(
                 &Match::PathPrefix("/down".into()),
-                &Behaviour::ok().status(503).body("down\n").header("x-why", "test"),
+                &Behaviour::ok()
+                    .status(503)
+                    .body("down\n")
+                    .header("x-why", "test"),
             )
             .unwrap();
         control

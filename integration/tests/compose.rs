@@ -146,9 +146,12 @@ fn the_compose_demo_answers_the_readme_curl_lines() {
     let listener = SocketAddr::from(([127, 0, 0, 1], listen));
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let upstream = RemoteUpstream::new(SocketAddr::from(([127, 0, 0, 1], control)));
-    wait_until("the upstream's control port answers", Duration::from_secs(30), &project, || {
-        upstream.answers()
-    });
+    wait_until(
+        "the upstream's control port answers",
+        Duration::from_secs(30),
+        &project,
+        || upstream.answers(),
+    );
     wait_until("Envoy is ready", Duration::from_secs(60), &project, || {
         send_once(admin, &Request::get("/ready")).is_ok_and(|r| r.status == 200)
     });
@@ -190,7 +193,10 @@ fn the_compose_demo_answers_the_readme_curl_lines() {
         })
         .collect();
     assert_eq!(
-        payments.iter().map(|(status, _)| *status).collect::<Vec<_>>(),
+        payments
+            .iter()
+            .map(|(status, _)| *status)
+            .collect::<Vec<_>>(),
         [503, 503, 503, 503]
     );
     assert_eq!(payments[3].1, "payments is resting, retry later\n");
@@ -222,8 +228,14 @@ fn the_compose_demo_answers_the_readme_curl_lines() {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(stat(admin, "wasmcustom.seawall.rate_limit.per-user.limited"), 1);
+    assert_eq!(
+        stat(admin, "wasmcustom.seawall.rate_limit.per-user.limited"),
+        1
+    );
     // The checkout request passed `per-user` too (the checkout route lists it), then alice's 3.
-    assert_eq!(stat(admin, "wasmcustom.seawall.rate_limit.per-user.allowed"), 4);
+    assert_eq!(
+        stat(admin, "wasmcustom.seawall.rate_limit.per-user.allowed"),
+        4
+    );
     drop(project);
 }

@@ -3,18 +3,24 @@
 //! you to try more, unless `--once` (used by the test command) asks it to stop.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, send_once, Client, LoadSpec, Request};
+use seawall_integration::compose::ComposeProject;
+use seawall_integration::remote::RemoteUpstream;
 use seawall_integration::{Behaviour, Match, Upstream};
 
-use crate::{build_wasm, install_envoy, workspace_root};
+use crate::{build_wasm, image, install_envoy, workspace_root};
 
 const LISTENER: &str = "127.0.0.1:10000";
 const ADMIN: &str = "127.0.0.1:9901";
 const UPSTREAM: &str = "127.0.0.1:18080";
+/// The compose demo's upstream control port, published by envoy/docker-compose.yaml.
+const CONTROL: &str = "127.0.0.1:18081";
+const COMPOSE_PROJECT: &str = "seawall-demo";
 
 struct KillOnDrop(Child);
 
@@ -25,8 +31,80 @@ impl Drop for KillOnDrop {
     }
 }
 
-pub fn run(once: bool) -> Result<(), String> {
-    build_wasm()?;
+/// The demo's upstream: in this process, or the compose demo's container, driven through its
+/// control port.
+enum DemoUpstream {
+    Local(Upstream),
+    Remote(RemoteUpstream),
+}
+
+impl DemoUpstream {
+    fn set_rule(&self, matcher: Match, behaviour: Behaviour) -> Result<(), String> {
+        match self {
+            DemoUpstream::Local(upstream) => {
+                upstream.set_rule(matcher, behaviour);
+                Ok(())
+            }
+            DemoUpstream::Remote(remote) => remote.set_rule(&matcher, &behaviour),
+        }
+    }
+
+    fn total(&self) -> Result<u64, String> {
+        match self {
+            DemoUpstream::Local(upstream) => Ok(upstream.total()),
+            DemoUpstream::Remote(remote) => remote.total(),
+        }
+    }
+}
+
+/// What runs the demo: Envoy as a process of ours, or the compose project.
+enum Stage {
+    Native {
+        envoy: KillOnDrop,
+        log_path: PathBuf,
+    },
+    Compose(ComposeProject),
+}
+
+pub fn run(once: bool, compose: bool) -> Result<(), String> {
+    let wasm = build_wasm()?;
+    let (upstream, stage) = if compose {
+        start_compose(&wasm)?
+    } else {
+        start_native()?
+    };
+    let listener: SocketAddr = LISTENER.parse().map_err(|_| "bad listener address")?;
+    match &stage {
+        Stage::Native { .. } => println!("\nEnvoy 1.40 (--concurrency 2) with seawall on {LISTENER}, admin on {ADMIN}, demo upstream on {UPSTREAM}.\n"),
+        Stage::Compose(_) => println!("\nThe compose demo (envoy/docker-compose.yaml): Envoy 1.40 (--concurrency 2) with seawall, published on {LISTENER} and admin {ADMIN}; the demo upstream is a container on the compose network, its control port on {CONTROL}.\n"),
+    }
+    script(listener, &upstream)?;
+    if once {
+        return Ok(());
+    }
+    match stage {
+        Stage::Native {
+            mut envoy,
+            log_path,
+        } => {
+            println!(
+                "\nEnvoy keeps running; try the curl lines above. Envoy's log: {}. Ctrl-C to stop.",
+                log_path.display()
+            );
+            let _ = envoy.0.wait();
+        }
+        Stage::Compose(project) => {
+            println!(
+                "\nThe compose project keeps running; try the curl lines above. Stop it with:\n  {}",
+                project.down_command_line()
+            );
+            project.keep_running();
+        }
+    }
+    Ok(())
+}
+
+fn start_native() -> Result<(DemoUpstream, Stage), String> {
     let envoy_bin = install_envoy()?;
     let upstream = Upstream::bind(UPSTREAM).map_err(|error| {
         format!("demo upstream on {UPSTREAM}: {error} (is another demo running?)")
@@ -52,10 +130,45 @@ pub fn run(once: bool) -> Result<(), String> {
         .map_err(|error| format!("start {}: {error}", envoy_bin.display()))?;
     let mut envoy = KillOnDrop(child);
     wait_ready(&mut envoy, &log_path)?;
+    Ok((
+        DemoUpstream::Local(upstream),
+        Stage::Native { envoy, log_path },
+    ))
+}
 
-    let listener: SocketAddr = LISTENER.parse().map_err(|_| "bad listener address")?;
-    println!("\nEnvoy 1.40 (--concurrency 2) with seawall on {LISTENER}, admin on {ADMIN}, demo upstream on {UPSTREAM}.\n");
+/// Builds the images, brings envoy/docker-compose.yaml up on the demo's usual ports, and waits
+/// until Envoy and the upstream container answer.
+fn start_compose(wasm: &Path) -> Result<(DemoUpstream, Stage), String> {
+    let images = image::build_all()?;
+    let project = ComposeProject::up(
+        &workspace_root().join("envoy/docker-compose.yaml"),
+        COMPOSE_PROJECT,
+        &[
+            ("SEAWALL_ENVOY_IMAGE", images.envoy),
+            ("SEAWALL_UPSTREAM_IMAGE", images.upstream),
+            ("SEAWALL_WASM", wasm.display().to_string()),
+        ],
+    )?;
+    let control: SocketAddr = CONTROL.parse().map_err(|_| "bad control address")?;
+    let admin: SocketAddr = ADMIN.parse().map_err(|_| "bad admin address")?;
+    let upstream = RemoteUpstream::new(control);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(upstream.answers()
+        && send_once(admin, &Request::get("/ready")).is_ok_and(|r| r.status == 200))
+    {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the compose demo was not ready within 60 s; are ports 10000, 9901 and 18081 free?\n{}",
+                project.logs()
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok((DemoUpstream::Remote(upstream), Stage::Compose(project)))
+}
 
+/// The curl lines, each with what came back.
+fn script(listener: SocketAddr, upstream: &DemoUpstream) -> Result<(), String> {
     section("Routes: seawall matches its own routes; debug.route_header names the match");
     show(
         listener,
@@ -101,7 +214,7 @@ pub fn run(once: bool) -> Result<(), String> {
     upstream.set_rule(
         Match::PathPrefix("/payments".into()),
         Behaviour::ok().status(503).body("upstream is down\n"),
-    );
+    )?;
     for n in 1..=3 {
         show(
             listener,
@@ -119,7 +232,7 @@ pub fn run(once: bool) -> Result<(), String> {
     upstream.set_rule(
         Match::PathPrefix("/payments".into()),
         Behaviour::ok().body("payments is back\n"),
-    );
+    )?;
     println!("  (the upstream heals; waiting out the 2 s open period)");
     thread::sleep(Duration::from_millis(2100));
     show(
@@ -133,11 +246,11 @@ pub fn run(once: bool) -> Result<(), String> {
     upstream.set_rule(
         Match::PathPrefix("/flaky/down".into()),
         Behaviour::ok().status(503).body("down\n"),
-    );
+    )?;
     upstream.set_rule(
         Match::PathPrefix("/flaky".into()),
         Behaviour::ok().failing(0.5, 503).body("ok after all\n"),
-    );
+    )?;
     let mut client = Client::connect(listener);
     for _ in 0..2 {
         print_exchange(
@@ -213,13 +326,13 @@ pub fn run(once: bool) -> Result<(), String> {
     upstream.set_rule(
         Match::Header("x-seawall-cluster".into(), "demo_fallback".into()),
         Behaviour::ok().body("search answered by the demo_fallback cluster\n"),
-    );
+    )?;
     upstream.set_rule(
         Match::PathPrefix("/shop".into()),
         Behaviour::ok()
             .delay(Duration::from_millis(300))
             .body("shop (slow today)\n"),
-    );
+    )?;
     println!("  (the shop slows to 300 ms; critical traffic keeps coming)");
     let traffic = thread::spawn(move || {
         load(
@@ -253,7 +366,7 @@ pub fn run(once: bool) -> Result<(), String> {
     upstream.set_rule(
         Match::PathPrefix("/healthz/shop".into()),
         Behaviour::ok().status(503),
-    );
+    )?;
     println!("  (the shop's health path fails; one worker probes it every 500 ms)");
     let level = wait_for_level(admin, 2, Duration::from_secs(5));
     println!("  (two failed probes: level = {level})");
@@ -263,11 +376,11 @@ pub fn run(once: bool) -> Result<(), String> {
         &Request::get("/shop/catalog").header("x-priority", "critical"),
         &["x-seawall-degraded", "content-type"],
     );
-    upstream.set_rule(Match::PathPrefix("/healthz/shop".into()), Behaviour::ok());
+    upstream.set_rule(Match::PathPrefix("/healthz/shop".into()), Behaviour::ok())?;
     upstream.set_rule(
         Match::PathPrefix("/shop".into()),
         Behaviour::ok().body("shop is back\n"),
-    );
+    )?;
     let healed = Instant::now();
     let level = wait_for_level(admin, 0, Duration::from_secs(12));
     println!(
@@ -292,17 +405,9 @@ pub fn run(once: bool) -> Result<(), String> {
     }
     println!(
         "\nThe upstream received {} requests; everything else was answered by seawall.",
-        upstream.total()
+        upstream.total()?
     );
 
-    if once {
-        return Ok(());
-    }
-    println!(
-        "\nEnvoy keeps running; try the curl lines above. Envoy's log: {}. Ctrl-C to stop.",
-        log_path.display()
-    );
-    let _ = envoy.0.wait();
     Ok(())
 }
 

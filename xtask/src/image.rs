@@ -90,9 +90,7 @@ struct ScratchImage<'a> {
 }
 
 fn scratch_image(image: &ScratchImage) -> Result<(), String> {
-    let context = workspace_root()
-        .join("target/images")
-        .join(image.name);
+    let context = workspace_root().join("target/images").join(image.name);
     let rootfs = context.join("rootfs");
     let _ = fs::remove_dir_all(&context);
     place(image.binary, &rootfs.join("usr/local/bin").join(image.name))?;
@@ -102,7 +100,10 @@ fn scratch_image(image: &ScratchImage) -> Result<(), String> {
     }
     let certificates = Path::new("/etc/ssl/certs/ca-certificates.crt");
     if certificates.is_file() {
-        place(certificates, &rootfs.join("etc/ssl/certs/ca-certificates.crt"))?;
+        place(
+            certificates,
+            &rootfs.join("etc/ssl/certs/ca-certificates.crt"),
+        )?;
     }
     for dir in ["tmp", "etc/envoy"] {
         fs::create_dir_all(rootfs.join(dir)).map_err(|error| format!("{dir}: {error}"))?;

