@@ -49,6 +49,9 @@ const ANNOTATION_WASM_VARIANT: &str = "module.wasm.image/variant";
 const PLUGIN_FILE: &str = "plugin.wasm";
 const RUNTIME_CONFIG_FILE: &str = "runtime-config.json";
 const WASM_MAGIC: &[u8] = b"\0asm";
+/// Istio reads at most this much of a module and cuts the rest (`ISTIO_WASM_MAX_BINARY_SIZE_BYTES`,
+/// default in `pilot/pkg/features/pilot.go`).
+const ISTIO_MAX_WASM_BYTES: usize = 256 * 1024 * 1024;
 
 /// The registry the printed publish lines name; operators put their own.
 const EXAMPLE_REGISTRY: &str = "registry.example.com";
@@ -438,6 +441,14 @@ pub fn istio_extract_wasm(layout: &Path, tag: &str) -> Result<(IstioVariant, Vec
             },
         }
     };
+    if module.len() > ISTIO_MAX_WASM_BYTES {
+        return Err(format!(
+            "{}: the module has {} bytes; Istio reads only the first {ISTIO_MAX_WASM_BYTES} unless \
+             ISTIO_WASM_MAX_BINARY_SIZE_BYTES is raised",
+            layout.display(),
+            module.len()
+        ));
+    }
     if module.len() < 8 || !module.starts_with(WASM_MAGIC) {
         return Err(format!(
             "{}: the extracted module is not a Wasm binary (Istio's isValidWasmBinary)",
