@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod image;
+mod oci;
 mod setup;
 
 use std::env;
@@ -29,6 +30,9 @@ commands:
                 real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy;
                 --compose runs envoy/docker-compose.yaml (images built here) instead
   image         build the seawall-envoy and seawall-upstream container images FROM scratch
+  oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
+                compat), with digests and skopeo publish lines; --check verifies them with
+                Istio's acceptance rules, skopeo and Docker
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
@@ -44,6 +48,7 @@ fn main() {
         Some("image") => image::build_all()
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
+        Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
