@@ -205,6 +205,36 @@ fn a_refused_push_under_load_fails_no_request_and_the_last_good_policy_keeps_enf
 }
 
 #[test]
+fn a_fail_open_failure_policy_does_not_let_a_refused_config_through() {
+    // Istio's FAIL_OPEN becomes the Wasm filter's `failure_policy: FAIL_OPEN`. That policy is
+    // about a VM that fails while serving; a plugin config refused in on_configure is still a
+    // rejected ECDS update, and the last good config keeps serving.
+    let upstream = Upstream::start();
+    let fail_open = |plugin: &str| EcdsDocument::PluginWithFailurePolicy {
+        plugin: plugin.to_owned(),
+        failure_policy: "FAIL_OPEN",
+    };
+    let mut envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .ecds(EcdsSpec::starting_with(fail_open(&limited("good", 2)))),
+    );
+    assert_eq!(
+        envoy.push_extension_document(&fail_open(REFUSED)),
+        EcdsOutcome::Rejected
+    );
+    let (statuses, route) = statuses(&envoy, "/limited", 3);
+    assert_eq!(statuses, [200, 200, 429], "the good limit of 2");
+    assert_eq!(route.as_deref(), Some("good-limited"));
+    assert_eq!(upstream.total(), 2);
+    let stats = envoy.ecds_stats();
+    assert_eq!(
+        (stats.update_rejected, stats.config_fail),
+        (1, 1),
+        "{stats:?}"
+    );
+}
+
+#[test]
 fn after_a_refused_push_a_listener_update_is_rejected_until_a_good_push() {
     let upstream = Upstream::start();
     let mut envoy = Envoy::start(

@@ -34,6 +34,13 @@ const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.
 pub enum EcdsDocument {
     /// Seawall with this plugin config (JSON text), the module from a local file.
     Plugin(String),
+    /// The same with the Wasm `failure_policy` Istio's pilot derives from a WasmPlugin's
+    /// `failStrategy` (pilot/pkg/model/extensions.go, `buildWasmConfig`: FAIL_OPEN ->
+    /// `FAIL_OPEN`, FAIL_CLOSE -> `FAIL_CLOSED`, FAIL_RELOAD -> `FAIL_RELOAD`).
+    PluginWithFailurePolicy {
+        plugin: String,
+        failure_policy: &'static str,
+    },
     /// What istio-agent sends instead of the Wasm filter when it cannot fetch the module
     /// (pkg/wasm/convert.go, `createHTTPDefaultFilter`): an RBAC filter with no rules, which
     /// allows everything (FAIL_OPEN), or with empty rules, which denies everything (FAIL_CLOSE).
@@ -52,6 +59,14 @@ impl EcdsDocument {
     fn render(&self, wasm: &Path) -> String {
         let typed_config = match self {
             EcdsDocument::Plugin(plugin) => wasm_filter(plugin, wasm),
+            EcdsDocument::PluginWithFailurePolicy {
+                plugin,
+                failure_policy,
+            } => {
+                let mut filter = wasm_filter(plugin, wasm);
+                filter["config"]["failure_policy"] = (*failure_policy).into();
+                filter
+            }
             EcdsDocument::IstioFallback { fail_open } => istio_fallback(*fail_open),
             EcdsDocument::Missing => return "{\"resources\": []}\n".to_owned(),
             EcdsDocument::Text(text) => {
