@@ -315,8 +315,15 @@ fn istio_fail_close_stand_in_denies_every_request_until_the_module_arrives() {
     let mut envoy = Envoy::start(EnvoyConfig::to_upstream(upstream.addr()).ecds(
         EcdsSpec::starting_with(EcdsDocument::IstioFallback { fail_open: false }),
     ));
-    let (denied, route) = statuses(&envoy, "/", 5);
-    assert_eq!(denied, [403; 5]);
+    let (denied, route) = statuses(&envoy, "/", 4);
+    assert_eq!(denied, [403; 4]);
+    let response = Client::connect(envoy.listener_addr())
+        .send(&Request::get("/"))
+        .unwrap();
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (403, "RBAC: access denied")
+    );
     assert_eq!(route, None);
     assert_eq!(upstream.total(), 0, "nothing reached the upstream");
     // The stand-in's own counter, under istio-agent's stat prefix.
@@ -379,8 +386,12 @@ fn a_missing_extension_config_fails_requests_with_500_unless_a_default_is_set() 
         EnvoyConfig::to_upstream(upstream.addr())
             .ecds(EcdsSpec::starting_with(EcdsDocument::Missing)),
     );
-    let (failed, _) = statuses(&missing, "/", 3);
-    assert_eq!(failed, [500; 3]);
+    let (failed, _) = statuses(&missing, "/", 2);
+    assert_eq!(failed, [500; 2]);
+    let response = Client::connect(missing.listener_addr())
+        .send(&Request::get("/"))
+        .unwrap();
+    assert_eq!((response.status, response.text().as_str()), (500, ""));
     assert_eq!(upstream.total(), 0);
     let stats = missing.ecds_stats();
     assert_eq!(
