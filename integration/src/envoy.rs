@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::{send_once, Client, Request};
 
+mod ecds;
+pub use ecds::{EcdsDocument, EcdsOutcome, EcdsSpec, EcdsStats};
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -188,6 +191,8 @@ pub struct EnvoyConfig {
     pub access_log: bool,
     /// Another build of the plugin than [`seawall_wasm`] (e.g. [`hostcall_counting_wasm`]).
     pub wasm: Option<PathBuf>,
+    /// Delivers the seawall filter through ECDS instead of inline (see [`EcdsSpec`]).
+    pub ecds: Option<EcdsSpec>,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -206,6 +211,7 @@ impl Default for EnvoyConfig {
             route_config_extra: Vec::new(),
             access_log: false,
             wasm: None,
+            ecds: None,
             listener_port: 0,
         }
     }
@@ -273,6 +279,13 @@ impl EnvoyConfig {
         self
     }
 
+    /// Delivers the seawall filter as Istio does: the HTTP filter is only a `config_discovery`
+    /// slot, and its config comes from an extension config file Envoy watches (see [`EcdsSpec`]).
+    pub fn ecds(mut self, spec: EcdsSpec) -> Self {
+        self.ecds = Some(spec);
+        self
+    }
+
     fn render_listener(&self, dir: &Path, wasm: &Path) -> String {
         let mut routes = String::new();
         for route in &self.routes {
@@ -299,7 +312,9 @@ impl EnvoyConfig {
                 filters.push_str(&format!("          {line}\n"));
             }
         }
-        if let Some(plugin) = &self.plugin_config {
+        if let Some(ecds) = &self.ecds {
+            filters.push_str(&ecds.render_filter(dir, wasm));
+        } else if let Some(plugin) = &self.plugin_config {
             filters.push_str(&format!(
                 r#"          - name: envoy.filters.http.wasm
             typed_config:
@@ -522,7 +537,7 @@ impl Envoy {
             std::env::temp_dir().join(format!("seawall-envoy-{}-{instance}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create Envoy's work directory");
-        let wasm = if config.plugin_config.is_some() {
+        let wasm = if config.plugin_config.is_some() || config.ecds.is_some() {
             // Absolute, as a container's mount needs it.
             let wasm = config.wasm.clone().unwrap_or_else(seawall_wasm);
             fs::canonicalize(&wasm).unwrap_or(wasm)
@@ -536,6 +551,9 @@ impl Envoy {
                 &format!("resources:\n{}", config.render_clusters(true)),
             );
             write_atomically(&dir, "lds.yaml", &config.lds_document(&dir, &wasm));
+        }
+        if let Some(ecds) = &config.ecds {
+            ecds.write_initial(&dir, &wasm);
         }
         fs::write(
             dir.join("bootstrap.yaml"),

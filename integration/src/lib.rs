@@ -21,5 +21,8 @@ pub mod remote;
 pub mod upstream;
 
 pub use client::{Client, LoadReport, LoadSpec, Request, Response};
-pub use envoy::{AccessLogEntry, Envoy, EnvoyConfig, LdsOutcome, RouteSpec, Stats};
+pub use envoy::{
+    AccessLogEntry, EcdsDocument, EcdsOutcome, EcdsSpec, EcdsStats, Envoy, EnvoyConfig, LdsOutcome,
+    RouteSpec, Stats,
+};
 pub use upstream::{Behaviour, Gate, Match, Upstream};
