@@ -438,7 +438,7 @@ const FAULT_CONFIG: &str = r#"{
         "chaos": {"abort": {"percent": 50, "body": "chaos\n"}, "delay": {"exponential": {"mean": "10ms", "max": "50ms"}, "percent": 50},
                   "response": {"status": 500, "body": "late\n", "percent": 50},
                   "cohort": {"key": [{"header": "x-user"}]}, "max_active": 1000,
-                  "header_control": {"secret_header": "x-key", "secret": "0123456789", "max_percent": 100}}
+                  "header_control": {"secret_header": "x-key", "secret": "0123456789abcdef", "max_percent": 100}}
     },
     "routes": [{"name": "chaos", "faults": ["chaos"]}]
 }"#;
@@ -457,7 +457,7 @@ fn fault_injection_allocates_only_the_host_buffers() {
         let mut values = vec![(Attribute::header("x-user"), vec![b'u', user])];
         if user % 4 == 0 {
             values.push((Attribute::header("x-seawall-fault-abort"), b"418".to_vec()));
-            values.push((Attribute::header("x-key"), b"0123456789".to_vec()));
+            values.push((Attribute::header("x-key"), b"0123456789abcdef".to_vec()));
         }
         let mut host = Host {
             values,

@@ -356,7 +356,7 @@ fn faults_can_target_requests_by_header() {
     );
 }
 
-const CONTROLLED: &str = r#"{"header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-key", "max_percent": 50}}"#;
+const CONTROLLED: &str = r#"{"header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-key-of-16b", "max_percent": 50}}"#;
 
 #[test]
 fn header_control_needs_the_secret_and_is_capped() {
@@ -369,7 +369,13 @@ fn header_control_needs_the_secret_and_is_capped() {
             .header("x-chaos-key", secret)
     };
     // Without the right secret: ignored, counted, and the headers are still removed.
-    for secret in ["", "wrong", "s3cret-kex", "s3cret-key-longer"] {
+    for secret in [
+        "",
+        "wrong",
+        "s3cret-key",
+        "s3cret-key-of-16c",
+        "s3cret-key-of-16b-longer",
+    ] {
         let decision = worker.send(asking(secret), T0, &store);
         assert_eq!(decision.verdict, Verdict::Continue, "secret {secret:?}");
         assert_eq!(
@@ -382,11 +388,11 @@ fn header_control_needs_the_secret_and_is_capped() {
             "the controls sent are removed"
         );
     }
-    assert_eq!(worker.metric("chaos.header_control_rejected"), 4);
+    assert_eq!(worker.metric("chaos.header_control_rejected"), 5);
     // With it: applied, but at most max_percent of the time.
     let aborted = (0..2000)
         .filter(|&n| {
-            worker.fate(asking("s3cret-key"), T0 + n, &store)
+            worker.fate(asking("s3cret-key-of-16b"), T0 + n, &store)
                 == Fate::Aborted {
                     status: 418,
                     grpc: None,
@@ -402,7 +408,7 @@ fn header_control_needs_the_secret_and_is_capped() {
         get("/chaos")
             .header("x-seawall-fault-delay", "250")
             .header("x-seawall-fault-percent", "0.0001")
-            .header("x-chaos-key", "s3cret-key"),
+            .header("x-chaos-key", "s3cret-key-of-16b"),
         T0,
         &store,
     );
@@ -507,7 +513,7 @@ fn fault_config_errors_name_their_paths() {
             r#"faults.d.active_between.start: expected an RFC 3339 time like "2026-11-22T10:00:00Z", got "tomorrow""#,
             r#"faults.e.header_control.secret_header: expected an HTTP header name, got "x key""#,
             "faults.f.cohort.key: expected at least one key part: the key decides who is in the experiment",
-            "faults.f.header_control.secret: expected a secret of at least 8 bytes",
+            "faults.f.header_control.secret: expected a secret of at least 16 bytes, got 5 bytes",
             "faults.g.abort.percent: expected a percentage from 0 to 100, got 101",
         ]
     );
@@ -521,12 +527,12 @@ fn fault_control_headers_and_secrets_never_go_upstream_whatever_the_policy_state
     const CONFIG: &str = r#"{
         "faults": {
             "off": {"enabled": false, "abort": {"percent": 100},
-                    "header_control": {"secret_header": "x-off-key", "secret": "off-secret-1"}},
+                    "header_control": {"secret_header": "x-off-key", "secret": "off-secret-of-16-bytes"}},
             "expired": {"abort": {"percent": 100},
                         "active_between": {"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z"},
-                        "header_control": {"secret_header": "x-expired-key", "secret": "expired-secret"}},
+                        "header_control": {"secret_header": "x-expired-key", "secret": "expired-secret-of-16b"}},
             "picky": {"abort": {"percent": 100}, "when": {"headers": [{"name": "x-chaos", "exact": "yes"}]},
-                      "header_control": {"secret_header": "x-picky-key", "secret": "picky-secret"}}
+                      "header_control": {"secret_header": "x-picky-key", "secret": "picky-secret-of-16b"}}
         },
         "routes": [
             {"name": "two", "match": {"path": {"prefix": "/two"}}, "faults": ["off", "picky"]},
@@ -541,9 +547,9 @@ fn fault_control_headers_and_secrets_never_go_upstream_whatever_the_policy_state
             .header("x-seawall-fault-abort", "503")
             .header("x-seawall-fault-delay", "100")
             .header("x-seawall-fault-percent", "100")
-            .header("x-off-key", "off-secret-1")
-            .header("x-expired-key", "expired-secret")
-            .header("x-picky-key", "picky-secret");
+            .header("x-off-key", "off-secret-of-16-bytes")
+            .header("x-expired-key", "expired-secret-of-16b")
+            .header("x-picky-key", "picky-secret-of-16b");
         let decision = worker.send(request, T0, &store);
         assert_eq!(
             decision.verdict,
@@ -581,7 +587,7 @@ fn a_malformed_or_over_100_fault_percent_asks_for_nothing() {
                 let request = get("/chaos")
                     .header("x-seawall-fault-abort", "503")
                     .header("x-seawall-fault-percent", percent)
-                    .header("x-chaos-key", "s3cret-key");
+                    .header("x-chaos-key", "s3cret-key-of-16b");
                 worker.fate(request, T0 + n, &store) != Fate::Passed
             })
             .count();
@@ -594,7 +600,7 @@ fn a_malformed_or_over_100_fault_percent_asks_for_nothing() {
         .filter(|&n| {
             let request = get("/chaos")
                 .header("x-seawall-fault-abort", "503")
-                .header("x-chaos-key", "s3cret-key");
+                .header("x-chaos-key", "s3cret-key-of-16b");
             worker.fate(request, T0 + n, &store) != Fate::Passed
         })
         .count();
@@ -624,4 +630,33 @@ fn a_delay_that_cannot_be_queued_still_sends_its_abort() {
         other => panic!("the abort is sent at once: {other:?}"),
     }
     assert_eq!(worker.metric("chaos.overflow"), 1);
+}
+
+/// A header-control secret is at least 16 bytes, and it never shows: config errors name only its
+/// length, and the compiled config's `Debug` redacts it.
+#[test]
+fn a_header_control_secret_is_at_least_16_bytes_and_never_shows() {
+    const SHORT: &str = "fifteen-bytes!!";
+    const LONG: &str = "sixteen-bytes!!!";
+    let config = |secret: &str| {
+        format!(
+            r#"{{"faults": {{"chaos": {{"header_control": {{"secret_header": "x-key", "secret": "{secret}"}}}}}},
+                "routes": [{{"name": "all", "faults": ["chaos"]}}]}}"#
+        )
+    };
+    let refused = compile(config(SHORT).as_bytes()).unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "faults.chaos.header_control.secret: expected a secret of at least 16 bytes, got 15 bytes"
+        ),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains(SHORT),
+        "the error shows the secret: {refused}"
+    );
+    let accepted = compile(config(LONG).as_bytes()).unwrap();
+    let shown = format!("{accepted:?}");
+    assert!(shown.contains("Secret(<16 bytes, redacted>)"), "{shown}");
+    assert!(!shown.contains(LONG), "Debug shows the secret");
 }

@@ -206,12 +206,12 @@ fn the_compose_demo_answers_the_readme_curl_lines() {
         "the open breaker kept the fourth request from the upstream"
     );
 
-    // curl -si -H 'x-seawall-fault-abort: 418' -H 'x-chaos-key: demo-secret' localhost:10000/slow
+    // curl -si -H 'x-seawall-fault-abort: 418' -H 'x-chaos-key: demo-chaos-secret-1' localhost:10000/slow
     let injected = send_once(
         listener,
         &Request::get("/slow")
             .header("x-seawall-fault-abort", "418")
-            .header("x-chaos-key", "demo-secret"),
+            .header("x-chaos-key", "demo-chaos-secret-1"),
     )
     .expect("slow");
     assert_eq!(injected.status, 418);

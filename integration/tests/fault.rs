@@ -345,7 +345,8 @@ fn max_active_holds_exactly_across_workers_and_a_client_that_leaves_frees_its_sl
     }
 }
 
-const CONTROLLED: &str = r#"{"chaos": {"header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-key", "max_percent": 50}}}"#;
+const SECRET: &str = "s3cret-key-of-16b";
+const CONTROLLED: &str = r#"{"chaos": {"header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-key-of-16b", "max_percent": 50}}}"#;
 
 #[test]
 fn header_control_without_the_secret_does_nothing_and_with_it_is_capped() {
@@ -377,9 +378,10 @@ fn header_control_without_the_secret_does_nothing_and_with_it_is_capped() {
             );
         }
     }
-    let statuses: Vec<u16> = (0..1000)
-        .map(|_| client.send(&asking("s3cret-key")).unwrap().status)
+    let responses: Vec<_> = (0..1000)
+        .map(|_| client.send(&asking(SECRET)).unwrap())
         .collect();
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
     let aborted = statuses.iter().filter(|&&s| s == 418).count();
     eprintln!("[fault] header control with the secret, 100% asked, capped at 50%: {aborted} of 1000 aborted");
     assert!((430..=570).contains(&aborted), "{aborted} of 1000");
@@ -389,6 +391,25 @@ fn header_control_without_the_secret_does_nothing_and_with_it_is_capped() {
     );
     assert_eq!(stat(&envoy, "header_control_applied"), 1000);
     assert_eq!(stat(&envoy, "aborts"), aborted as u64);
+
+    // The secret never shows: not in a reply, not upstream, not in a stat, not in Envoy's log.
+    for response in &responses {
+        assert!(!response.text().contains(SECRET));
+        assert!(response
+            .headers
+            .iter()
+            .all(|(_, value)| !String::from_utf8_lossy(value).contains(SECRET)));
+    }
+    assert!(upstream
+        .received()
+        .iter()
+        .all(|received| received.header("x-chaos-key").is_none()));
+    assert!(!envoy.prometheus().contains(SECRET));
+    assert!(!envoy.admin_get("/stats").unwrap().1.contains(SECRET));
+    assert!(
+        !envoy.log().contains(SECRET),
+        "the secret is in Envoy's log"
+    );
 }
 
 #[test]

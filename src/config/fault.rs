@@ -121,7 +121,7 @@ pub struct RawTimeBox {
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderControl {
     pub secret_header: String,
-    pub secret: String,
+    pub secret: Secret,
     #[serde(default = "hundred")]
     pub max_percent: Percent,
 }
@@ -156,11 +156,48 @@ pub struct Cohort {
     pub seed: u64,
 }
 
+/// The shortest header-control secret accepted: 16 bytes (128 bits of a random secret) is the
+/// least that cannot be guessed by trying, one request at a time, against a live proxy.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// A header-control secret. It never shows: `Debug` prints only its length, config errors name
+/// only its length, and it is compared in constant time.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub struct Secret(Vec<u8>);
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Secret(secret.into_bytes())
+    }
+}
+
+impl Secret {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `presented` is the secret, in time that does not depend on where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        crate::policy::fault::secret_matches(presented, &self.0)
+    }
+}
+
+impl core::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Secret(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
 /// Faults a request may ask for by header, with the secret that unlocks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderControl {
     pub secret_header: AttributeId,
-    pub secret: Vec<u8>,
+    pub secret: Secret,
     pub max_ppm: u32,
     pub abort: AttributeId,
     pub delay: AttributeId,
@@ -335,10 +372,13 @@ pub fn compile(
             ));
             return None;
         }
-        if control.secret.len() < 8 {
+        if control.secret.len() < MIN_SECRET_BYTES {
             errors.push(ConfigError::invalid(
                 child(&at, "secret"),
-                "expected a secret of at least 8 bytes",
+                format!(
+                    "expected a secret of at least {MIN_SECRET_BYTES} bytes, got {} bytes",
+                    control.secret.len()
+                ),
             ));
         }
         let mut intern = |name: &str| match attributes.intern(Attribute::header(name)) {
@@ -353,7 +393,7 @@ pub fn compile(
             abort: intern(ABORT_HEADER)?,
             delay: intern(DELAY_HEADER)?,
             percent: intern(PERCENT_HEADER)?,
-            secret: control.secret.clone().into_bytes(),
+            secret: control.secret.clone(),
             max_ppm: control.max_percent.ppm(),
         })
     });

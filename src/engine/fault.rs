@@ -7,8 +7,8 @@ use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
 use crate::policy::fault::{
-    self, parse_decimal, parse_percent, secret_matches, Active, Draw, Random, Slot, SALT_ABORT,
-    SALT_COHORT, SALT_DELAY, SALT_RESPONSE,
+    self, parse_decimal, parse_percent, Active, Draw, Random, Slot, SALT_ABORT, SALT_COHORT,
+    SALT_DELAY, SALT_RESPONSE,
 };
 use crate::policy::route::Route;
 use crate::request::{AttributeSource, RequestView};
@@ -314,7 +314,7 @@ impl Engine {
             return AskedFaults::default();
         }
         let presented = request.peek(control.secret_header).unwrap_or_default();
-        if !secret_matches(presented, &control.secret) {
+        if !control.secret.matches(presented) {
             metrics.increment(counters.header_control_rejected, 1);
             return AskedFaults::default();
         }

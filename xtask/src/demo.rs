@@ -310,8 +310,8 @@ fn script(listener: SocketAddr, upstream: &DemoUpstream) -> Result<(), String> {
     );
     show(
         listener,
-        "curl -si -H 'x-seawall-fault-abort: 418' -H 'x-chaos-key: demo-secret' localhost:10000/slow   # with the secret: applied",
-        &Request::get("/slow").header("x-seawall-fault-abort", "418").header("x-chaos-key", "demo-secret"),
+        "curl -si -H 'x-seawall-fault-abort: 418' -H 'x-chaos-key: demo-chaos-secret-1' localhost:10000/slow   # with the secret: applied",
+        &Request::get("/slow").header("x-seawall-fault-abort", "418").header("x-chaos-key", "demo-chaos-secret-1"),
         &["x-seawall-fault"],
     );
 
