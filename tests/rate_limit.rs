@@ -575,7 +575,7 @@ const HOUR_INTERVAL: u64 = 3_600 * SECOND;
 /// The bucket's arrival time as stored (after its layout byte).
 fn stored_tat(store: &FakeStore, key: &str) -> u64 {
     let raw = store.raw(key).unwrap();
-    assert_eq!(raw[0], 0x41, "a GCRA record");
+    assert_eq!(raw[0], 0x42, "a GCRA record");
     u64::from_le_bytes(raw[1..9].try_into().unwrap())
 }
 

@@ -49,7 +49,7 @@ use crate::policy::degradation::TICK;
 use crate::policy::key::{Form, KeyHasher};
 use crate::policy::rate_limit::{
     self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Gcra, GcraDecision, Mode,
-    Tat, LEASE_MAX,
+    LEASE_MAX,
 };
 use crate::policy::route::Route;
 use crate::request::{AttributeSource, RequestView};
@@ -325,7 +325,7 @@ impl Engine {
         let mut created = 0;
         for policy in &self.config.rate_limits {
             policy.buckets.all_keys(|key| {
-                created += usize::from(ensure(store, key, &Tat(0))?);
+                created += usize::from(ensure(store, key, &policy.gcra.record(0))?);
                 Ok(())
             })?;
         }
@@ -519,7 +519,13 @@ impl Engine {
             }
             // Given back even while in use: no leased token outlives a tick, and the next
             // request leases afresh, sized by this tick's use.
-            match rate_limit::give_back_lease(store, key, now.as_nanos(), lease.unspent()) {
+            match rate_limit::give_back_lease(
+                &lease.gcra,
+                store,
+                key,
+                now.as_nanos(),
+                lease.unspent(),
+            ) {
                 Ok(retries) => {
                     runtime.lease.set(None);
                     metrics.increment(runtime.lease_tokens_returned, i64::from(lease.left));

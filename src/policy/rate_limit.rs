@@ -73,6 +73,19 @@ pub struct Gcra {
     /// How far ahead of now the theoretical arrival time may run: `burst` intervals.
     tolerance: u64,
     burst: u32,
+    /// The configured limit this one is a scale of (itself when unscaled): the terms its bucket's
+    /// arrival time is stored in.
+    base: Terms,
+}
+
+/// The limit an arrival time is measured in: its interval and tolerance, in nanoseconds. A bucket's
+/// record carries the terms it was written in, so a reader under other terms (a reload changed the
+/// rate or the burst, or an old and a new config serve at once while the old one drains) converts
+/// the bucket rather than misreading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    pub interval: u64,
+    pub tolerance: u64,
 }
 
 /// A GCRA verdict on one request, with what clients are told about the bucket.
@@ -98,10 +111,15 @@ impl Gcra {
             .unwrap_or(u64::MAX)
             .max(1);
         let burst = burst.max(1);
+        let tolerance = interval.saturating_mul(u64::from(burst));
         Gcra {
             interval,
-            tolerance: interval.saturating_mul(u64::from(burst)),
+            tolerance,
             burst,
+            base: Terms {
+                interval,
+                tolerance,
+            },
         }
     }
 
@@ -123,7 +141,36 @@ impl Gcra {
             burst: u32::try_from(u64::from(self.burst) * ppm / 1_000_000)
                 .unwrap_or(u32::MAX)
                 .max(1),
+            base: self.base,
         }
+    }
+
+    /// The record that stores arrival time `at` in this limit's terms.
+    pub fn record(&self, at: u64) -> Tat {
+        Tat {
+            at,
+            terms: self.base,
+        }
+    }
+
+    /// The arrival time a stored bucket holds, in this limit's terms (`None`: no record, a fresh
+    /// bucket). A record written in other terms keeps the tokens it held at `now`, rounded down
+    /// and at most this limit's burst: a reload never refills a bucket, and alternating between
+    /// two limits never does either. Its debt does not carry over, only its tokens: an empty
+    /// bucket of a slower limit is an empty bucket of this one.
+    pub fn arrival(&self, record: Option<Tat>, now: u64) -> Option<u64> {
+        let record = record?;
+        if record.terms == self.base {
+            return Some(record.at);
+        }
+        let old = record.terms;
+        let ahead = record.at.clamp(now, now.saturating_add(old.tolerance)) - now;
+        let held = u128::from(old.tolerance.saturating_sub(ahead));
+        let converted = held * u128::from(self.base.interval) / u128::from(old.interval.max(1));
+        let held = u64::try_from(converted)
+            .unwrap_or(u64::MAX)
+            .min(self.base.tolerance);
+        Some(now.saturating_add(self.base.tolerance - held))
     }
 
     pub fn interval(&self) -> Duration {
@@ -178,19 +225,38 @@ impl Gcra {
     }
 }
 
-/// A bucket's record in shared data: the theoretical arrival time in nanoseconds since the epoch.
+/// A bucket's record in shared data: the theoretical arrival time in nanoseconds since the epoch,
+/// and the terms (interval and tolerance) it is measured in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tat(pub u64);
+pub struct Tat {
+    pub at: u64,
+    pub terms: Terms,
+}
 
-impl Record<8> for Tat {
-    /// Layout: GCRA theoretical arrival time.
-    const LAYOUT: u8 = 0x41;
-    fn encode(&self) -> [u8; 8] {
-        self.0.to_le_bytes()
+impl Record<24> for Tat {
+    /// Layout: GCRA theoretical arrival time with its terms (0x41 had the time alone).
+    const LAYOUT: u8 = 0x42;
+    fn encode(&self) -> [u8; 24] {
+        let mut bytes = [0; 24];
+        bytes[..8].copy_from_slice(&self.at.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.terms.interval.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.terms.tolerance.to_le_bytes());
+        bytes
     }
 
-    fn decode(bytes: &[u8; 8]) -> Self {
-        Tat(u64::from_le_bytes(*bytes))
+    fn decode(bytes: &[u8; 24]) -> Self {
+        let word = |at: usize| {
+            let mut word = [0; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        Tat {
+            at: word(0),
+            terms: Terms {
+                interval: word(8),
+                tolerance: word(16),
+            },
+        }
     }
 }
 
@@ -335,12 +401,17 @@ pub fn acquire_leasing<S: SharedStore + ?Sized>(
     returning: u64,
     wants: u32,
 ) -> (Acquired, u32) {
-    let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| {
-        let read = tat.map(|t| t.0);
+    let outcome = cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tat>| {
+        let read = gcra.arrival(record, now);
+        // What an ended lease left unspent goes back only into a bucket still in the terms it was
+        // taken in: after a reload it is dropped, which is stricter, never looser.
+        let in_our_terms = record.is_some_and(|record| record.terms == gcra.base);
         let stored = match read {
-            Some(tat) if returning > 0 => Some(returned(tat, returning, now)),
+            Some(tat) if returning > 0 && in_our_terms => Some(returned(tat, returning, now)),
             other => other,
         };
+        // A record in other terms is written back in ours, whatever the decision.
+        let written_as_read = |at: u64| Some(at) == read && in_our_terms;
         let tokens = lease_size(gcra.available(stored, now), wants);
         if tokens > 1 {
             // `tokens` is at most what the bucket holds, so the new time stays within the
@@ -360,20 +431,25 @@ pub fn acquire_leasing<S: SharedStore + ?Sized>(
                 remaining,
                 full_in,
             };
-            return Step::Write(Tat(new_tat), leased);
+            return Step::Write(gcra.record(new_tat), leased);
         }
         match gcra.decide(stored, now) {
             GcraDecision::Allow {
                 new_tat,
                 remaining,
                 full_in,
-            } => Step::Write(Tat(new_tat), Acquired::Allowed { remaining, full_in }),
+            } => Step::Write(
+                gcra.record(new_tat),
+                Acquired::Allowed { remaining, full_in },
+            ),
             GcraDecision::Deny { retry_in, full_in } => {
                 let limited = Acquired::Limited { retry_in, full_in };
                 // A time clamped on reading is written back, so the bucket refills from there
                 // rather than from a point that moves with now; so is a returned lease.
                 match gcra.clamp(stored, now) {
-                    clamped if Some(clamped) != read => Step::Write(Tat(clamped), limited),
+                    clamped if !written_as_read(clamped) => {
+                        Step::Write(gcra.record(clamped), limited)
+                    }
                     _ => Step::Keep(limited),
                 }
             }
@@ -399,16 +475,27 @@ fn returned(tat: u64, span: u64, now: u64) -> u64 {
 /// times the interval of the limit it was taken under, so a lease taken under another scale
 /// returns exactly what it took). Returns the CAS races lost. A bucket that is already full, or
 /// that is no longer stored, has nothing to take back.
+///
+/// Only into a bucket still in the terms of `gcra`, the limit the lease was taken under: a bucket
+/// a reload has since converted keeps what it holds (stricter, never looser).
 pub fn give_back_lease<S: SharedStore + ?Sized>(
+    gcra: &Gcra,
     store: &S,
     key: &str,
     now: u64,
     span: u64,
 ) -> Result<u32, UpdateError> {
-    cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| match tat {
-        Some(Tat(tat)) if span > 0 && tat > now => Step::Write(Tat(returned(tat, span, now)), ()),
-        _ => Step::Keep(()),
-    })
+    cas::update(
+        store,
+        key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<Tat>| match record {
+            Some(Tat { at, terms }) if span > 0 && at > now && terms == gcra.base => {
+                Step::Write(gcra.record(returned(at, span, now)), ())
+            }
+            _ => Step::Keep(()),
+        },
+    )
     .map(|updated| updated.attempts - 1)
 }
 
@@ -418,10 +505,18 @@ pub fn refund<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
 ) -> Result<(), UpdateError> {
-    cas::update(store, key, MAX_CAS_ATTEMPTS, |tat: Option<Tat>| match tat {
-        Some(Tat(tat)) => Step::Write(Tat(gcra.refund(tat)), ()),
-        None => Step::Keep(()),
-    })
+    // A bucket a reload converted meanwhile keeps its token: stricter, never looser.
+    cas::update(
+        store,
+        key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<Tat>| match record {
+            Some(Tat { at, terms }) if terms == gcra.base => {
+                Step::Write(gcra.record(gcra.refund(at)), ())
+            }
+            _ => Step::Keep(()),
+        },
+    )
     .map(|_| ())
 }
 
@@ -517,5 +612,107 @@ mod tests {
             all,
             ["sw:p:rl:u:0", "sw:p:rl:u:1", "sw:p:rl:u:2", "sw:p:rl:u:3"]
         );
+    }
+
+    /// Admits through `acquire` on a fake store until refused; returns how many got in.
+    fn drain(gcra: &Gcra, store: &crate::state::fake::FakeStore, now: u64) -> u64 {
+        let mut admitted = 0;
+        while matches!(
+            acquire(gcra, store, "sw:p:rl:b", now).0,
+            Acquired::Allowed { .. }
+        ) {
+            admitted += 1;
+            assert!(admitted <= 1_000, "never refused");
+        }
+        admitted
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_limit_keeps_the_tokens_the_bucket_holds() {
+        let store = crate::state::fake::FakeStore::new();
+        let five_a_minute = Gcra::new(Duration::from_secs(12), 20);
+        let now = 1_000 * SECOND;
+        for _ in 0..13 {
+            assert!(matches!(
+                acquire(&five_a_minute, &store, "sw:p:rl:b", now).0,
+                Acquired::Allowed { .. }
+            ));
+        }
+        // 7 tokens left: a faster limit with a bigger burst sees 7, a smaller burst caps them.
+        let six_a_minute = Gcra::new(Duration::from_secs(10), 40);
+        assert_eq!(
+            six_a_minute.available(six_a_minute.arrival(store_record(&store), now), now),
+            7
+        );
+        let burst_of_five = Gcra::new(Duration::from_secs(10), 5);
+        assert_eq!(
+            burst_of_five.available(burst_of_five.arrival(store_record(&store), now), now),
+            5
+        );
+        assert_eq!(drain(&six_a_minute, &store, now), 7);
+    }
+
+    fn store_record(store: &crate::state::fake::FakeStore) -> Option<Tat> {
+        let mut record = None;
+        let _ = cas::update(store, "sw:p:rl:b", 1, |read: Option<Tat>| {
+            record = read;
+            Step::Keep(())
+        });
+        record
+    }
+
+    #[test]
+    fn alternating_between_two_limits_never_refills_a_bucket() {
+        let store = crate::state::fake::FakeStore::new();
+        let limits = [
+            Gcra::new(Duration::from_secs(12), 20),
+            Gcra::new(Duration::from_secs(10), 20),
+        ];
+        let start = 1_000 * SECOND;
+        assert_eq!(drain(&limits[0], &store, start), 20);
+        // A reload every second for a minute, each one read by a request: nothing comes back but
+        // what the faster rate refills over the minute (6), and the bucket is read in each
+        // limit's terms in turn.
+        let mut admitted = 0;
+        for second in 1..=60 {
+            admitted += drain(
+                &limits[second as usize % 2],
+                &store,
+                start + second * SECOND,
+            );
+        }
+        assert!(admitted <= 6, "{admitted} admitted after the burst");
+        assert!(admitted >= 4, "the slower rate still refills: {admitted}");
+    }
+
+    #[test]
+    fn a_scaled_limit_reads_the_bucket_in_its_configured_terms() {
+        let store = crate::state::fake::FakeStore::new();
+        let configured = Gcra::new(Duration::from_secs(1), 10);
+        let halved = configured.scaled(500_000);
+        let now = 1_000 * SECOND;
+        assert_eq!(drain(&halved, &store, now), 5);
+        // No conversion between a limit and its scale: the configured one sees the same time.
+        assert_eq!(
+            store_record(&store).unwrap().terms,
+            configured.record(0).terms
+        );
+        assert_eq!(drain(&configured, &store, now), 0);
+    }
+
+    #[test]
+    fn a_lease_returned_after_a_reload_is_dropped_not_added() {
+        let store = crate::state::fake::FakeStore::new();
+        let before = Gcra::new(Duration::from_millis(10), 100);
+        let after = Gcra::new(Duration::from_millis(20), 100);
+        let now = 1_000 * SECOND;
+        let (leased, _) = acquire_leasing(&before, &store, "sw:p:rl:b", now, 0, 6);
+        let Acquired::Leased { tokens, .. } = leased else {
+            unreachable!("an ample bucket leases: {leased:?}")
+        };
+        // The reload converts the bucket; the old lease's unspent tokens then stay out of it.
+        assert_eq!(drain(&after, &store, now), 100 - u64::from(tokens));
+        give_back_lease(&before, &store, "sw:p:rl:b", now, before.span(tokens)).unwrap();
+        assert_eq!(drain(&after, &store, now), 0);
     }
 }
