@@ -193,6 +193,8 @@ pub struct EnvoyConfig {
     pub wasm: Option<PathBuf>,
     /// Delivers the seawall filter through ECDS instead of inline (see [`EcdsSpec`]).
     pub ecds: Option<EcdsSpec>,
+    /// Top-level bootstrap YAML appended as is (e.g. a `stats_config` block).
+    pub bootstrap_extra: Vec<String>,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -212,6 +214,7 @@ impl Default for EnvoyConfig {
             access_log: false,
             wasm: None,
             ecds: None,
+            bootstrap_extra: Vec::new(),
             listener_port: 0,
         }
     }
@@ -283,6 +286,13 @@ impl EnvoyConfig {
     /// slot, and its config comes from an extension config file Envoy watches (see [`EcdsSpec`]).
     pub fn ecds(mut self, spec: EcdsSpec) -> Self {
         self.ecds = Some(spec);
+        self
+    }
+
+    /// Appends top-level bootstrap YAML, such as envoy/prometheus/stats_tags.yaml's
+    /// `stats_config`, which changes how `/stats/prometheus` names seawall's stats.
+    pub fn bootstrap_yaml(mut self, yaml: &str) -> Self {
+        self.bootstrap_extra.push(yaml.to_owned());
         self
     }
 
@@ -409,6 +419,17 @@ impl EnvoyConfig {
     }
 
     fn render_bootstrap(&self, dir: &Path, wasm: &Path) -> String {
+        let mut bootstrap = self.render_resources(dir, wasm);
+        for extra in &self.bootstrap_extra {
+            bootstrap.push_str(extra);
+            if !extra.ends_with('\n') {
+                bootstrap.push('\n');
+            }
+        }
+        bootstrap
+    }
+
+    fn render_resources(&self, dir: &Path, wasm: &Path) -> String {
         let admin = "admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}\n";
         let node = "node: {id: seawall-test, cluster: seawall-test}\n";
         if self.xds_from_files {
