@@ -141,6 +141,58 @@ pub fn hostcall_counting_wasm() -> PathBuf {
     path
 }
 
+/// The `trap-on-header` build of the plugin (tests only), whose VM traps on a request carrying
+/// `x-seawall-test-trap: 1`: `SEAWALL_TRAP_WASM`, or where `cargo xtask test` builds it.
+pub fn trapping_wasm() -> PathBuf {
+    let path = std::env::var("SEAWALL_TRAP_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            workspace_root().join("target/trap-build/wasm32-wasip1/release/seawall.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --release --target wasm32-wasip1 -p seawall --features trap-on-header --target-dir target/trap-build`",
+        path.display()
+    );
+    path
+}
+
+/// What the Wasm filter's `PluginConfig` says Envoy does when the VM fails
+/// (`envoy.extensions.wasm.v3.PluginConfig`); no setting at all is `None` in
+/// [`EnvoyConfig::wasm_failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmFailure {
+    /// `failure_policy: FAIL_CLOSED`.
+    FailClosed,
+    /// `failure_policy: FAIL_OPEN`.
+    FailOpen,
+    /// `failure_policy: FAIL_RELOAD`, with `reload_config.backoff.base_interval` when given.
+    FailReload { backoff_base: Option<Duration> },
+    /// The deprecated `fail_open: true`.
+    LegacyFailOpen,
+}
+
+impl WasmFailure {
+    /// The PluginConfig fields, one YAML line each.
+    fn yaml_lines(self) -> Vec<String> {
+        match self {
+            WasmFailure::FailClosed => vec!["failure_policy: FAIL_CLOSED".into()],
+            WasmFailure::FailOpen => vec!["failure_policy: FAIL_OPEN".into()],
+            WasmFailure::FailReload { backoff_base } => {
+                let mut lines = vec!["failure_policy: FAIL_RELOAD".to_owned()];
+                if let Some(base) = backoff_base {
+                    lines.push(format!(
+                        "reload_config: {{backoff: {{base_interval: {}s}}}}",
+                        base.as_secs_f64()
+                    ));
+                }
+                lines
+            }
+            WasmFailure::LegacyFailOpen => vec!["fail_open: true".into()],
+        }
+    }
+}
+
 /// One Envoy route.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -195,6 +247,8 @@ pub struct EnvoyConfig {
     pub ecds: Option<EcdsSpec>,
     /// Top-level bootstrap YAML appended as is (e.g. a `stats_config` block).
     pub bootstrap_extra: Vec<String>,
+    /// The inline filter's failure setting (`None`: Envoy's default).
+    pub wasm_failure: Option<WasmFailure>,
     /// Pinned after the first start, so LDS updates keep the same listener address.
     listener_port: u16,
 }
@@ -215,6 +269,7 @@ impl Default for EnvoyConfig {
             wasm: None,
             ecds: None,
             bootstrap_extra: Vec::new(),
+            wasm_failure: None,
             listener_port: 0,
         }
     }
@@ -296,6 +351,13 @@ impl EnvoyConfig {
         self
     }
 
+    /// What Envoy does when the VM fails, in the inline filter's `PluginConfig` (see
+    /// [`WasmFailure`]).
+    pub fn wasm_failure(mut self, failure: WasmFailure) -> Self {
+        self.wasm_failure = Some(failure);
+        self
+    }
+
     fn render_listener(&self, dir: &Path, wasm: &Path) -> String {
         let mut routes = String::new();
         for route in &self.routes {
@@ -332,7 +394,7 @@ impl EnvoyConfig {
               config:
                 name: seawall
                 root_id: seawall
-                vm_config:
+{failure}                vm_config:
                   vm_id: seawall
                   runtime: envoy.wasm.runtime.v8
                   code: {{local: {{filename: {wasm}}}}}
@@ -342,6 +404,13 @@ impl EnvoyConfig {
 "#,
                 wasm = serde_json::to_string(&wasm.display().to_string()).unwrap(),
                 plugin = serde_json::to_string(plugin).unwrap(),
+                failure = self
+                    .wasm_failure
+                    .map(WasmFailure::yaml_lines)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|line| format!("                {line}\n"))
+                    .collect::<String>(),
             ));
         }
         let route_config_extra: String = self

