@@ -646,7 +646,7 @@ fn every_metric_the_dashboard_and_the_rules_read_is_exported_by_envoy_under_demo
         &envoy,
         &Request::get("/slow")
             .header("x-seawall-fault-abort", "418")
-            .header("x-chaos-key", "demo-secret"),
+            .header("x-chaos-key", "demo-chaos-secret-1"),
     );
     // Degradation: the failing probes raise the shop to `critical` a step at a time; low
     // priority is shed from the first level; at the second the catalog answers every priority
