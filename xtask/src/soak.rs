@@ -201,7 +201,7 @@ pub fn run(minutes: f64) -> Result<(), String> {
             let started = Instant::now();
             while !stopping.load(Ordering::SeqCst) {
                 let second = started.elapsed().as_secs();
-                let payments = if (second / 3) % 2 == 0 {
+                let payments = if (second / 3).is_multiple_of(2) {
                     Behaviour::ok().status(503)
                 } else {
                     Behaviour::ok()
