@@ -11,6 +11,7 @@ mod demo;
 mod image;
 mod oci;
 mod setup;
+mod soak;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,9 @@ commands:
   oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
                 compat), with digests and skopeo publish lines; --check verifies them with
                 Istio's acceptance rules, skopeo and Docker
+  soak [--minutes N]
+                all five policies under mixed traffic on 4 workers for N minutes (default 10):
+                memory slope, gauges back at 0, no error lines; writes target/soak/report.md
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
@@ -47,6 +51,7 @@ fn main() {
         ),
         Some("image") => image::build_all()
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
+        Some("soak") => soak_minutes(&args).and_then(soak::run),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         _ => {
@@ -57,6 +62,18 @@ fn main() {
     if let Err(message) = result {
         eprintln!("xtask: {message}");
         exit(1);
+    }
+}
+
+/// `--minutes N` (default 10) for `cargo xtask soak`.
+fn soak_minutes(args: &[String]) -> Result<f64, String> {
+    match args.iter().position(|a| a == "--minutes") {
+        None => Ok(10.0),
+        Some(at) => args
+            .get(at + 1)
+            .and_then(|n| n.parse::<f64>().ok())
+            .filter(|n| *n > 0.0)
+            .ok_or_else(|| "--minutes needs a positive number".to_owned()),
     }
 }
 
