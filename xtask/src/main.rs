@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod image;
 mod oci;
 mod setup;
@@ -33,7 +34,8 @@ commands:
   oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
                 compat), with digests and skopeo publish lines; --check verifies them with
                 Istio's acceptance rules, skopeo and Docker
-  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
+  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md
+  fuzz [--seconds N] [TARGET...]  run the libFuzzer targets of fuzz/ for N seconds each (60) on their seed corpus";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -49,6 +51,7 @@ fn main() {
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
