@@ -109,6 +109,7 @@ fn main() -> std::io::Result<()> {
     }
     busy.pushed_back_until = u64::MAX;
     add("budget-saturated", 4, stored(&busy));
+
     add(
         "active",
         5,
@@ -142,6 +143,21 @@ fn main() -> std::io::Result<()> {
         },
     );
     add("admissions", 8, stored(&admissions));
+
+    // A budget at 100% with a floor of 5 and 1 ns buckets (c = 0), its window saturated at now:
+    // what granted retries without end before `Budget::remaining` capped grants at what the
+    // window can still count.
+    let mut saturated = BudgetState::empty();
+    for number in NOW - 9..=NOW {
+        *saturated.window.current(number) = retry::Tally {
+            requests: u32::MAX,
+            retries: u32::MAX / 4,
+        };
+    }
+    seeds.push((
+        "budget-saturated-full-ratio".to_owned(),
+        input(4, false, 0, 1_000_000, 5, &stored(&saturated)),
+    ));
 
     for (name, bytes) in seeds {
         fs::write(dir.join(name), bytes)?;

@@ -294,17 +294,24 @@ fuzz_target!(|data: &[u8]| {
                 unhealthy_after: 1 + (input.c >> 8) % 10,
             };
             let _ = health.with_probe_result(input.flag, thresholds);
-            // Another worker's lease, however it reads, lapses within one term.
+            // Another worker's lease, however it reads, lapses within one term of when it is
+            // first seen: free now, or free a term later. A claimed lease runs one term.
             let ttl = 1 + u64::from(input.a);
             let me = 2 + u64::from(input.b);
-            let lease = claim(health.lease, me, now.saturating_add(ttl), ttl);
+            let (at, lease) = match claim(health.lease, me, now, ttl) {
+                Some(lease) => (now, Some(lease)),
+                None => {
+                    let later = now.saturating_add(ttl);
+                    (later, claim(health.lease, me, later, ttl))
+                }
+            };
             assert_eq!(
                 lease,
                 Some(Lease {
                     holder: me,
-                    until: now.saturating_add(ttl).saturating_add(ttl)
+                    until: at.saturating_add(ttl)
                 }),
-                "the lease {:?} is still held a term later",
+                "the lease {:?} is still held a term after {now}",
                 health.lease
             );
         }

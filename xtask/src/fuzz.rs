@@ -171,9 +171,12 @@ fn run_target(binaries: &Path, target: &str, seconds: u64) -> Result<Report, Str
     let binary = binaries.join(target);
     let work = target_dir().join("run").join(target);
     let corpus = work.join("corpus");
-    let artifacts = work.join("artifacts");
+    // Outside the run directory, which each run starts afresh: a crashing input outlives the run
+    // that found it, until it has become a regression test.
+    let artifacts = target_dir().join("artifacts").join(target);
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&artifacts).map_err(|error| format!("{}: {error}", artifacts.display()))?;
+    let before = files(&artifacts);
     copy_dir(&fuzz_dir().join("corpus").join(target), &corpus)?;
     let log = work.join("fuzz.log");
     let log_file = fs::File::create(&log).map_err(|error| format!("{}: {error}", log.display()))?;
@@ -195,9 +198,10 @@ fn run_target(binaries: &Path, target: &str, seconds: u64) -> Result<Report, Str
         .map_err(|error| format!("{}: could not start: {error}", binary.display()))?;
     let text = fs::read_to_string(&log).unwrap_or_default();
     let mut report = stats(target, &text);
-    let found: Vec<PathBuf> = fs::read_dir(&artifacts)
-        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
-        .unwrap_or_default();
+    let found: Vec<PathBuf> = files(&artifacts)
+        .into_iter()
+        .filter(|path| !before.contains(path))
+        .collect();
     if !status.success() || !found.is_empty() {
         let mut failure = format!("libFuzzer exited with {status}; log: {}", log.display());
         for input in &found {
@@ -257,6 +261,12 @@ fn stats(target: &str, log: &str) -> Report {
         corpus: field("corp:"),
         failure: None,
     }
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default()
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
