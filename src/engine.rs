@@ -37,6 +37,9 @@ pub use breaker::{CIRCUIT_HEADER, GRPC_UNAVAILABLE};
 pub use decision::*;
 pub use degradation::{DEGRADED_HEADER, TICK as DEGRADATION_TICK};
 pub use fault::FAULT_HEADER;
+/// The client-key hash of keyed policies, for the fuzz targets only (see `fuzz/`).
+#[doc(hidden)]
+pub use limits::key_hash;
 pub use limits::GRPC_RESOURCE_EXHAUSTED;
 pub use retries::ATTEMPT_COUNT_HEADER;
 

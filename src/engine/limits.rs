@@ -300,7 +300,10 @@ pub(super) fn bucket<'k, S: AttributeSource>(
 
 /// The keyed hash of a client key, each part read once (the view caches it) and hashed in its
 /// canonical form: no allocation. `None` when a part is missing.
-pub(super) fn key_hash<S: AttributeSource>(
+///
+/// Public only for the fuzz targets (`fuzz/`), which check this very function rather than a copy.
+#[doc(hidden)]
+pub fn key_hash<S: AttributeSource>(
     key: &[KeyPart],
     request: &mut RequestView<'_, S>,
     seed: u64,

@@ -105,6 +105,8 @@ pub enum Circuit {
     Open { until: u64 },
     /// Up to `half_open_probes` requests at once test the upstream.
     HalfOpen {
+        /// When the last probe was admitted (the episode's start, at first): probes count as
+        /// lost only once none has been admitted for the probe deadline.
         since: u64,
         in_flight: u16,
         successes: u16,
@@ -489,9 +491,12 @@ impl Breaker {
             } => {
                 if in_flight < self.half_open_probes {
                     let generation = state.generation;
+                    // The slot is taken now: were `since` left at the episode's start, an
+                    // episode older than the deadline would restart as soon as its slots filled,
+                    // and admit a second set of probes at the same instant.
                     let next = BreakerState {
                         circuit: Circuit::HalfOpen {
-                            since,
+                            since: now,
                             in_flight: in_flight + 1,
                             successes,
                         },
@@ -1278,6 +1283,40 @@ mod tests {
             breaker.settle(&open, None, Some(pending(3, 50)), now),
             dropped
         );
+    }
+
+    /// Found by the `records` fuzz target: a half-open episode older than the probe deadline,
+    /// with free slots, admitted probes into them and then, its slots full and its start still
+    /// old, restarted at once and admitted a second set: twice `half_open_probes` at one instant.
+    #[test]
+    fn a_stale_half_open_episode_admits_no_more_probes_than_allowed() {
+        let breaker = breaker();
+        let now = 1_000 * SECOND;
+        let mut state = BreakerState {
+            circuit: Circuit::HalfOpen {
+                since: 0,
+                in_flight: 0,
+                successes: 0,
+            },
+            ..BreakerState::fresh()
+        };
+        let mut probes = 0;
+        for _ in 0..10 {
+            let (admission, change) = breaker.admit(&state, now);
+            if matches!(admission, Admission::Probe { .. }) {
+                probes += 1;
+            }
+            if let Some(change) = change {
+                state = change.state;
+            }
+        }
+        assert_eq!(probes, breaker.half_open_probes);
+        // Probes that never report still count as lost a deadline after the last one went out.
+        let later = now + nanos(breaker.probe_deadline()) + 1;
+        assert!(matches!(
+            breaker.admit(&state, later).0,
+            Admission::Probe { .. }
+        ));
     }
 
     #[test]

@@ -135,10 +135,16 @@ impl Budget {
     }
 
     /// Retries still allowed in a window holding `totals`.
+    ///
+    /// Never more than the window can still count: the counters saturate, so a window whose
+    /// retries already add up to `u32::MAX` (only a corrupt or foreign record gets there) would
+    /// not count another grant, and granting from it would never lower what remains.
     pub fn remaining(&self, totals: &Tally) -> u32 {
         let earned = u64::from(totals.requests) * u64::from(self.ratio_ppm) / 1_000_000;
         let allowance = earned.saturating_add(u64::from(self.floor));
-        u32::try_from(allowance.saturating_sub(u64::from(totals.retries))).unwrap_or(u32::MAX)
+        let left = allowance.saturating_sub(u64::from(totals.retries));
+        let countable = u32::MAX - totals.retries;
+        u32::try_from(left).unwrap_or(u32::MAX).min(countable)
     }
 }
 
@@ -370,6 +376,40 @@ mod tests {
             floor: 10,
             bucket_nanos: SECOND,
         }
+    }
+
+    /// Fuzzing hardening (the `records` target's "never more retries than the budget holds"):
+    /// a record whose retry counts add up past `u32::MAX` (corrupt, or foreign) saturated the
+    /// window's total, so granting retries no longer lowered what remained, and every request
+    /// was granted retries from the floor, without end.
+    #[test]
+    fn a_saturated_window_grants_no_more_than_it_holds() {
+        let budget = Budget {
+            ratio_ppm: 1_000_000,
+            floor: 5,
+            bucket_nanos: SECOND,
+        };
+        let now = 100 * SECOND;
+        let epoch = budget.epoch(now);
+        let mut state = BudgetState::empty();
+        for number in epoch - 9..=epoch {
+            *state.window.current(number) = Tally {
+                requests: u32::MAX,
+                retries: u32::MAX / 4,
+            };
+        }
+        let held = budget.remaining(&state.window.totals(epoch));
+        let ask = Exchange {
+            wanted: 1,
+            ..Exchange::NOTHING
+        };
+        let mut granted = 0u32;
+        for _ in 0..100 {
+            if let Grant::Granted { retries, .. } = ask.apply(&budget, &mut state, now).grant {
+                granted += retries;
+            }
+        }
+        assert!(granted <= held, "{granted} retries granted, {held} held");
     }
 
     /// Issue 14, point 11: a refund came out of the newest window bucket rather than the grant's.

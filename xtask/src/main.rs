@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod image;
 mod oci;
 mod setup;
@@ -37,6 +38,8 @@ commands:
   soak [--minutes N]
                 all five policies under mixed traffic on 4 workers for N minutes (default 10):
                 memory slope, gauges back at 0, no error lines; writes target/soak/report.md
+  fuzz [--seconds N] [TARGET...]
+                run the libFuzzer targets of fuzz/ for N seconds each (60) on their seed corpus
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Some("soak") => soak_minutes(&args).and_then(soak::run),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
@@ -358,7 +362,18 @@ fn test() -> Result<(), String> {
             .env("SEAWALL_WASM", &wasm)
             .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
             .env("SEAWALL_TRAP_WASM", &trap_wasm)
-            .envs(envoy_runtime),
+            .envs(envoy_runtime.clone()),
+    )?;
+    run(
+        "soak (1 minute; `cargo xtask soak` runs 10)",
+        cargo()
+            .args(["xtask", "soak", "--minutes", "1"])
+            .env("ENVOY_BIN", &envoy)
+            .envs(envoy_runtime.clone()),
+    )?;
+    run(
+        "fuzz (60 s a target on the seed corpus)",
+        cargo().args(["xtask", "fuzz"]),
     )?;
     run(
         "demo (once)",
