@@ -10,7 +10,7 @@ use seawall::policy::circuit_breaker::{BreakerState, Circuit};
 use seawall::policy::degradation::{self, AdmissionWindow, Admissions, Health, Lease, ProbeHealth};
 use seawall::policy::fault::Active;
 use seawall::policy::key::Secret;
-use seawall::policy::rate_limit::Tat;
+use seawall::policy::rate_limit::{Tat, Terms};
 use seawall::policy::retry::{self, BudgetState};
 use seawall::state::cas::Record;
 use seawall::state::generation::Generation;
@@ -59,9 +59,26 @@ fn main() -> std::io::Result<()> {
         ));
     };
 
-    add("tat-fresh", 0, stored(&Tat(0)));
-    add("tat-ahead", 0, stored(&Tat(NOW + 3_600_000_000_000)));
-    add("tat-max", 0, stored(&Tat(u64::MAX)));
+    // The seeds' own terms: 1 ms a token, a burst of 10; a record in other terms is converted.
+    let terms = Terms {
+        interval: 1_000_000,
+        tolerance: 10_000_000,
+    };
+    let tat = |at: u64| Tat { at, terms };
+    add("tat-fresh", 0, stored(&tat(0)));
+    add("tat-ahead", 0, stored(&tat(NOW + 3_600_000_000_000)));
+    add("tat-max", 0, stored(&tat(u64::MAX)));
+    add(
+        "tat-other-terms",
+        0,
+        stored(&Tat {
+            at: NOW + 1_000_000_000,
+            terms: Terms {
+                interval: 0,
+                tolerance: u64::MAX,
+            },
+        }),
+    );
     add("secret", 1, stored(&Secret(0x5ea_5ec2e7)));
     add(
         "generation",

@@ -140,12 +140,13 @@ fuzz_target!(|data: &[u8]| {
     let now = input.now();
     match input.kind {
         Kind::Tat => {
-            let (store, tat) = stored_record::<8, Tat>(&input);
+            let (store, tat) = stored_record::<24, Tat>(&input);
             // A rate and burst as the compiler makes them: 1 ns to 1 h per token, burst >= 1.
             let interval = Duration::from_nanos(1 + u64::from(input.a) * 1_000);
             let burst = 1 + input.b % 2048;
             let gcra = Gcra::new(interval, burst);
-            assert!(gcra.available(tat.map(|t| t.0), now) <= u64::from(burst));
+            // A record in any terms (another config's, or garbage) reads as at most this burst.
+            assert!(gcra.available(gcra.arrival(tat, now), now) <= u64::from(burst));
             // Every request at one instant: at most `burst` tokens, however the record read.
             let wants = u32::from(input.c);
             let mut tokens = 0u64;

@@ -85,11 +85,18 @@ impl<C: Counts> Window<C> {
         self.live(number).all(|(_, counts)| *counts == C::ZERO)
     }
 
+    /// The buckets of the window that ends at `number`. Only a bucket in the slot its number maps
+    /// to counts: a window this code wrote never has another, and a corrupt or foreign record
+    /// that repeats a number in a second slot would otherwise count it twice.
     fn live(&self, number: u64) -> impl Iterator<Item = &(u64, C)> {
         let oldest = number.saturating_sub(BUCKETS as u64 - 1);
         self.buckets
             .iter()
-            .filter(move |(stamp, _)| (oldest..=number).contains(stamp))
+            .enumerate()
+            .filter(move |(index, (stamp, _))| {
+                (oldest..=number).contains(stamp) && slot(*stamp) == *index
+            })
+            .map(|(_, bucket)| bucket)
     }
 
     /// Writes exactly [`Window::LEN`] bytes into `out`.
@@ -176,6 +183,20 @@ mod tests {
         assert_eq!(window.totals(640), Hits(1));
         // Reaching 1000 again, the slot of 1000 holds 640's count now, long expired.
         assert_eq!(window.totals(1_000), Hits(0));
+    }
+
+    /// Found by the `records` fuzz target: a corrupt retry-budget record held one bucket number in
+    /// two slots, the window counted it twice, and the first grant's write, which reset the
+    /// misplaced slot, suddenly freed that count: 318 retries granted from a read of 3.
+    #[test]
+    fn a_number_in_a_slot_it_does_not_map_to_is_not_counted() {
+        let mut window = Window::<Hits>::default();
+        window.add(17, &Hits(5));
+        // Slot 4 claims number 17, which maps to slot 7: only a corrupt record looks like this.
+        window.buckets[4] = (17, Hits(1_000));
+        assert_eq!(window.totals(17), Hits(5));
+        assert_eq!(window.totals(19), Hits(5));
+        assert!(!window.is_empty_at(17));
     }
 
     #[test]
