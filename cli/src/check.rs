@@ -151,15 +151,15 @@ fn shadowed_routes(routes: &[&Map<String, Value>], warnings: &mut Vec<Warning>) 
             continue;
         };
         let why = if route_match(routes[earlier]).is_empty() {
-            "a catch-all (no conditions)".to_owned()
+            "is a catch-all (no conditions)"
         } else {
-            "matches every request it would".to_owned()
+            "matches every request it would"
         };
         warn(
             warnings,
             format!("routes[{later}]"),
             format!(
-                "route \"{}\" never matches: routes[{earlier}] (\"{}\") is {why}, and the first match wins",
+                "route \"{}\" never matches: routes[{earlier}] (\"{}\") {why}, and the first match wins",
                 route_name(route),
                 route_name(routes[earlier])
             ),

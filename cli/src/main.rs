@@ -11,16 +11,12 @@
 //! stderr, `--format json` for machines (one JSON document on stdout), colour only on a terminal
 //! (and never with `NO_COLOR` set).
 
-mod check;
-mod explain;
-mod input;
-mod output;
-
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use output::{Format, Style};
+use seawall_cli::output::{self, Format, Style};
+use seawall_cli::{check, explain, input};
 
 const EXIT_OK: u8 = 0;
 const EXIT_REFUSED: u8 = 1;

@@ -159,10 +159,10 @@ pattern_string!(
     "A path starting with '/' (matched without the query string)."
 );
 pattern_string!(
-    /// `policy::fault::parse_rfc3339`.
+    /// `policy::fault::parse_rfc3339`: nanoseconds since 1970 in a u64, so years 1970 to 2553.
     Rfc3339,
-    "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]*)?([Zz]|[+-][0-9]{2}:[0-9]{2})$",
-    "An RFC 3339 time, like \"2026-11-22T10:00:00Z\"."
+    "^(19[7-9][0-9]|2[0-4][0-9]{2}|25[0-4][0-9]|255[0-3])-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]*)?([Zz]|[+-][0-9]{2}:[0-9]{2})$",
+    "An RFC 3339 time, like \"2026-11-22T10:00:00Z\" (years 1970 to 2553)."
 );
 
 /// `"unhealthy"` (enter) or `"healthy"` (exit).

@@ -1,0 +1,8 @@
+//! The `seawall` tool's parts, as a library so its tests can reach them: finding plugin configs in
+//! files ([`input`]), checking them with the filter's own code ([`check`]), explaining a request
+//! ([`explain`]), and showing the results ([`output`]). `main.rs` is only the command line.
+
+pub mod check;
+pub mod explain;
+pub mod input;
+pub mod output;
