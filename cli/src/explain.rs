@@ -143,8 +143,10 @@ pub struct PolicyDecision {
 pub struct Decision {
     /// `upstream` (goes on), `delayed` (goes on after `delay_ms`) or `reply` (answered locally).
     pub verdict: &'static str,
-    /// The local reply's status.
+    /// The local reply's status (for `delayed`: the abort sent when the delay is over).
     pub status: Option<u16>,
+    /// A response fault's status, which replaces the upstream's.
+    pub response_status: Option<u16>,
     pub delay_ms: Option<u64>,
     pub retry_after_s: Option<u64>,
     /// Retries granted (`x-envoy-max-retries`).
@@ -237,8 +239,26 @@ fn run(config: PluginConfig, spec: &RequestSpec) -> Result<(Decision, Option<usi
     let mut view = RequestView::new(&engine.config().attributes, &mut request, &mut scratch);
     let now = Timestamp::from_nanos(spec.at);
     let decided = engine.on_request(&mut view, now, &store, &metrics);
-    let route = decided.stream.route.map(|r| usize::from(r.0));
     let mut decision = describe_decision(&decided, now);
+    // Faults carried on the stream: an abort sent when the delay is over, or a response fault.
+    let faults = &decided.stream.faults;
+    if let (Some((_, status)), "delayed") = (faults.abort, decision.verdict) {
+        decision.status = Some(status);
+    }
+    let route = decided
+        .stream
+        .route
+        .and_then(|index| engine.config().routes.get(index));
+    if let (Some(position), Some(route)) = (faults.response, route) {
+        decision.response_status = route
+            .policies
+            .faults
+            .get(usize::from(position))
+            .and_then(|&fault| engine.config().faults.get(fault))
+            .and_then(|fault| fault.response.as_ref())
+            .map(|response| response.status);
+    }
+    let route = decided.stream.route.map(|r| usize::from(r.0));
     drop(view);
     let after = store.snapshot();
     decision.shared_keys = after

@@ -188,12 +188,19 @@ fn decision_text(decision: &Decision, style: &Style) -> String {
         "delayed" => style.out(
             YELLOW,
             &format!(
-                "delayed {}ms, then to the upstream",
-                decision.delay_ms.unwrap_or(0)
+                "delayed {}ms, then {}",
+                decision.delay_ms.unwrap_or(0),
+                decision.status.map_or_else(
+                    || "to the upstream".to_owned(),
+                    |s| format!("local reply {s}")
+                )
             ),
         ),
         _ => style.out(GREEN, "to the upstream"),
     }];
+    if let Some(status) = decision.response_status {
+        parts.push(format!("the upstream's response replaced by {status}"));
+    }
     if let Some(seconds) = decision.retry_after_s {
         parts.push(format!("Retry-After {seconds}s"));
     }

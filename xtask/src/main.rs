@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod image;
 mod oci;
 mod setup;
@@ -33,7 +34,8 @@ commands:
   oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
                 compat), with digests and skopeo publish lines; --check verifies them with
                 Istio's acceptance rules, skopeo and Docker
-  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
+  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md
+  dist          the release set in target/dist: seawall.wasm and its sha256, the seawall CLI, the schema, rules, dashboard, OCI layouts, SHA256SUMS";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -49,6 +51,7 @@ fn main() {
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
+        Some("dist") => dist::run_dist(),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
@@ -260,6 +263,11 @@ fn test() -> Result<(), String> {
     )?;
     let wasm = build_wasm()?;
     let hostcall_wasm = build_hostcall_wasm()?;
+    // Also builds target/debug/seawall, which the `cli_explain` scenario compares with Envoy.
+    run(
+        "seawall CLI tests",
+        cargo().args(["test", "--package", "seawall-cli"]),
+    )?;
     let envoy = install_envoy()?;
     let envoy_runtime = scenario_runtime()?;
     run(
@@ -314,6 +322,7 @@ fn test() -> Result<(), String> {
             .env("ENVOY_BIN", &envoy)
             .env("SEAWALL_WASM", &wasm)
             .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
+            .env("SEAWALL_CLI", workspace_root().join("target/debug/seawall"))
             .envs(envoy_runtime),
     )?;
     run(
