@@ -16,6 +16,7 @@ use seawall::config::shared::KeyPart;
 use seawall::config::PluginConfig;
 use seawall::engine::{Engine, RequestDecision, Verdict};
 use seawall::metrics::FakeMetrics;
+use seawall::policy::fault::DelayShape;
 use seawall::policy::route::{
     Condition, Route, RouteBreaker, RouteDegradation, RoutePolicies, RouteTable,
 };
@@ -419,12 +420,21 @@ fn each_policy(
                 name: policy.name.clone(),
                 key,
                 decision,
-                notes: vec![format!(
-                    "{}, burst {}: a fresh bucket admits {} requests at once",
-                    policy.rate,
-                    policy.gcra.burst(),
-                    policy.gcra.burst()
-                )],
+                notes: {
+                    let mut notes = vec![format!(
+                        "{}, burst {}: a fresh bucket admits {} requests at once",
+                        policy.rate,
+                        policy.gcra.burst(),
+                        policy.gcra.burst()
+                    )];
+                    if !policy.key.is_empty() {
+                        notes.push(
+                            "the key's slot number depends on the deployment's secret: Envoy's differs"
+                                .to_owned(),
+                        );
+                    }
+                    notes
+                },
             });
         }
     }
@@ -454,9 +464,9 @@ fn each_policy(
             if let Some(delay) = &policy.delay {
                 chance |= delay.ppm > 0 && delay.ppm < 1_000_000;
                 notes.push(format!(
-                    "delays {}% of requests ({:?})",
+                    "delays {}% of requests by {}",
                     percent(delay.ppm),
-                    delay.shape
+                    delay_text(&delay.shape)
                 ));
             }
             if let Some(response) = &policy.response {
@@ -536,6 +546,23 @@ fn each_policy(
         }
     }
     Ok(out)
+}
+
+fn delay_text(shape: &DelayShape) -> String {
+    let span =
+        |d: std::time::Duration| seawall::config::units::TimeSpan::from_duration(d).to_string();
+    match *shape {
+        DelayShape::Fixed { fixed, jitter } if jitter.is_zero() => span(fixed),
+        DelayShape::Fixed { fixed, jitter } => format!("{} ± {}", span(fixed), span(jitter)),
+        DelayShape::Uniform { min, max } => format!("{} to {}, uniformly", span(min), span(max)),
+        DelayShape::Exponential { mean, max } => {
+            format!(
+                "{} on average (exponential), at most {}",
+                span(mean),
+                span(max)
+            )
+        }
+    }
 }
 
 fn attribute_name(attribute: &Attribute) -> String {

@@ -6,3 +6,13 @@ pub mod check;
 pub mod explain;
 pub mod input;
 pub mod output;
+
+/// `println!` that ignores a closed standard output (`seawall explain ... | head`): the tool then
+/// stops quietly, as command-line tools do, instead of panicking on the broken pipe.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}

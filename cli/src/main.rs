@@ -52,6 +52,7 @@ enum Command {
     /// Check every seawall plugin config in FILE: plugin JSON, an Envoy bootstrap/LDS/ECDS file,
     /// or an Istio WasmPlugin ("-" reads standard input).
     Check {
+        /// The file to check; "-" for standard input.
         file: String,
         /// Fail (exit 1) on warnings too.
         #[arg(long)]
@@ -65,9 +66,12 @@ enum Command {
 
 #[derive(Args)]
 struct ExplainArgs {
+    /// The file holding the plugin config (any kind `check` reads); "-" for standard input.
     file: String,
+    /// The request's method.
     #[arg(long, short = 'X', default_value = "GET")]
     method: String,
+    /// The request's path, with its query string if any.
     #[arg(long, default_value = "/")]
     path: String,
     /// A request header, "name: value" (repeatable). "host" sets the authority.
@@ -112,7 +116,7 @@ fn schema() -> u8 {
     let schema = seawall::config::schema::plugin_config_schema();
     match serde_json::to_string_pretty(&schema) {
         Ok(text) => {
-            println!("{text}");
+            seawall_cli::out!("{text}");
             EXIT_OK
         }
         Err(error) => {

@@ -59,7 +59,7 @@ const DIM: &str = "2";
 
 pub fn print_json(value: &impl Serialize) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => crate::out!("{text}"),
         Err(error) => eprintln!("seawall: {error}"),
     }
 }
@@ -74,7 +74,7 @@ fn where_of(file: &str, checked: &Checked) -> String {
 
 pub fn check_human(file: &str, all: &[Checked], notes: &[String], style: &Style) {
     for note in notes {
-        println!("{file}: {note}");
+        crate::out!("{file}: {note}");
     }
     for checked in all {
         let at = where_of(file, checked);
@@ -97,7 +97,7 @@ pub fn check_human(file: &str, all: &[Checked], notes: &[String], style: &Style)
                     1 => ", 1 warning".to_owned(),
                     n => format!(", {n} warnings"),
                 };
-                println!(
+                crate::out!(
                     "{at}: {} plugin config \"{}\": {} routes, {} policies, {} shared-data keys{warned}",
                     style.out(GREEN, "ok"),
                     summary.name,
@@ -120,7 +120,7 @@ pub fn check_human(file: &str, all: &[Checked], notes: &[String], style: &Style)
                         )
                     )
                 );
-                println!(
+                crate::out!(
                     "{at}: {} ({} problem{})",
                     style.out(RED, "refused"),
                     errors.len(),
@@ -235,47 +235,62 @@ pub fn explain_human(explanation: &Explanation, style: &Style) {
             line.push_str(&format!("  [{label} {value}]"));
         }
     }
-    println!(
+    crate::out!(
         "{} {line}  (plugin \"{}\")",
         style.out(BOLD, "request:"),
         explanation.plugin
     );
     if !explanation.removed_headers.is_empty() {
-        println!(
+        crate::out!(
             "  removed before matching (seawall sets them itself): {}",
             explanation.removed_headers.join(", ")
         );
     }
-    println!();
-    println!("{}", style.out(BOLD, "routes (first match wins):"));
+    crate::out!();
+    crate::out!("{}", style.out(BOLD, "routes (first match wins):"));
     let width = explanation
         .routes
         .iter()
         .map(|r| r.name.len())
         .max()
         .unwrap_or(0);
+    let index_width = explanation.routes.len().saturating_sub(1).to_string().len() + 2;
     for route in &explanation.routes {
         let name = format!("{:width$}", route.name);
+        let index = format!("{:<index_width$}", format!("[{}]", route.index));
         if route.matched {
-            println!(
-                "  [{}] {}  {}",
-                route.index,
+            crate::out!(
+                "  {index} {}  {}",
                 style.out(BOLD, &name),
                 style.out(GREEN, "matches")
             );
         } else {
-            println!("  [{}] {name}  no: {}", route.index, route.unmet.join("; "));
+            crate::out!("  {index} {name}  no: {}", route.unmet.join("; "));
         }
     }
+    let unknown_property = explanation
+        .routes
+        .iter()
+        .flat_map(|r| &r.unmet)
+        .any(|why| why.contains("(xds.") && why.ends_with("(got none)"));
+    if unknown_property {
+        crate::out!(
+            "  {}",
+            style.out(
+                DIM,
+                "(Envoy's route name and cluster are known only to Envoy: give them with --route-name and --cluster)"
+            )
+        );
+    }
     let Some(route) = &explanation.route else {
-        println!("  no route matches: seawall lets the request through untouched");
+        crate::out!("  no route matches: seawall lets the request through untouched");
         return;
     };
-    println!();
+    crate::out!();
     if explanation.policies.is_empty() {
-        println!("route \"{route}\" applies no policy");
+        crate::out!("route \"{route}\" applies no policy");
     } else {
-        println!(
+        crate::out!(
             "{}",
             style.out(
                 BOLD,
@@ -285,30 +300,30 @@ pub fn explain_human(explanation: &Explanation, style: &Style) {
             )
         );
         for policy in &explanation.policies {
-            println!(
+            crate::out!(
                 "  {} {}: {}",
                 policy.kind,
                 style.out(BOLD, &policy.name),
                 decision_text(&policy.decision, style)
             );
             for key in &policy.key {
-                println!("      key: {key}");
+                crate::out!("      key: {key}");
             }
             for key in &policy.decision.shared_keys {
-                println!("      shared data written: {key}");
+                crate::out!("      shared data written: {key}");
             }
             for note in &policy.notes {
-                println!("      {}", style.out(DIM, note));
+                crate::out!("      {}", style.out(DIM, note));
             }
         }
     }
-    println!();
+    crate::out!();
     let chance = if explanation.decision.by_chance {
         " (one draw of chance)"
     } else {
         ""
     };
-    println!(
+    crate::out!(
         "{} {}{chance}",
         style.out(BOLD, "decision (whole pipeline, fresh state):"),
         decision_text(&explanation.decision, style)

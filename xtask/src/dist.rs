@@ -6,7 +6,8 @@
 //! - `seawall`, the CLI for this machine's platform (release build);
 //! - `seawall.schema.json`, the plugin config's JSON Schema, checked against what the CLI built
 //!   here generates so a stale committed schema is never shipped;
-//! - `prometheus/*.yml` (recording and alerting rules, stats tags) and `grafana/*.json`;
+//! - `prometheus/*.yml` (recording and alerting rules and their tests), `prometheus/*.yaml`
+//!   (the stats tags Envoy needs for seawall's labels) and `grafana/*.json`;
 //! - `oci/`, the Istio OCI image layouts that `cargo xtask oci` writes.
 //!
 //! The directory is emptied first, so it holds exactly one release.
@@ -57,7 +58,12 @@ pub fn run_dist() -> Result<(), String> {
     }
     copy(&committed, &dist.join("seawall.schema.json"))?;
 
-    for (dir, extension) in [("prometheus", "yml"), ("grafana", "json")] {
+    // The rules and their tests, and the stats tags that make seawall's names labels.
+    for (dir, extension) in [
+        ("prometheus", "yml"),
+        ("prometheus", "yaml"),
+        ("grafana", "json"),
+    ] {
         for file in files_with(&root.join("envoy").join(dir), extension)? {
             let name = file.file_name().map(PathBuf::from).unwrap_or_default();
             copy(&file, &dist.join(dir).join(name))?;
