@@ -707,3 +707,66 @@ fn the_schema_and_the_parser_agree_on_values() {
         }
     }
 }
+
+/// Splits a command line the way a shell would for the simple quoting the docs use.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any || !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                any = false;
+            }
+            c => word.push(c),
+        }
+    }
+    if any || !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// The `seawall explain` outputs pasted in the docs (README.md, and CLI_README_SECTION.md until it
+/// is merged) are what the tool prints today.
+#[test]
+fn the_explain_output_in_the_docs_is_current() {
+    let mut checked = 0;
+    for doc in ["README.md", "CLI_README_SECTION.md"] {
+        let Ok(text) = std::fs::read_to_string(root().join(doc)) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            let Some(command) = line.strip_prefix("$ seawall explain ") else {
+                continue;
+            };
+            let pasted: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+            let mut args = vec![
+                "explain".to_owned(),
+                "--color".to_owned(),
+                "never".to_owned(),
+            ];
+            args.extend(shell_words(command));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let output = seawall(&args);
+            assert_eq!(
+                text_of(&output).trim_end(),
+                pasted.join("\n").trim_end(),
+                "{doc}: the output of `seawall explain {command}` changed: paste the new one"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no pasted explain output found in the docs");
+}
+
+fn text_of(output: &Output) -> String {
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    text(&output.stdout)
+}
