@@ -20,6 +20,7 @@ const MAX_PROBES: u16 = 1_000;
 /// The shortest window: its buckets must be at least a millisecond.
 const MIN_WINDOW_MS: u128 = 10;
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCircuitBreaker {
@@ -78,6 +79,7 @@ impl<'de> Deserialize<'de> for RawBreakerKey {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFailure {
@@ -116,6 +118,7 @@ fn default_grpc() -> Vec<RawGrpcCode> {
     [4, 13, 14, 15].into_iter().map(RawGrpcCode).collect()
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOpenWhen {
@@ -136,6 +139,7 @@ fn default_window() -> TimeSpan {
     TimeSpan::from_duration(core::time::Duration::from_secs(10))
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RawBreakerMode {

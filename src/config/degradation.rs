@@ -30,6 +30,7 @@ const MAX_CLASSES: usize = 16;
 /// The header the reroute action sets unless told otherwise.
 pub const DEFAULT_REROUTE_HEADER: &str = "x-seawall-cluster";
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDegradation {
@@ -46,9 +47,11 @@ pub struct RawDegradation {
     pub response_header: bool,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSignals {
+    #[cfg_attr(feature = "schema", schemars(with = "Option<super::schema::Name>"))]
     pub circuit_breaker: Option<String>,
     #[serde(default = "default_window")]
     pub window: TimeSpan,
@@ -84,6 +87,7 @@ fn default_failure_statuses() -> Vec<RawStatus> {
     vec![RawStatus::Class(5)]
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProbe {
@@ -128,9 +132,14 @@ fn default_expect() -> Vec<RawStatus> {
     vec![RawStatus::Class(2)]
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPriority {
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<super::schema::HeaderName>")
+    )]
     pub header: Option<String>,
     #[serde(default = "default_class")]
     pub default: String,
@@ -158,6 +167,7 @@ fn default_classes() -> Vec<String> {
         .to_vec()
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLevel {
@@ -178,15 +188,27 @@ fn default_dwell() -> TimeSpan {
     TimeSpan::from_duration(core::time::Duration::from_secs(10))
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConditions {
     pub failure_rate: Option<Percent>,
     pub p95_latency: Option<TimeSpan>,
+    /// `"unhealthy"` in `enter`, `"healthy"` in `exit`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<super::schema::ProbeWord>")
+    )]
     pub probe: Option<String>,
+    /// `"open"` in `enter`, `"closed"` in `exit`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<super::schema::BreakerWord>")
+    )]
     pub circuit_breaker: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFallback {
@@ -203,11 +225,13 @@ fn default_fallback_status() -> u16 {
     200
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReroute {
     pub cluster: String,
     #[serde(default = "default_reroute_header")]
+    #[cfg_attr(feature = "schema", schemars(with = "super::schema::HeaderName"))]
     pub header: String,
     pub routes: Option<Vec<String>>,
 }
@@ -216,6 +240,7 @@ fn default_reroute_header() -> String {
     DEFAULT_REROUTE_HEADER.to_owned()
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmission {

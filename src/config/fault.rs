@@ -25,6 +25,7 @@ pub const PERCENT_HEADER: &str = "x-seawall-fault-percent";
 /// The longest delay a config or a header may ask for.
 const MAX_DELAY: core::time::Duration = core::time::Duration::from_secs(60);
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFault {
@@ -41,6 +42,7 @@ pub struct RawFault {
     pub header_control: Option<RawHeaderControl>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAbort {
@@ -59,6 +61,7 @@ fn default_abort_status() -> u16 {
 }
 
 /// Exactly one of `fixed` (with an optional `jitter`), `uniform` and `exponential`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelay {
@@ -69,6 +72,7 @@ pub struct RawDelay {
     pub exponential: Option<RawExponential>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUniform {
@@ -76,6 +80,7 @@ pub struct RawUniform {
     pub max: TimeSpan,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawExponential {
@@ -83,6 +88,7 @@ pub struct RawExponential {
     pub max: TimeSpan,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawResponseFault {
@@ -91,6 +97,7 @@ pub struct RawResponseFault {
     pub body: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWhen {
@@ -98,6 +105,7 @@ pub struct RawWhen {
     pub headers: Vec<RawHeaderMatch>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCohort {
@@ -110,16 +118,21 @@ fn hundred() -> Percent {
     Percent::HUNDRED
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTimeBox {
+    #[cfg_attr(feature = "schema", schemars(with = "Option<super::schema::Rfc3339>"))]
     pub start: Option<String>,
+    #[cfg_attr(feature = "schema", schemars(with = "Option<super::schema::Rfc3339>"))]
     pub end: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderControl {
+    #[cfg_attr(feature = "schema", schemars(with = "super::schema::HeaderName"))]
     pub secret_header: String,
     pub secret: Secret,
     #[serde(default = "hundred")]

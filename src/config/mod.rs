@@ -15,6 +15,8 @@ pub mod rate_limit;
 pub mod raw;
 pub mod reply;
 pub mod retry;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod shared;
 pub mod units;
 

@@ -22,6 +22,7 @@ pub const MAX_LIMITS_PER_ROUTE: usize = 8;
 const MAX_KEYS_LIMIT: u32 = 100_000;
 const DEFAULT_MAX_KEYS: u32 = 10_000;
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
@@ -45,6 +46,7 @@ pub struct RawRateLimit {
 }
 
 /// How a bucket's state is written on responses.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RateLimitHeaderForm {
@@ -55,6 +57,7 @@ pub enum RateLimitHeaderForm {
     Combined,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawMissingKey {
@@ -63,6 +66,7 @@ pub enum RawMissingKey {
     Skip,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawMode {
@@ -71,6 +75,7 @@ pub enum RawMode {
     Shadow,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawFailureMode {

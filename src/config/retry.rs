@@ -13,7 +13,7 @@ use crate::policy::retry::{Budget, WINDOW_BUCKETS};
 use crate::request::{Attribute, AttributeId, AttributePlan};
 
 /// Envoy's `x-envoy-retry-on` conditions seawall accepts.
-const HTTP_CONDITIONS: [&str; 8] = [
+pub(crate) const HTTP_CONDITIONS: [&str; 8] = [
     "5xx",
     "gateway-error",
     "reset",
@@ -25,7 +25,7 @@ const HTTP_CONDITIONS: [&str; 8] = [
 ];
 
 /// Envoy's `x-envoy-retry-grpc-on` conditions.
-const GRPC_CONDITIONS: [&str; 5] = [
+pub(crate) const GRPC_CONDITIONS: [&str; 5] = [
     "cancelled",
     "deadline-exceeded",
     "internal",
@@ -47,11 +47,16 @@ pub const CLIENT_RETRY_HEADERS: [&str; 7] = [
 
 const MAX_RETRIES_LIMIT: u32 = 10;
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<Vec<super::schema::RetryCondition>>")
+    )]
     pub retry_on: Option<Vec<String>>,
     pub per_try_timeout: Option<TimeSpan>,
     #[serde(default)]
@@ -59,7 +64,12 @@ pub struct RawRetry {
     #[serde(default)]
     pub budget: RawBudget,
     #[serde(default = "default_methods")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<super::schema::RetryMethod>"))]
     pub methods: Vec<String>,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<super::schema::HeaderName>")
+    )]
     pub idempotency_header: Option<String>,
     #[serde(default)]
     pub mode: RawRetryMode,
@@ -81,6 +91,7 @@ fn default_methods() -> Vec<String> {
         .to_vec()
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
@@ -118,6 +129,7 @@ fn default_window() -> TimeSpan {
 }
 
 /// Who tells Envoy's router what to retry.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RawRetryPolicyFrom {
@@ -128,6 +140,7 @@ pub enum RawRetryPolicyFrom {
     EnvoyRoute,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RawRetryMode {

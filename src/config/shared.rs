@@ -186,7 +186,7 @@ impl<'de> Deserialize<'de> for RawStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawGrpcCode(pub u32);
 
-const GRPC_NAMES: [&str; 17] = [
+pub(crate) const GRPC_NAMES: [&str; 17] = [
     "ok",
     "cancelled",
     "unknown",

@@ -20,6 +20,23 @@ pub struct Route {
     pub policies: RoutePolicies,
 }
 
+impl Route {
+    /// Whether every condition holds, testing them in order and stopping at the first that fails.
+    pub fn matches<S: AttributeSource>(&self, request: &mut RequestView<'_, S>) -> bool {
+        self.conditions.iter().all(|c| c.holds(request))
+    }
+
+    /// Every condition that does not hold, for tools that say why a route did not match
+    /// (`seawall explain`). Unlike [`Route::matches`] it tests them all and allocates: never on
+    /// the request path.
+    pub fn unmet<S: AttributeSource>(&self, request: &mut RequestView<'_, S>) -> Vec<&Condition> {
+        self.conditions
+            .iter()
+            .filter(|c| !c.holds(request))
+            .collect()
+    }
+}
+
 /// Indices into the compiled policy sets that a route applies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutePolicies {
@@ -151,7 +168,7 @@ impl RouteTable {
     pub fn find<S: AttributeSource>(&self, request: &mut RequestView<'_, S>) -> Option<RouteIndex> {
         self.routes
             .iter()
-            .position(|route| route.conditions.iter().all(|c| c.holds(request)))
+            .position(|route| route.matches(request))
             .and_then(|position| u16::try_from(position).ok())
             .map(RouteIndex)
     }

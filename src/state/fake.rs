@@ -85,6 +85,17 @@ impl FakeStore {
         lock(&self.inner).map.get(key).map(|(v, _)| v.clone())
     }
 
+    /// Every key with its value, sorted by key: what a tool shows of the state a request touched.
+    pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<(String, Vec<u8>)> = lock(&self.inner)
+            .map
+            .iter()
+            .map(|(key, (value, _))| (key.clone(), value.clone()))
+            .collect();
+        all.sort();
+        all
+    }
+
     fn take_failure(inner: &mut Inner) -> Option<StoreError> {
         (!inner.failures.is_empty()).then(|| inner.failures.remove(0))
     }

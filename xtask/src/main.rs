@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
 mod image;
 mod oci;
@@ -40,6 +41,8 @@ commands:
                 memory slope, gauges back at 0, no error lines; writes target/soak/report.md
   fuzz [--seconds N] [TARGET...]
                 run the libFuzzer targets of fuzz/ for N seconds each (60) on their seed corpus
+  dist          the release set in target/dist: seawall.wasm and its sha256, the seawall CLI, the
+                schema, rules, dashboard, OCI layouts, SHA256SUMS
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
 
 fn main() {
@@ -58,6 +61,7 @@ fn main() {
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("dist") => dist::run_dist(),
         _ => {
             eprintln!("{}", USAGE.replace("{ENVOY_VERSION}", ENVOY_VERSION));
             exit(2);
@@ -307,6 +311,11 @@ fn test() -> Result<(), String> {
     let wasm = build_wasm()?;
     let hostcall_wasm = build_hostcall_wasm()?;
     let trap_wasm = build_trap_wasm()?;
+    // Also builds target/debug/seawall, which the `cli_explain` scenario compares with Envoy.
+    run(
+        "seawall CLI tests",
+        cargo().args(["test", "--package", "seawall-cli"]),
+    )?;
     let envoy = install_envoy()?;
     let envoy_runtime = scenario_runtime()?;
     run(
@@ -362,6 +371,7 @@ fn test() -> Result<(), String> {
             .env("SEAWALL_WASM", &wasm)
             .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
             .env("SEAWALL_TRAP_WASM", &trap_wasm)
+            .env("SEAWALL_CLI", workspace_root().join("target/debug/seawall"))
             .envs(envoy_runtime.clone()),
     )?;
     run(
