@@ -5,6 +5,7 @@
 //!   delay, failure ratio, by path or header) and which records what it received;
 //! - [`client`]: a raw HTTP/1.1 client with full control over the bytes (hostile headers) and a
 //!   bounded multi-connection load generator;
+//! - [`demo`]: the demo's plugin config and Envoy topology, for scenarios about the demo;
 //! - [`compose`]: brings a docker-compose project (the compose demo) up and down;
 //! - [`remote`]: the upstream's control port, when it runs as its own program (`seawall-upstream`,
 //!   the compose demo's upstream container);
@@ -16,6 +17,7 @@
 
 pub mod client;
 pub mod compose;
+pub mod demo;
 pub mod envoy;
 pub mod remote;
 pub mod upstream;

@@ -241,6 +241,20 @@ impl Upstream {
         self.shared.total.load(Ordering::SeqCst)
     }
 
+    /// Waits (at most 10 s) until `more` requests beyond `seen` have arrived: a background load
+    /// is then under way. Panics if they do not come.
+    pub fn wait_for_traffic(&self, seen: u64, more: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.total() < seen + more {
+            assert!(
+                Instant::now() < deadline,
+                "the load sent {} requests in 10 s",
+                self.total() - seen
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Requests whose path (without query) starts with `prefix`.
     pub fn count_path(&self, prefix: &str) -> u64 {
         let record = self.shared.record.lock().unwrap();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use seawall_integration::client::{Client, Request};
-use seawall_integration::{Envoy, EnvoyConfig, RouteSpec, Upstream};
+use seawall_integration::{demo, Envoy, EnvoyConfig, RouteSpec, Upstream};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,31 +33,6 @@ fn cli() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// The plugin config of envoy/demo.yaml: the block under `value: |`, dedented.
-fn demo_plugin_config() -> String {
-    let yaml = std::fs::read_to_string(workspace().join("envoy/demo.yaml")).unwrap();
-    let mut lines = yaml
-        .lines()
-        .skip_while(|l| !l.trim_end().ends_with("value: |"));
-    let header = lines.next().unwrap();
-    let outer = header.len() - header.trim_start().len();
-    let body: Vec<&str> = lines
-        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > outer)
-        .collect();
-    let indent = body
-        .iter()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.len() - l.trim_start().len())
-        .min()
-        .unwrap();
-    let json: String = body
-        .iter()
-        .map(|l| format!("{}\n", l.get(indent..).unwrap_or("")))
-        .collect();
-    serde_json::from_str::<Value>(&json).unwrap();
-    json
 }
 
 /// One request as Envoy gets it and as explain is told about it.
@@ -135,19 +110,7 @@ fn explain_matches_what_envoy_does_with_the_demo_config() {
     // The degradation policy's probes go to a server of their own, so the upstream counts only
     // the requests sent here.
     let health = Upstream::start();
-    let config = EnvoyConfig::new()
-        .cluster("demo_upstream", upstream.addr())
-        .cluster("demo_health", health.addr())
-        .cluster("demo_fallback", upstream.addr())
-        .route(RouteSpec::by_header(
-            "envoy-rerouted",
-            "/",
-            "x-seawall-cluster",
-        ))
-        .route(RouteSpec::prefix("envoy-api", "/api", "demo_upstream"))
-        .route(RouteSpec::prefix("envoy-default", "/", "demo_upstream"))
-        .route_config_field("internal_only_headers: [x-seawall-cluster]")
-        .seawall(&demo_plugin_config());
+    let config = demo::envoy_config(upstream.addr(), health.addr());
     let envoy = Envoy::start(config);
     let secret = ("x-chaos-key", "demo-chaos-secret-1");
     let cases = [

@@ -61,19 +61,6 @@ fn rbac_stats(envoy: &Envoy) -> String {
     format!("{rbac:?}")
 }
 
-/// Waits (bounded) until the upstream has seen `more` requests beyond `seen`.
-fn wait_for_traffic(upstream: &Upstream, seen: u64, more: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.total() < seen + more {
-        assert!(
-            Instant::now() < deadline,
-            "the load sent {} requests in 10 s",
-            upstream.total() - seen
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn the_example_extension_config_applies_and_a_good_push_replaces_it() {
     let upstream = Upstream::start();
@@ -139,7 +126,7 @@ fn a_refused_push_under_load_fails_no_request_and_the_last_good_policy_keeps_enf
             LoadSpec::new(2, Duration::from_secs(3), |_| Request::get("/open")),
         )
     });
-    wait_for_traffic(&upstream, 0, 20);
+    upstream.wait_for_traffic(0, 20);
     assert_eq!(envoy.push_extension_config(REFUSED), EcdsOutcome::Rejected);
     let report = background.join().unwrap();
     assert_eq!(report.errors, 0, "{:?}", report.statuses);
@@ -259,7 +246,7 @@ fn after_a_refused_push_a_listener_update_is_rejected_until_a_good_push() {
             LoadSpec::new(2, Duration::from_secs(2), |_| Request::get("/open")),
         )
     });
-    wait_for_traffic(&upstream, 0, 20);
+    upstream.wait_for_traffic(0, 20);
     assert_eq!(envoy.push_listener(&unrelated), LdsOutcome::Rejected);
     let report = background.join().unwrap();
     assert_eq!(report.errors, 0, "{:?}", report.statuses);

@@ -20,20 +20,6 @@ const ROUTES: &str = r#"{
     ]
 }"#;
 
-/// Waits (bounded) until the upstream has seen `more` requests beyond `seen`: a background load
-/// is then under way.
-fn wait_for_traffic(upstream: &Upstream, seen: u64, more: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.total() < seen + more {
-        assert!(
-            Instant::now() < deadline,
-            "the load sent {} requests in 10 s",
-            upstream.total() - seen
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn seawall_loads_in_v8_and_passes_traffic_through_untouched() {
     let upstream = Upstream::start();
@@ -173,7 +159,7 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
         )
     });
     // The push happens while requests are flowing.
-    wait_for_traffic(&upstream, 0, 20);
+    upstream.wait_for_traffic(0, 20);
     let bad = envoy.config().seawall(r#"{"routes": [{"name": "a", "match": {"path": {"prefix": "no-slash"}}, "retry": "none"}]}"#);
     assert_eq!(envoy.push_listener(&bad), LdsOutcome::Rejected);
     let report = background.join().unwrap();
@@ -205,7 +191,7 @@ fn a_bad_config_pushed_by_xds_is_rejected_and_the_old_one_keeps_serving() {
             LoadSpec::new(4, Duration::from_secs(3), |_| Request::get("/")),
         )
     });
-    wait_for_traffic(&upstream, seen, 20);
+    upstream.wait_for_traffic(seen, 20);
     let renamed = envoy
         .config()
         .seawall(r#"{"debug": {"route_header": true}, "routes": [{"name": "renamed"}]}"#);

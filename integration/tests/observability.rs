@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::send_once;
-use seawall_integration::{Behaviour, Envoy, EnvoyConfig, Match, Request, RouteSpec, Upstream};
+use seawall_integration::{demo, Behaviour, Envoy, Match, Request, Upstream};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,69 +27,14 @@ fn read(relative: &str) -> String {
         .unwrap_or_else(|error| panic!("read {relative}: {error}"))
 }
 
-/// The JSON under `value: |` in envoy/demo.yaml: the block of lines indented deeper than it.
-fn demo_plugin_config() -> String {
-    let demo = read("envoy/demo.yaml");
-    let mut lines = demo.lines();
-    let key = lines
-        .by_ref()
-        .find(|line| line.trim_start() == "value: |")
-        .expect("envoy/demo.yaml has the plugin config under `value: |`");
-    let indent = |line: &str| line.len() - line.trim_start().len();
-    let depth = indent(key);
-    let block: Vec<&str> = lines
-        .take_while(|line| line.trim().is_empty() || indent(line) > depth)
-        .collect();
-    let strip = block
-        .iter()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| indent(line))
-        .min()
-        .unwrap_or(0);
-    let json: String = block
-        .iter()
-        .map(|line| format!("{}\n", line.get(strip..).unwrap_or("")))
-        .collect();
-    serde_json::from_str::<serde_json::Value>(&json)
-        .unwrap_or_else(|error| panic!("the demo's plugin config is not JSON: {error}"));
-    json
-}
-
-/// The `stats_config` of envoy/prometheus/stats_tags.yaml, which the demo must carry as is: the
-/// rules and the dashboard rely on the labels it makes.
-fn stats_tags() -> String {
-    let fragment = read("envoy/prometheus/stats_tags.yaml");
-    let start = fragment
-        .find("stats_config:")
-        .expect("stats_tags.yaml has stats_config");
-    let block = fragment[start..].to_owned();
-    assert!(
-        read("envoy/demo.yaml").contains(&block),
-        "envoy/demo.yaml must carry envoy/prometheus/stats_tags.yaml's stats_config verbatim"
-    );
-    block
-}
-
 /// The demo's Envoy, as the harness renders it: the demo's plugin config, routes and clusters
 /// (all three clusters on `upstream`), and its stats tags.
 fn demo_envoy(upstream: &Upstream) -> Envoy {
     let addr = upstream.addr();
     Envoy::start(
-        EnvoyConfig::new()
+        demo::envoy_config(addr, addr)
             .concurrency(2)
-            .seawall(&demo_plugin_config())
-            .cluster("demo_upstream", addr)
-            .cluster("demo_health", addr)
-            .cluster("demo_fallback", addr)
-            .route(RouteSpec::by_header(
-                "envoy-rerouted",
-                "/",
-                "x-seawall-cluster",
-            ))
-            .route(RouteSpec::prefix("envoy-api", "/api", "demo_upstream"))
-            .route(RouteSpec::prefix("envoy-default", "/", "demo_upstream"))
-            .route_config_field("internal_only_headers: [x-seawall-cluster]")
-            .bootstrap_yaml(&stats_tags()),
+            .bootstrap_yaml(&demo::stats_tags()),
     )
 }
 

