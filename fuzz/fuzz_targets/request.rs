@@ -59,7 +59,7 @@ const CONFIGS: [&str; 3] = [
         "retries": {"budget": {"max_retries": 2, "idempotency_header": "idempotency-key"}},
         "faults": {"chaos": {"abort": {"status": 503, "percent": 50}, "cohort": {"key": [{"header": "x-user-id"}]},
                              "max_active": 4,
-                             "header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-fuzz", "max_percent": 100}}}
+                             "header_control": {"secret_header": "x-chaos-key", "secret": "s3cret-fuzz-of-16b", "max_percent": 100}}}
        }"#,
     r#"{"name": "fz2",
         "routes": [{"name": "only", "match": {"headers": [{"name": "x-user-id", "present": true}]},
