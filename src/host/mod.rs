@@ -766,6 +766,7 @@ impl MetricsRegistry for HostMetrics {
         let kind = match kind {
             MetricKind::Counter => 0,
             MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
         abi::define_metric(kind, name)
             .map(MetricId)
