@@ -131,18 +131,21 @@ impl Rls {
     }
 }
 
-const LIMITS: &str = r#"
-- namespace: edge
-  max_value: 100
-  seconds: 1
-  conditions: ["descriptors[0].generic_key == 'global'"]
-  variables: []
+/// The example's limit (envoy/global/limits.yaml: 100/s for `generic_key: global` in the domain
+/// `edge`), and one for the restart: 300 per 20-s window.
+fn limits() -> String {
+    format!(
+        "{}{}",
+        include_str!("../../envoy/global/limits.yaml"),
+        r#"
 - namespace: edge
   max_value: 300
   seconds: 20
   conditions: ["descriptors[0].generic_key == 'restart'"]
   variables: []
-"#;
+"#
+    )
+}
 
 fn plugin(failure_mode: &str) -> String {
     format!(
@@ -206,7 +209,7 @@ fn span(window: Option<(Instant, Instant)>) -> f64 {
 #[test]
 fn three_envoys_share_one_global_limit() {
     let (_redis, redis_url) = start_redis();
-    let mut rls = Rls::start(&redis_url, LIMITS);
+    let mut rls = Rls::start(&redis_url, &limits());
     let upstream = Upstream::start();
     let plugin = plugin(r#"{"fallback": {"rate": "20/s", "burst": 5}}"#);
     let envoys: Vec<Envoy> = (0..3)
@@ -335,7 +338,7 @@ fn three_envoys_share_one_global_limit() {
     // 4. Restarting one Envoy does not reset the global limit: 300 per 20-s window, taken by
     // the three Envoys at once; one is restarted (its shared data, and the tokens it held, are
     // gone); flooded again in the same window, they get nothing more.
-    let rls = Rls::start(&redis_url, LIMITS);
+    let rls = Rls::start(&redis_url, &limits());
     let mut envoys: Vec<Envoy> = (0..3)
         .map(|_| start_envoy(&upstream, rls.addr, &plugin))
         .collect();
