@@ -935,6 +935,13 @@ fn global_limits_allocate_only_the_host_buffers() {
         store,
     } = prepared(GLOBAL_CONFIG);
     let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+    // The first request finds the bucket empty: the demand that asks for the first lease.
+    let mut first = Host {
+        values: vec![(Attribute::path(), b"/global".to_vec())],
+        handed_out: 0,
+    };
+    let refused = decide(&engine, &mut first, &mut scratch, now, &store, &metrics);
+    assert!(!matches!(refused.verdict, Verdict::Continue));
     let mut sent = Vec::new();
     engine.on_global_tick(1, now, &store, &metrics, &mut |call| {
         sent.push((call.policy, call.claim));

@@ -332,7 +332,10 @@ fn while_the_rls_is_down_the_failure_mode_applies_once_the_bucket_is_spent() {
 fn a_call_that_cannot_be_sent_counts_as_an_rls_failure() {
     let json = config(r#""closed""#);
     let store = FakeStore::new();
-    let worker = Worker::new(&json, &store);
+    let mut worker = Worker::new(&json, &store);
+    // A request finds the bucket empty: the demand that asks for a lease.
+    let refused = worker.send(get("/"), T0, &store);
+    assert!(!matches!(refused.verdict, Verdict::Continue));
     let mut calls = 0;
     worker.engine.on_global_tick(
         1,

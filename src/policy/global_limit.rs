@@ -22,7 +22,9 @@
 //! grant (demand we could not see: refused requests are not counted, since counting them would
 //! cost a write per refusal), clamped to `[min, max]`, and never more than the RLS said is left
 //! in its window. The next lease is asked for when the bucket holds less than half the next
-//! lease.
+//! lease. Only demand asks: a token spent since the last grant, or a request that found the
+//! bucket empty. So an idle Envoy holds none of the global limit, and the first request after a
+//! quiet spell is refused while the first lease comes (a tick and an RLS round trip).
 
 use core::time::Duration;
 
@@ -315,6 +317,11 @@ pub fn claim<S: SharedStore + ?Sized>(
                 u64::try_from(u128::from(spent) * 1_000_000_000_000 / u128::from(elapsed))
                     .unwrap_or(u64::MAX)
             };
+            // No lease without demand: an idle Envoy holds no part of the global limit. Demand
+            // is a token spent since the last grant, or a request that found the bucket empty.
+            if !bucket.ran_dry && spent == 0 {
+                return Step::Keep(None);
+            }
             let hits = sizing.next(
                 rate_milli,
                 lease.last_size,
@@ -519,7 +526,47 @@ mod tests {
         let store = FakeStore::new();
         ensure(&store, BUCKET, &Tokens::default()).unwrap();
         ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        // A request found it empty: the demand that asks for the first lease.
+        assert_eq!(
+            take(&store, BUCKET).unwrap().0,
+            Take::Empty { failing: false }
+        );
         store
+    }
+
+    #[test]
+    fn an_idle_bucket_asks_for_nothing() {
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        assert_eq!(claim_at(&store, 1, 1_000 * MS), None);
+        let _ = take(&store, BUCKET).unwrap();
+        let c = claim_at(&store, 1, 1_020 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS).unwrap();
+        // Some tokens spent, and below low water: asks. None spent since: asks nothing.
+        assert!(matches!(
+            take(&store, BUCKET).unwrap().0,
+            Take::Allowed { .. }
+        ));
+        let c = claim_at(&store, 1, 1_040 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_041 * MS).unwrap();
+        while let Ok((Take::Allowed { .. }, _)) = take(&store, BUCKET) {}
+        let store_idle = FakeStore::new();
+        ensure(
+            &store_idle,
+            BUCKET,
+            &Tokens {
+                tokens: 1,
+                ..Tokens::default()
+            },
+        )
+        .unwrap();
+        ensure(&store_idle, LEASE, &LeaseRecord::fresh()).unwrap();
+        assert_eq!(
+            claim_at(&store_idle, 1, 2_000 * MS),
+            None,
+            "one token, never spent"
+        );
     }
 
     fn claim_at(store: &FakeStore, worker: u64, now: u64) -> Option<Claim> {
