@@ -647,7 +647,7 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) -> Result<u32, core::time::Duration> {
-        let failing = match global_limit::take(store, &global.bucket_key) {
+        let failing = match global_limit::take(store, &global.bucket_key, now.as_nanos()) {
             Ok((Take::Allowed { .. }, retries)) => {
                 if retries > 0 {
                     metrics.increment(runtime.cas_retries, i64::from(retries));
@@ -804,6 +804,7 @@ impl Engine {
             claim,
             outcome,
             now.as_nanos(),
+            global.sizing.lookahead,
         );
         match settled {
             Ok(Settled::Granted { hits }) => {

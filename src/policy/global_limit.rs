@@ -111,26 +111,42 @@ pub struct Tokens {
     pub spent: u64,
     pub ran_dry: bool,
     pub failing: bool,
+    /// When the tokens lapse (nanoseconds; 0: never): the end of the RLS window they were
+    /// granted in. Spent after it, they would count in a window the RLS did not grant them in.
+    pub expires_at: u64,
 }
 
-impl Record<18> for Tokens {
+impl Tokens {
+    /// The tokens as they stand at `now`: none once they have lapsed.
+    fn live(&self, now: u64) -> u64 {
+        if self.expires_at != 0 && now >= self.expires_at {
+            0
+        } else {
+            self.tokens
+        }
+    }
+}
+
+impl Record<26> for Tokens {
     /// Layout: global-limit bucket, version 1.
     const LAYOUT: u8 = 0x81;
-    fn encode(&self) -> [u8; 18] {
-        let mut bytes = [0; 18];
+    fn encode(&self) -> [u8; 26] {
+        let mut bytes = [0; 26];
         bytes[..8].copy_from_slice(&self.tokens.to_le_bytes());
         bytes[8..16].copy_from_slice(&self.spent.to_le_bytes());
         bytes[16] = u8::from(self.ran_dry);
         bytes[17] = u8::from(self.failing);
+        bytes[18..26].copy_from_slice(&self.expires_at.to_le_bytes());
         bytes
     }
 
-    fn decode(bytes: &[u8; 18]) -> Self {
+    fn decode(bytes: &[u8; 26]) -> Self {
         Tokens {
             tokens: word(bytes, 0),
             spent: word(bytes, 8),
             ran_dry: bytes[16] != 0,
             failing: bytes[17] != 0,
+            expires_at: word(bytes, 18),
         }
     }
 }
@@ -244,10 +260,16 @@ pub enum Take {
     },
 }
 
-/// Takes one token: one read and, unless the bucket is empty and already marked dry, one CAS.
-pub fn take<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(Take, u32), UpdateError> {
+/// Takes one token at `now`: one read and, unless the bucket is empty and already marked dry,
+/// one CAS. Lapsed tokens are dropped in the same write.
+pub fn take<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    now: u64,
+) -> Result<(Take, u32), UpdateError> {
     cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
         let mut bucket = record.unwrap_or_default();
+        bucket.tokens = bucket.live(now);
         if bucket.tokens > 0 {
             bucket.tokens -= 1;
             bucket.spent = bucket.spent.wrapping_add(1);
@@ -257,10 +279,10 @@ pub fn take<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(Take, u32)
         let empty = Take::Empty {
             failing: bucket.failing,
         };
-        if bucket.ran_dry {
+        bucket.ran_dry = true;
+        if record == Some(bucket) {
             Step::Keep(empty)
         } else {
-            bucket.ran_dry = true;
             Step::Write(bucket, empty)
         }
     })
@@ -331,7 +353,7 @@ pub fn claim<S: SharedStore + ?Sized>(
             // Low water: less than half the next lease left. A failing RLS is retried whatever the
             // bucket holds, so the failure ends as soon as it can.
             let failing = matches!(lease.state, LeaseState::Failing { .. });
-            if !failing && bucket.tokens.saturating_mul(2) >= u64::from(hits) {
+            if !failing && bucket.live(now).saturating_mul(2) >= u64::from(hits) {
                 return Step::Keep(None);
             }
             lease.state = LeaseState::Requested {
@@ -372,10 +394,14 @@ pub enum Settled {
     Failed,
 }
 
-/// Settles the call claimed by `claim` at `worker`: credits the bucket with a grant, records a
+/// Settles the call claimed by `claim` at `worker`: credits the bucket with a grant (whose
+/// tokens lapse at the end of the RLS window, or after `lifetime` when the RLS does not say when
+/// that is), records a
 /// denial or a failure in the lease state, and frees the claim for the next lease. A grant always
 /// lands in the bucket (the RLS counted it); the lease state changes only if the claim is still
 /// this call's (a stale claim taken over by another worker is that worker's to settle).
+// The two keys, the call and the time are all distinct inputs of one transition.
+#[allow(clippy::too_many_arguments)]
 pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
     bucket_key: &str,
@@ -384,6 +410,7 @@ pub fn settle<S: SharedStore + ?Sized>(
     claim: Claim,
     outcome: CallOutcome,
     now: u64,
+    lifetime: Duration,
 ) -> Result<Settled, UpdateError> {
     let settled = match outcome {
         CallOutcome::Answered(Verdict { code: Code::Ok, .. }) => {
@@ -404,7 +431,18 @@ pub fn settle<S: SharedStore + ?Sized>(
             let spent = bucket.spent;
             match settled {
                 Settled::Granted { hits } => {
-                    bucket.tokens = bucket.tokens.saturating_add(u64::from(hits));
+                    // They lapse when the RLS's window ends (or, when it does not say, after
+                    // `lifetime`, what a lease is sized to last).
+                    let life = match outcome {
+                        CallOutcome::Answered(Verdict {
+                            reset_in: Some(reset),
+                            ..
+                        }) => reset,
+                        _ => lifetime,
+                    };
+                    let life = u64::try_from(life.as_nanos()).unwrap_or(u64::MAX);
+                    bucket.tokens = bucket.live(now).saturating_add(u64::from(hits));
+                    bucket.expires_at = now.saturating_add(life).max(1);
                     bucket.ran_dry = false;
                     bucket.failing = false;
                 }
@@ -497,6 +535,9 @@ mod tests {
     const MS: u64 = 1_000_000;
     const BUCKET: &str = "sw:p:rl:g:all";
     const LEASE: &str = "sw:p:rl:g:lease";
+    /// How long granted tokens last when the RLS does not say (a test `take` at time 0 never
+    /// sees them lapse).
+    const LIFE: Duration = Duration::from_millis(500);
 
     fn sizing() -> LeaseSizing {
         LeaseSizing {
@@ -528,10 +569,37 @@ mod tests {
         ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
         // A request found it empty: the demand that asks for the first lease.
         assert_eq!(
-            take(&store, BUCKET).unwrap().0,
+            take(&store, BUCKET, 0).unwrap().0,
             Take::Empty { failing: false }
         );
         store
+    }
+
+    #[test]
+    fn granted_tokens_lapse_when_their_window_ends() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        // The window resets 400 ms after the grant.
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS, LIFE).unwrap();
+        assert!(matches!(
+            take(&store, BUCKET, 1_400 * MS).unwrap().0,
+            Take::Allowed { remaining: 9 }
+        ));
+        assert_eq!(
+            take(&store, BUCKET, 1_401 * MS).unwrap().0,
+            Take::Empty { failing: false }
+        );
+        // Without a window from the RLS, they last LIFE.
+        let c = claim_at(&store, 1, 1_402 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_403 * MS, LIFE).unwrap();
+        assert!(matches!(
+            take(&store, BUCKET, 1_902 * MS).unwrap().0,
+            Take::Allowed { .. }
+        ));
+        assert_eq!(
+            take(&store, BUCKET, 1_903 * MS).unwrap().0,
+            Take::Empty { failing: false }
+        );
     }
 
     #[test]
@@ -540,17 +608,17 @@ mod tests {
         ensure(&store, BUCKET, &Tokens::default()).unwrap();
         ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
         assert_eq!(claim_at(&store, 1, 1_000 * MS), None);
-        let _ = take(&store, BUCKET).unwrap();
+        let _ = take(&store, BUCKET, 0).unwrap();
         let c = claim_at(&store, 1, 1_020 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS, LIFE).unwrap();
         // Some tokens spent, and below low water: asks. None spent since: asks nothing.
         assert!(matches!(
-            take(&store, BUCKET).unwrap().0,
+            take(&store, BUCKET, 0).unwrap().0,
             Take::Allowed { .. }
         ));
         let c = claim_at(&store, 1, 1_040 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_041 * MS).unwrap();
-        while let Ok((Take::Allowed { .. }, _)) = take(&store, BUCKET) {}
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_041 * MS, LIFE).unwrap();
+        while let Ok((Take::Allowed { .. }, _)) = take(&store, BUCKET, 0) {}
         let store_idle = FakeStore::new();
         ensure(
             &store_idle,
@@ -584,7 +652,7 @@ mod tests {
 
     fn drain(store: &FakeStore) -> u64 {
         let mut n = 0;
-        while let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET) {
+        while let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, 0) {
             n += 1;
         }
         n
@@ -611,9 +679,9 @@ mod tests {
         let second = claim_at(&store, 2, 1_400 * MS).unwrap();
         // The first call's late grant still lands in the bucket (the RLS counted it), but the
         // claim is the second worker's now.
-        settle(&store, BUCKET, LEASE, 1, first, ok(None), 1_401 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, first, ok(None), 1_401 * MS, LIFE).unwrap();
         assert_eq!(claim_at(&store, 3, 1_402 * MS), None);
-        settle(&store, BUCKET, LEASE, 2, second, ok(None), 1_403 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 2, second, ok(None), 1_403 * MS, LIFE).unwrap();
         assert_eq!(drain(&store), 20);
     }
 
@@ -621,11 +689,11 @@ mod tests {
     fn no_lease_is_asked_for_while_the_bucket_is_above_low_water() {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_001 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_001 * MS, LIFE).unwrap();
         assert_eq!(claim_at(&store, 1, 1_002 * MS), None, "10 tokens held");
         for _ in 0..6 {
             assert!(matches!(
-                take(&store, BUCKET).unwrap().0,
+                take(&store, BUCKET, 0).unwrap().0,
                 Take::Allowed { .. }
             ));
         }
@@ -638,13 +706,13 @@ mod tests {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
         assert_eq!(
-            settle(&store, BUCKET, LEASE, 1, c, over(3), 1_001 * MS),
+            settle(&store, BUCKET, LEASE, 1, c, over(3), 1_001 * MS, LIFE),
             Ok(Settled::Denied)
         );
         // 3 left in the window: asked for at once, exactly 3.
         let c = claim_at(&store, 1, 1_002 * MS).unwrap();
         assert_eq!(c.hits, 3);
-        settle(&store, BUCKET, LEASE, 1, c, ok(Some(0)), 1_003 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(0)), 1_003 * MS, LIFE).unwrap();
         assert_eq!(drain(&store), 3);
         // The window is spent: nothing until it resets 400 ms later.
         assert_eq!(claim_at(&store, 2, 1_300 * MS), None);
@@ -655,16 +723,26 @@ mod tests {
     fn a_failure_marks_the_bucket_failing_until_a_grant() {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, CallOutcome::Failed, 1_001 * MS).unwrap();
+        settle(
+            &store,
+            BUCKET,
+            LEASE,
+            1,
+            c,
+            CallOutcome::Failed,
+            1_001 * MS,
+            LIFE,
+        )
+        .unwrap();
         assert_eq!(
-            take(&store, BUCKET).unwrap().0,
+            take(&store, BUCKET, 0).unwrap().0,
             Take::Empty { failing: true }
         );
         assert_eq!(claim_at(&store, 1, 1_500 * MS), None, "backing off");
         let c = claim_at(&store, 1, 2_002 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 2_003 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 2_003 * MS, LIFE).unwrap();
         assert!(matches!(
-            take(&store, BUCKET).unwrap().0,
+            take(&store, BUCKET, 0).unwrap().0,
             Take::Allowed { .. }
         ));
     }
@@ -701,17 +779,34 @@ mod tests {
                 })
             }
         }
+        use std::collections::HashMap;
         use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
+        use std::sync::{Arc, Mutex};
         let store = store();
+        // The time, and the end of the fake RLS's current window, for the racer too; and the
+        // admissions in each window, by its end (0: outside any window).
+        let clock = Arc::new(AtomicU64::new(0));
+        let window = Arc::new(AtomicU64::new(0));
+        let per_window: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+        let note = {
+            let (window, per_window) = (Arc::clone(&window), Arc::clone(&per_window));
+            move |now: u64| {
+                let end = window.load(Ordering::Relaxed);
+                let key = if now < end { end } else { 0 };
+                *per_window.lock().unwrap().entry(key).or_default() += 1;
+            }
+        };
         // A fifth worker that takes a token between every third read and write of the others.
         let raced = Arc::new(AtomicU64::new(0));
         let (counter, mut writes) = (Arc::clone(&raced), 0u32);
+        let (racer_clock, racer_note) = (Arc::clone(&clock), note.clone());
         store.interfere(move |store| {
             writes += 1;
+            let now = racer_clock.load(Ordering::Relaxed);
             if writes % 3 == 0 {
-                if let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET) {
+                if let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, now) {
                     counter.fetch_add(1, Ordering::Relaxed);
+                    racer_note(now);
                 }
             }
         });
@@ -729,14 +824,17 @@ mod tests {
         while now < start + 10_000 * MS {
             for worker in 1..=4u64 {
                 for _ in 0..20 {
-                    if let Take::Allowed { .. } = take(&store, BUCKET).unwrap().0 {
+                    clock.store(now, Ordering::Relaxed);
+                    if let Take::Allowed { .. } = take(&store, BUCKET, now).unwrap().0 {
                         admitted += 1;
+                        note(now);
                     }
                 }
                 if let Some((by, c, due)) = in_flight {
                     if now >= due {
                         let outcome = rls.call(c.hits, now);
-                        settle(&store, BUCKET, LEASE, by, c, outcome, now).unwrap();
+                        window.store(rls.window_end, Ordering::Relaxed);
+                        settle(&store, BUCKET, LEASE, by, c, outcome, now, LIFE).unwrap();
                         in_flight = None;
                     }
                 }
@@ -748,6 +846,11 @@ mod tests {
             now += 10 * MS;
         }
         store.stop_interfering();
+        // Tokens lapse with their window: no window admits more than its 100, and nothing is
+        // admitted outside a window the RLS granted in.
+        let per_window = per_window.lock().unwrap().clone();
+        assert_eq!(per_window.get(&0), None, "admitted outside any window");
+        assert!(per_window.values().all(|&n| n <= 100), "{per_window:?}");
         let raced = raced.load(Ordering::Relaxed);
         assert!(raced > 100, "the racer took only {raced}");
         let admitted = admitted + raced;
