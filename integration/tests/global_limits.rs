@@ -283,9 +283,17 @@ fn three_envoys_share_one_global_limit() {
         spec.rate = Some(50.0);
         load(envoys[0].listener_addr(), spec)
     };
+    let lease_counts = || {
+        let stats = envoys[0].stats();
+        ["leases_requested", "leases_granted", "leases_denied"]
+            .map(|name| stats.seawall(&format!("seawall.rate_limit.global.{name}")))
+    };
+    let leases_before = lease_counts();
     let (global, local) = (paced("/global"), paced("/local"));
+    let leases_after = lease_counts();
+    let leases: Vec<u64> = (0..3).map(|i| leases_after[i] - leases_before[i]).collect();
     eprintln!(
-        "[global] latency at 50/s: global p50 {:?} p99 {:?} ({} of {} admitted); local p50 {:?} p99 {:?} ({} of {} admitted); the global limit adds {:?} at p99",
+        "[global] latency at 50/s: global p50 {:?} p99 {:?} ({} of {} admitted); local p50 {:?} p99 {:?} ({} of {} admitted); the global limit adds {:?} at p99; leases requested/granted/denied: {leases:?}",
         global.percentile(50.0),
         global.percentile(99.0),
         global.count(200),

@@ -179,8 +179,13 @@ pub enum LeaseState {
 pub struct LeaseRecord {
     pub state: LeaseState,
     pub last_size: u32,
-    /// `Some(n)`: the RLS's window has `n` hits left (0: none until it resets).
+    /// `Some(n)`: the RLS's window has `n` hits left (0: none until it resets), until
+    /// `window_ends` (0: the RLS did not say).
     pub window_left: Option<u32>,
+    pub window_ends: u64,
+    /// The most one window was seen to hold (hits granted plus what was left, or what a denial
+    /// said was left): no lease asks for more, which the RLS could only refuse.
+    pub window_size: u32,
     /// `spent` and the time at the last grant: the rate is measured from there.
     pub spent_mark: u64,
     pub mark_at: u64,
@@ -192,17 +197,19 @@ impl LeaseRecord {
             state: LeaseState::Idle,
             last_size: 0,
             window_left: None,
+            window_ends: 0,
+            window_size: 0,
             spent_mark: 0,
             mark_at: 0,
         }
     }
 }
 
-impl Record<49> for LeaseRecord {
+impl Record<61> for LeaseRecord {
     /// Layout: global-limit lease state, version 1.
     const LAYOUT: u8 = 0x82;
-    fn encode(&self) -> [u8; 49] {
-        let mut bytes = [0; 49];
+    fn encode(&self) -> [u8; 61] {
+        let mut bytes = [0; 61];
         let (tag, a, b, c) = match self.state {
             LeaseState::Idle => (0u8, 0, 0, 0),
             LeaseState::Requested { since, by, hits } => (1, since, by, hits),
@@ -218,10 +225,12 @@ impl Record<49> for LeaseRecord {
         bytes[26..30].copy_from_slice(&self.window_left.unwrap_or(0).to_le_bytes());
         bytes[30..38].copy_from_slice(&self.spent_mark.to_le_bytes());
         bytes[38..46].copy_from_slice(&self.mark_at.to_le_bytes());
+        bytes[46..54].copy_from_slice(&self.window_ends.to_le_bytes());
+        bytes[54..58].copy_from_slice(&self.window_size.to_le_bytes());
         bytes
     }
 
-    fn decode(bytes: &[u8; 49]) -> Self {
+    fn decode(bytes: &[u8; 61]) -> Self {
         let half = |at: usize| {
             let mut half = [0; 4];
             half.copy_from_slice(&bytes[at..at + 4]);
@@ -244,6 +253,8 @@ impl Record<49> for LeaseRecord {
             window_left: (bytes[25] != 0).then(|| half(26)),
             spent_mark: word(bytes, 30),
             mark_at: word(bytes, 38),
+            window_ends: word(bytes, 46),
+            window_size: half(54),
         }
     }
 }
@@ -324,13 +335,6 @@ pub fn claim<S: SharedStore + ?Sized>(
             if !due {
                 return Step::Keep(None);
             }
-            // A denial that has ended opens a new window: what was left of the old one is no cap.
-            if matches!(lease.state, LeaseState::Denied { .. }) {
-                lease.window_left = None;
-            }
-            if lease.window_left == Some(0) && !matches!(lease.state, LeaseState::Idle) {
-                lease.window_left = None;
-            }
             let elapsed = now.saturating_sub(lease.mark_at).max(1);
             let spent = bucket.spent.wrapping_sub(lease.spent_mark);
             let rate_milli = if lease.mark_at == 0 {
@@ -344,12 +348,17 @@ pub fn claim<S: SharedStore + ?Sized>(
             if !bucket.ran_dry && spent == 0 {
                 return Step::Keep(None);
             }
-            let hits = sizing.next(
-                rate_milli,
-                lease.last_size,
-                bucket.ran_dry,
-                lease.window_left,
-            );
+            // What the RLS's current window still has, while it lasts, and what a window holds.
+            let left = lease
+                .window_left
+                .filter(|_| lease.window_ends == 0 || now < lease.window_ends);
+            let cap = match (left, lease.window_size) {
+                (Some(left), size) if left > 0 && size > 0 => Some(left.min(size)),
+                (Some(left), _) if left > 0 => Some(left),
+                (_, size) if size > 0 => Some(size),
+                _ => None,
+            };
+            let hits = sizing.next(rate_milli, lease.last_size, bucket.ran_dry, cap);
             // Low water: less than half the next lease left. A failing RLS is retried whatever the
             // bucket holds, so the failure ends as soon as it can.
             let failing = matches!(lease.state, LeaseState::Failing { .. });
@@ -476,12 +485,21 @@ pub fn settle<S: SharedStore + ?Sized>(
                 let wait = verdict.reset_in.unwrap_or(FAILURE_BACKOFF);
                 now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
             };
+            if let Some(verdict) = verdict {
+                lease.window_left = verdict.remaining;
+                lease.window_ends = verdict.reset_in.map_or(0, |_| reset_at(&verdict));
+                let held = match (settled, verdict.remaining) {
+                    (Settled::Granted { hits }, Some(left)) => hits.saturating_add(left),
+                    (Settled::Denied, Some(left)) => left,
+                    _ => 0,
+                };
+                lease.window_size = lease.window_size.max(held);
+            }
             match (settled, verdict) {
                 (Settled::Granted { hits }, Some(verdict)) => {
                     lease.last_size = hits;
                     lease.spent_mark = spent;
                     lease.mark_at = now;
-                    lease.window_left = verdict.remaining;
                     // The window is spent: nothing more until it resets.
                     lease.state = match verdict.remaining {
                         Some(0) => LeaseState::Denied {
@@ -491,7 +509,6 @@ pub fn settle<S: SharedStore + ?Sized>(
                     };
                 }
                 (Settled::Denied, Some(verdict)) => {
-                    lease.window_left = verdict.remaining;
                     lease.state = match verdict.remaining {
                         // The window has some left, less than was asked: ask for that at once.
                         Some(left) if left > 0 && left < claim.hits => LeaseState::Idle,
@@ -600,6 +617,38 @@ mod tests {
             take(&store, BUCKET, 1_903 * MS).unwrap().0,
             Take::Empty { failing: false }
         );
+    }
+
+    #[test]
+    fn a_lease_asks_no_more_than_a_window_holds_and_an_ended_window_caps_nothing() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        // 10 granted, 90 left: a window holds 100. It ends 400 ms later.
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS, LIFE).unwrap();
+        let record = |store: &FakeStore| {
+            let mut read = None;
+            cas::update(store, LEASE, 1, |r: Option<LeaseRecord>| {
+                read = r;
+                Step::Keep(())
+            })
+            .unwrap();
+            read.unwrap()
+        };
+        let lease = record(&store);
+        assert_eq!((lease.window_size, lease.window_left), (100, Some(90)));
+        // A lease of 80 that ran dry would double to 160: capped at the window's 100 once the
+        // window that had 5 left has ended, at 5 while it lasts.
+        for (now, expected) in [(1_300, 5), (1_500, 100)] {
+            let store = FakeStore::new();
+            ensure(&store, BUCKET, &Tokens::default()).unwrap();
+            let mut stale = lease;
+            stale.last_size = 80;
+            stale.window_left = Some(5);
+            ensure(&store, LEASE, &stale).unwrap();
+            let _ = take(&store, BUCKET, 0).unwrap();
+            let claim = claim_at(&store, 1, now * MS).unwrap();
+            assert_eq!(claim.hits, expected, "at {now} ms");
+        }
     }
 
     #[test]
