@@ -973,6 +973,10 @@ fn global_limits_allocate_only_the_host_buffers() {
     assert!(!request(b"/global", now));
     // The RLS fails (a call that cannot be sent): the fallback's burst of 2, then refusals.
     let later = Timestamp::from_nanos(now.as_nanos() + 1_000_000_000);
+    assert!(
+        !request(b"/global", later),
+        "still empty: the demand that asks"
+    );
     engine.on_global_tick(1, later, &store, &metrics, &mut |_| false);
     let admitted: Vec<bool> = (0..3).map(|_| request(b"/global", later)).collect();
     assert_eq!(admitted, [true, true, false]);

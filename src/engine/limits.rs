@@ -804,7 +804,6 @@ impl Engine {
             claim,
             outcome,
             now.as_nanos(),
-            global.sizing.lookahead,
         );
         match settled {
             Ok(Settled::Granted { hits }) => {

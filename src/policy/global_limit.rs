@@ -11,9 +11,10 @@
 //!
 //! Two records per limit, each in shared data:
 //!
-//! - [`Tokens`], the bucket: tokens granted and not yet spent, how many were ever spent (the
-//!   observed rate), whether it ran dry since the last grant (demand exceeds supply), and whether
-//!   the RLS is failing (so an empty bucket applies the failure mode rather than refusing).
+//! - [`Tokens`], the bucket: tokens granted and not yet spent, how many were ever spent and when
+//!   the last was (the observed rate, recent demand), when a request last found it empty (demand
+//!   beyond supply), and whether the RLS is failing (so an empty bucket applies the failure mode
+//!   rather than refusing).
 //! - [`LeaseRecord`], the lease state machine, [`LeaseState`]: at most one request to the RLS in
 //!   flight per limit across the workers, claimed by CAS. A claim that outlives the call's
 //!   timeout (its worker's VM went away) may be taken over.
@@ -22,9 +23,15 @@
 //! grant (demand we could not see: refused requests are not counted, since counting them would
 //! cost a write per refusal), clamped to `[min, max]`, and never more than the RLS said is left
 //! in its window. The next lease is asked for when the bucket holds less than half the next
-//! lease. Only demand asks: a token spent since the last grant, or a request that found the
-//! bucket empty. So an idle Envoy holds none of the global limit, and the first request after a
-//! quiet spell is refused while the first lease comes (a tick and an RLS round trip).
+//! lease. Only recent demand asks (a token spent, or a request that found the bucket empty,
+//! within [`DEMAND_RECENT`]): an idle Envoy holds none of the global limit, and one whose burst
+//! has ended asks for no lease that would sit unused. The first request after a quiet spell is
+//! refused while the first lease comes (a tick and an RLS round trip).
+//!
+//! Tokens stay in the bucket until spent. A lease is counted by the RLS in the window it was
+//! granted in, so tokens left at a window's end and spent in the next let that window admit up
+//! to what the Envoys held at its start over its limit (under a flood, nearly nothing: leases are
+//! spent within a tick). Cumulatively the bound is exact: never more admitted than granted.
 
 use core::time::Duration;
 
@@ -107,46 +114,53 @@ impl LeaseSizing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tokens {
     pub tokens: u64,
-    /// Tokens ever spent from this bucket.
+    /// Tokens ever spent from this bucket, and when the last one was (nanoseconds; 0: never).
     pub spent: u64,
-    pub ran_dry: bool,
+    pub spent_at: u64,
+    /// When a request last found the bucket empty (0: never), refreshed at most every
+    /// [`DRY_REFRESH`]: recent demand that the bucket could not serve.
+    pub dry_at: u64,
     pub failing: bool,
-    /// When the tokens lapse (nanoseconds; 0: never): the end of the RLS window they were
-    /// granted in. Spent after it, they would count in a window the RLS did not grant them in.
-    pub expires_at: u64,
 }
 
-impl Tokens {
-    /// The tokens as they stand at `now`: none once they have lapsed.
-    fn live(&self, now: u64) -> u64 {
-        if self.expires_at != 0 && now >= self.expires_at {
-            0
-        } else {
-            self.tokens
-        }
-    }
+/// How often a refused request refreshes [`Tokens::dry_at`]: at most this many extra writes a
+/// second under a flood of refusals, whatever its size.
+pub const DRY_REFRESH: Duration = Duration::from_millis(50);
+
+/// Demand older than this asks for no lease: a burst that ended leaves no lease behind to sit
+/// unused while other Envoys could have had its hits.
+pub const DEMAND_RECENT: Duration = Duration::from_millis(200);
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Record<26> for Tokens {
+/// Whether `at` (0: never) is within `window` before `now` (or after it: a clock that stepped
+/// back counts the demand as recent, which only asks a lease sooner).
+fn recent(at: u64, now: u64, window: Duration) -> bool {
+    at != 0 && now.saturating_sub(at) <= nanos(window)
+}
+
+impl Record<33> for Tokens {
     /// Layout: global-limit bucket, version 1.
     const LAYOUT: u8 = 0x81;
-    fn encode(&self) -> [u8; 26] {
-        let mut bytes = [0; 26];
+    fn encode(&self) -> [u8; 33] {
+        let mut bytes = [0; 33];
         bytes[..8].copy_from_slice(&self.tokens.to_le_bytes());
         bytes[8..16].copy_from_slice(&self.spent.to_le_bytes());
-        bytes[16] = u8::from(self.ran_dry);
-        bytes[17] = u8::from(self.failing);
-        bytes[18..26].copy_from_slice(&self.expires_at.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.spent_at.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.dry_at.to_le_bytes());
+        bytes[32] = u8::from(self.failing);
         bytes
     }
 
-    fn decode(bytes: &[u8; 26]) -> Self {
+    fn decode(bytes: &[u8; 33]) -> Self {
         Tokens {
             tokens: word(bytes, 0),
             spent: word(bytes, 8),
-            ran_dry: bytes[16] != 0,
-            failing: bytes[17] != 0,
-            expires_at: word(bytes, 18),
+            spent_at: word(bytes, 16),
+            dry_at: word(bytes, 24),
+            failing: bytes[32] != 0,
         }
     }
 }
@@ -271,29 +285,30 @@ pub enum Take {
     },
 }
 
-/// Takes one token at `now`: one read and, unless the bucket is empty and already marked dry,
-/// one CAS. Lapsed tokens are dropped in the same write.
+/// Takes one token at `now`: one read and one CAS; on an empty bucket, a write only to refresh
+/// when it was last found empty (at most every [`DRY_REFRESH`]).
 pub fn take<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     now: u64,
 ) -> Result<(Take, u32), UpdateError> {
+    let now = now.max(1);
     cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
         let mut bucket = record.unwrap_or_default();
-        bucket.tokens = bucket.live(now);
         if bucket.tokens > 0 {
             bucket.tokens -= 1;
             bucket.spent = bucket.spent.wrapping_add(1);
+            bucket.spent_at = now;
             let remaining = bucket.tokens;
             return Step::Write(bucket, Take::Allowed { remaining });
         }
         let empty = Take::Empty {
             failing: bucket.failing,
         };
-        bucket.ran_dry = true;
-        if record == Some(bucket) {
+        if recent(bucket.dry_at, now, DRY_REFRESH) && bucket.dry_at <= now && record.is_some() {
             Step::Keep(empty)
         } else {
+            bucket.dry_at = now;
             Step::Write(bucket, empty)
         }
     })
@@ -343,11 +358,15 @@ pub fn claim<S: SharedStore + ?Sized>(
                 u64::try_from(u128::from(spent) * 1_000_000_000_000 / u128::from(elapsed))
                     .unwrap_or(u64::MAX)
             };
-            // No lease without demand: an idle Envoy holds no part of the global limit. Demand
-            // is a token spent since the last grant, or a request that found the bucket empty.
-            if !bucket.ran_dry && spent == 0 {
+            // No lease without recent demand: a token spent since the last grant, or a request
+            // that found the bucket empty. An idle Envoy holds no part of the global limit, and
+            // one whose burst has ended asks for no lease that would sit unused.
+            let spending = spent != 0 && recent(bucket.spent_at, now, DEMAND_RECENT);
+            if !spending && !recent(bucket.dry_at, now, DEMAND_RECENT) {
                 return Step::Keep(None);
             }
+            // Ran dry since the last grant: demand the last lease did not cover.
+            let ran_dry = bucket.dry_at > lease.mark_at;
             // What the RLS's current window still has, while it lasts, and what a window holds.
             let left = lease
                 .window_left
@@ -358,11 +377,11 @@ pub fn claim<S: SharedStore + ?Sized>(
                 (_, size) if size > 0 => Some(size),
                 _ => None,
             };
-            let hits = sizing.next(rate_milli, lease.last_size, bucket.ran_dry, cap);
+            let hits = sizing.next(rate_milli, lease.last_size, ran_dry, cap);
             // Low water: less than half the next lease left. A failing RLS is retried whatever the
             // bucket holds, so the failure ends as soon as it can.
             let failing = matches!(lease.state, LeaseState::Failing { .. });
-            if !failing && bucket.live(now).saturating_mul(2) >= u64::from(hits) {
+            if !failing && bucket.tokens.saturating_mul(2) >= u64::from(hits) {
                 return Step::Keep(None);
             }
             lease.state = LeaseState::Requested {
@@ -403,14 +422,10 @@ pub enum Settled {
     Failed,
 }
 
-/// Settles the call claimed by `claim` at `worker`: credits the bucket with a grant (whose
-/// tokens lapse at the end of the RLS window, or after `lifetime` when the RLS does not say when
-/// that is), records a
+/// Settles the call claimed by `claim` at `worker`: credits the bucket with a grant, records a
 /// denial or a failure in the lease state, and frees the claim for the next lease. A grant always
 /// lands in the bucket (the RLS counted it); the lease state changes only if the claim is still
 /// this call's (a stale claim taken over by another worker is that worker's to settle).
-// The two keys, the call and the time are all distinct inputs of one transition.
-#[allow(clippy::too_many_arguments)]
 pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
     bucket_key: &str,
@@ -419,7 +434,6 @@ pub fn settle<S: SharedStore + ?Sized>(
     claim: Claim,
     outcome: CallOutcome,
     now: u64,
-    lifetime: Duration,
 ) -> Result<Settled, UpdateError> {
     let settled = match outcome {
         CallOutcome::Answered(Verdict { code: Code::Ok, .. }) => {
@@ -440,19 +454,7 @@ pub fn settle<S: SharedStore + ?Sized>(
             let spent = bucket.spent;
             match settled {
                 Settled::Granted { hits } => {
-                    // They lapse when the RLS's window ends (or, when it does not say, after
-                    // `lifetime`, what a lease is sized to last).
-                    let life = match outcome {
-                        CallOutcome::Answered(Verdict {
-                            reset_in: Some(reset),
-                            ..
-                        }) => reset,
-                        _ => lifetime,
-                    };
-                    let life = u64::try_from(life.as_nanos()).unwrap_or(u64::MAX);
-                    bucket.tokens = bucket.live(now).saturating_add(u64::from(hits));
-                    bucket.expires_at = now.saturating_add(life).max(1);
-                    bucket.ran_dry = false;
+                    bucket.tokens = bucket.tokens.saturating_add(u64::from(hits));
                     bucket.failing = false;
                 }
                 Settled::Denied => bucket.failing = false,
@@ -552,9 +554,6 @@ mod tests {
     const MS: u64 = 1_000_000;
     const BUCKET: &str = "sw:p:rl:g:all";
     const LEASE: &str = "sw:p:rl:g:lease";
-    /// How long granted tokens last when the RLS does not say (a test `take` at time 0 never
-    /// sees them lapse).
-    const LIFE: Duration = Duration::from_millis(500);
 
     fn sizing() -> LeaseSizing {
         LeaseSizing {
@@ -586,36 +585,48 @@ mod tests {
         ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
         // A request found it empty: the demand that asks for the first lease.
         assert_eq!(
-            take(&store, BUCKET, 0).unwrap().0,
+            take(&store, BUCKET, 999 * MS).unwrap().0,
             Take::Empty { failing: false }
         );
         store
     }
 
     #[test]
-    fn granted_tokens_lapse_when_their_window_ends() {
+    fn granted_tokens_stay_until_spent_and_stale_demand_asks_for_nothing() {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
-        // The window resets 400 ms after the grant.
-        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS).unwrap();
+        // Long after the window ended, the tokens are still there: counted when granted.
         assert!(matches!(
-            take(&store, BUCKET, 1_400 * MS).unwrap().0,
+            take(&store, BUCKET, 9_000 * MS).unwrap().0,
             Take::Allowed { remaining: 9 }
         ));
-        assert_eq!(
-            take(&store, BUCKET, 1_401 * MS).unwrap().0,
-            Take::Empty { failing: false }
-        );
-        // Without a window from the RLS, they last LIFE.
-        let c = claim_at(&store, 1, 1_402 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_403 * MS, LIFE).unwrap();
-        assert!(matches!(
-            take(&store, BUCKET, 1_902 * MS).unwrap().0,
-            Take::Allowed { .. }
-        ));
-        assert_eq!(
-            take(&store, BUCKET, 1_903 * MS).unwrap().0,
-            Take::Empty { failing: false }
+        // Spent 300 ms ago, and nothing since: not recent, no lease.
+        assert_eq!(claim_at(&store, 1, 9_300 * MS), None);
+        // A request found it empty long ago: no lease either; a recent one asks.
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        let _ = take(&store, BUCKET, 1_000 * MS).unwrap();
+        assert_eq!(claim_at(&store, 1, 1_250 * MS), None);
+        let _ = take(&store, BUCKET, 1_260 * MS).unwrap();
+        assert!(claim_at(&store, 1, 1_300 * MS).is_some());
+    }
+
+    #[test]
+    fn a_flood_of_refusals_writes_at_most_every_dry_refresh() {
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        let before = store.counts().sets;
+        for ms in 0..1_000 {
+            for _ in 0..10 {
+                let _ = take(&store, BUCKET, 1_000 * MS + ms * MS).unwrap();
+            }
+        }
+        let writes = store.counts().sets - before;
+        assert!(
+            (19..=21).contains(&writes),
+            "{writes} writes for 10,000 refusals in 1 s"
         );
     }
 
@@ -624,7 +635,7 @@ mod tests {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
         // 10 granted, 90 left: a window holds 100. It ends 400 ms later.
-        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS).unwrap();
         let record = |store: &FakeStore| {
             let mut read = None;
             cas::update(store, LEASE, 1, |r: Option<LeaseRecord>| {
@@ -645,7 +656,7 @@ mod tests {
             stale.last_size = 80;
             stale.window_left = Some(5);
             ensure(&store, LEASE, &stale).unwrap();
-            let _ = take(&store, BUCKET, 0).unwrap();
+            let _ = take(&store, BUCKET, now * MS).unwrap();
             let claim = claim_at(&store, 1, now * MS).unwrap();
             assert_eq!(claim.hits, expected, "at {now} ms");
         }
@@ -657,17 +668,15 @@ mod tests {
         ensure(&store, BUCKET, &Tokens::default()).unwrap();
         ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
         assert_eq!(claim_at(&store, 1, 1_000 * MS), None);
-        let _ = take(&store, BUCKET, 0).unwrap();
+        let _ = take(&store, BUCKET, 1_010 * MS).unwrap();
         let c = claim_at(&store, 1, 1_020 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS, LIFE).unwrap();
-        // Some tokens spent, and below low water: asks. None spent since: asks nothing.
-        assert!(matches!(
-            take(&store, BUCKET, 0).unwrap().0,
-            Take::Allowed { .. }
-        ));
-        let c = claim_at(&store, 1, 1_040 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_041 * MS, LIFE).unwrap();
-        while let Ok((Take::Allowed { .. }, _)) = take(&store, BUCKET, 0) {}
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS).unwrap();
+        // Nothing spent since the grant: asks nothing. Some spent, below low water: asks.
+        assert_eq!(claim_at(&store, 1, 1_030 * MS), None);
+        for _ in 0..6 {
+            let _ = take(&store, BUCKET, 1_035 * MS).unwrap();
+        }
+        assert!(claim_at(&store, 1, 1_040 * MS).is_some());
         let store_idle = FakeStore::new();
         ensure(
             &store_idle,
@@ -701,7 +710,7 @@ mod tests {
 
     fn drain(store: &FakeStore) -> u64 {
         let mut n = 0;
-        while let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, 0) {
+        while let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, 5_000 * MS) {
             n += 1;
         }
         n
@@ -724,13 +733,14 @@ mod tests {
         let first = claim_at(&store, 1, 1_000 * MS).unwrap();
         assert_eq!(first.hits, 10);
         assert_eq!(claim_at(&store, 2, 1_001 * MS), None);
-        // Stale after 300 ms: another worker takes over.
+        // Stale after 300 ms: another worker takes over (requests still find it empty).
+        let _ = take(&store, BUCKET, 1_390 * MS).unwrap();
         let second = claim_at(&store, 2, 1_400 * MS).unwrap();
         // The first call's late grant still lands in the bucket (the RLS counted it), but the
         // claim is the second worker's now.
-        settle(&store, BUCKET, LEASE, 1, first, ok(None), 1_401 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, first, ok(None), 1_401 * MS).unwrap();
         assert_eq!(claim_at(&store, 3, 1_402 * MS), None);
-        settle(&store, BUCKET, LEASE, 2, second, ok(None), 1_403 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 2, second, ok(None), 1_403 * MS).unwrap();
         assert_eq!(drain(&store), 20);
     }
 
@@ -738,11 +748,11 @@ mod tests {
     fn no_lease_is_asked_for_while_the_bucket_is_above_low_water() {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_001 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_001 * MS).unwrap();
         assert_eq!(claim_at(&store, 1, 1_002 * MS), None, "10 tokens held");
         for _ in 0..6 {
             assert!(matches!(
-                take(&store, BUCKET, 0).unwrap().0,
+                take(&store, BUCKET, 1_050 * MS).unwrap().0,
                 Take::Allowed { .. }
             ));
         }
@@ -755,15 +765,16 @@ mod tests {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
         assert_eq!(
-            settle(&store, BUCKET, LEASE, 1, c, over(3), 1_001 * MS, LIFE),
+            settle(&store, BUCKET, LEASE, 1, c, over(3), 1_001 * MS),
             Ok(Settled::Denied)
         );
         // 3 left in the window: asked for at once, exactly 3.
         let c = claim_at(&store, 1, 1_002 * MS).unwrap();
         assert_eq!(c.hits, 3);
-        settle(&store, BUCKET, LEASE, 1, c, ok(Some(0)), 1_003 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(0)), 1_003 * MS).unwrap();
         assert_eq!(drain(&store), 3);
         // The window is spent: nothing until it resets 400 ms later.
+        let _ = take(&store, BUCKET, 1_300 * MS).unwrap();
         assert_eq!(claim_at(&store, 2, 1_300 * MS), None);
         assert!(claim_at(&store, 2, 1_404 * MS).is_some());
     }
@@ -772,26 +783,17 @@ mod tests {
     fn a_failure_marks_the_bucket_failing_until_a_grant() {
         let store = store();
         let c = claim_at(&store, 1, 1_000 * MS).unwrap();
-        settle(
-            &store,
-            BUCKET,
-            LEASE,
-            1,
-            c,
-            CallOutcome::Failed,
-            1_001 * MS,
-            LIFE,
-        )
-        .unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, CallOutcome::Failed, 1_001 * MS).unwrap();
         assert_eq!(
-            take(&store, BUCKET, 0).unwrap().0,
+            take(&store, BUCKET, 1_002 * MS).unwrap().0,
             Take::Empty { failing: true }
         );
         assert_eq!(claim_at(&store, 1, 1_500 * MS), None, "backing off");
+        let _ = take(&store, BUCKET, 2_000 * MS).unwrap();
         let c = claim_at(&store, 1, 2_002 * MS).unwrap();
-        settle(&store, BUCKET, LEASE, 1, c, ok(None), 2_003 * MS, LIFE).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 2_003 * MS).unwrap();
         assert!(matches!(
-            take(&store, BUCKET, 0).unwrap().0,
+            take(&store, BUCKET, 2_004 * MS).unwrap().0,
             Take::Allowed { .. }
         ));
     }
@@ -883,7 +885,7 @@ mod tests {
                     if now >= due {
                         let outcome = rls.call(c.hits, now);
                         window.store(rls.window_end, Ordering::Relaxed);
-                        settle(&store, BUCKET, LEASE, by, c, outcome, now, LIFE).unwrap();
+                        settle(&store, BUCKET, LEASE, by, c, outcome, now).unwrap();
                         in_flight = None;
                     }
                 }
@@ -895,11 +897,10 @@ mod tests {
             now += 10 * MS;
         }
         store.stop_interfering();
-        // Tokens lapse with their window: no window admits more than its 100, and nothing is
-        // admitted outside a window the RLS granted in.
+        // A window can admit what it granted and what was left of earlier leases: under this
+        // flood, leases are spent within a tick, so never much over its 100.
         let per_window = per_window.lock().unwrap().clone();
-        assert_eq!(per_window.get(&0), None, "admitted outside any window");
-        assert!(per_window.values().all(|&n| n <= 100), "{per_window:?}");
+        assert!(per_window.values().all(|&n| n <= 110), "{per_window:?}");
         let raced = raced.load(Ordering::Relaxed);
         assert!(raced > 100, "the racer took only {raced}");
         let admitted = admitted + raced;
