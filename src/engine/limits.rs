@@ -36,6 +36,16 @@
 //! the window and unspent at its start (at most `w × LEASE_MAX`); and a request can be refused
 //! while at most `(w − 1) × LEASE_MAX` tokens sit unspent in other workers' leases, until their
 //! holders' next tick (a tick, 100 ms, when ticks are on time). Tested in `tests/rate_limit.rs`.
+//!
+//! # Global limits
+//!
+//! A limit with `source.global` takes its tokens from a bucket that the rate limit service fills
+//! in leases (`policy::global_limit`): a request does one read and one CAS on it, as on a keyed
+//! bucket, and never leases locally. The lease calls are made on the tick
+//! ([`Engine::on_global_tick`], every [`GLOBAL_TICK`]) and settled when the host hands back the
+//! answer ([`Engine::on_global_answer`]); the request path neither waits on them nor encodes
+//! anything. An empty bucket refuses, or, while the RLS fails, applies the limit's
+//! `failure_mode` (open, closed, or a local fallback limit in shared data).
 
 use core::cell::Cell;
 
