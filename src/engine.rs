@@ -40,7 +40,7 @@ pub use fault::FAULT_HEADER;
 /// The client-key hash of keyed policies, for the fuzz targets only (see `fuzz/`).
 #[doc(hidden)]
 pub use limits::key_hash;
-pub use limits::GRPC_RESOURCE_EXHAUSTED;
+pub use limits::{GlobalCall, GLOBAL_TICK, GRPC_RESOURCE_EXHAUSTED};
 pub use retries::ATTEMPT_COUNT_HEADER;
 
 use core::cell::Cell;

@@ -21,6 +21,8 @@ use core::fmt;
 pub enum MetricKind {
     Counter,
     Gauge,
+    /// Each [`MetricSink::set`] records one sample (Envoy's histogram).
+    Histogram,
 }
 
 /// A defined metric, as the host numbered it.

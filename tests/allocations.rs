@@ -909,3 +909,75 @@ fn every_header_from_one_read_of_the_map_allocates_only_that_buffer() {
         );
     }
 }
+
+const GLOBAL_CONFIG: &str = r#"{
+    "rate_limits": {
+        "global": {"source": {"global": {"domain": "edge", "cluster": "rls",
+                   "failure_mode": {"fallback": {"rate": "10/s", "burst": 2}},
+                   "lease": {"min_hits": 3}}}},
+        "local": {"rate": "1/h", "burst": 1}
+    },
+    "routes": [
+        {"name": "both", "match": {"path": {"prefix": "/both"}}, "rate_limits": ["global", "local"]},
+        {"name": "global", "rate_limits": ["global"]}
+    ]
+}"#;
+
+/// A global limit's request path: a token from the bucket, the refund when a later limit
+/// refuses, refusal when the bucket is empty, and the fallback limit while the RLS fails. The
+/// lease calls are the tick's (they encode a message), made outside the count.
+#[test]
+fn global_limits_allocate_only_the_host_buffers() {
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(GLOBAL_CONFIG);
+    let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+    // The first request finds the bucket empty: the demand that asks for the first lease.
+    let mut first = Host {
+        values: vec![(Attribute::path(), b"/global".to_vec())],
+        handed_out: 0,
+    };
+    let refused = decide(&engine, &mut first, &mut scratch, now, &store, &metrics);
+    assert!(!matches!(refused.verdict, Verdict::Continue));
+    let mut sent = Vec::new();
+    engine.on_global_tick(1, now, &store, &metrics, &mut |call| {
+        sent.push((call.policy, call.claim));
+        true
+    });
+    let (policy, claim) = sent.pop().expect("the empty bucket asks for a lease");
+    assert_eq!(claim.hits, 3);
+    // OK, without window information: the lease's 3 hits go into the bucket.
+    engine.on_global_answer(policy, 1, claim, Some(&[0x08, 1]), now, &store, &metrics);
+    let mut request = |path: &[u8], now| {
+        let mut host = Host {
+            values: vec![(Attribute::path(), path.to_vec())],
+            handed_out: 0,
+        };
+        let before = allocations();
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
+        let admitted = matches!(decision.verdict, Verdict::Continue);
+        assert_eq!(allocations() - before, host.handed_out, "{path:?}");
+        admitted
+    };
+    // Both limits admit; then the local one refuses and the global token goes back, each time.
+    assert!(request(b"/both", now));
+    for _ in 0..5 {
+        assert!(!request(b"/both", now));
+    }
+    // The 2 tokens left (the refunds landed), then an empty bucket refuses.
+    assert!(request(b"/global", now));
+    assert!(request(b"/global", now));
+    assert!(!request(b"/global", now));
+    // The RLS fails (a call that cannot be sent): the fallback's burst of 2, then refusals.
+    let later = Timestamp::from_nanos(now.as_nanos() + 1_000_000_000);
+    assert!(
+        !request(b"/global", later),
+        "still empty: the demand that asks"
+    );
+    engine.on_global_tick(1, later, &store, &metrics, &mut |_| false);
+    let admitted: Vec<bool> = (0..3).map(|_| request(b"/global", later)).collect();
+    assert_eq!(admitted, [true, true, false]);
+}

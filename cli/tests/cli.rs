@@ -78,7 +78,15 @@ fn envoy_configs() -> Vec<PathBuf> {
                 if !["envoy/prometheus", "envoy/grafana"].contains(&relative.as_str()) {
                     dirs.push(path);
                 }
-            } else if relative.ends_with(".yaml") && relative != "envoy/docker-compose.yaml" {
+            } else if relative.ends_with(".yaml")
+                && ![
+                    // Not Envoy configs: compose, and the rate limit services' own limits.
+                    "envoy/docker-compose.yaml",
+                    "envoy/global/limits.yaml",
+                    "envoy/global/ratelimit-config.yaml",
+                ]
+                .contains(&relative.as_str())
+            {
                 found.push(path);
             }
         }

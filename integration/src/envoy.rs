@@ -232,6 +232,9 @@ pub struct EnvoyConfig {
     pub concurrency: u32,
     pub plugin_config: Option<String>,
     pub clusters: Vec<(String, SocketAddr)>,
+    /// Clusters (of `clusters`) spoken to over HTTP/2: gRPC services such as a rate limit
+    /// service.
+    pub http2_clusters: Vec<String>,
     pub routes: Vec<RouteSpec>,
     pub include_attempt_count: bool,
     pub extra_http_filters: Vec<String>,
@@ -259,6 +262,7 @@ impl Default for EnvoyConfig {
             concurrency: 2,
             plugin_config: None,
             clusters: Vec::new(),
+            http2_clusters: Vec::new(),
             routes: Vec::new(),
             include_attempt_count: true,
             extra_http_filters: Vec::new(),
@@ -293,6 +297,13 @@ impl EnvoyConfig {
 
     pub fn cluster(mut self, name: &str, addr: SocketAddr) -> Self {
         self.clusters.push((name.into(), addr));
+        self
+    }
+
+    /// A gRPC cluster (HTTP/2 to the upstream), e.g. a rate limit service for global limits.
+    pub fn grpc_cluster(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.clusters.push((name.into(), addr));
+        self.http2_clusters.push(name.into());
         self
     }
 
@@ -483,6 +494,9 @@ impl EnvoyConfig {
                 ip = addr.ip(),
                 port = addr.port()
             ));
+            if self.http2_clusters.contains(name) {
+                clusters.push_str("  typed_extension_protocol_options:\n    envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n      \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n      explicit_http_config: {http2_protocol_options: {}}\n");
+            }
         }
         clusters
     }

@@ -3,12 +3,15 @@
 //! Validation that belongs to one policy lives here; the cross-references (routes naming
 //! policies) stay with the compiler in `config/mod.rs`.
 
+use core::time::Duration;
+
 use serde::Deserialize;
 
 use super::error::{child, ConfigError};
 use super::reply::{RawReply, Reply};
-use super::shared::{compile_key, default_true, KeyPart, RawKeyPart};
-use super::units::Rate;
+use super::shared::{compile_key, KeyPart, RawKeyPart};
+use super::units::{Rate, TimeSpan};
+use crate::policy::global_limit::{GlobalFailure, GlobalLimit, LeaseSizing};
 use crate::policy::rate_limit::{Buckets, FailureMode, Gcra, MissingKey, Mode};
 use crate::request::AttributePlan;
 use crate::state::slots::{hash_parts, SlotTable};
@@ -26,7 +29,8 @@ const DEFAULT_MAX_KEYS: u32 = 10_000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
-    pub rate: Rate,
+    /// Required for a local limit; a global limit's rate is the RLS's.
+    pub rate: Option<Rate>,
     pub burst: Option<u32>,
     #[serde(default)]
     pub key: Vec<RawKeyPart>,
@@ -37,13 +41,90 @@ pub struct RawRateLimit {
     pub mode: RawMode,
     #[serde(default)]
     pub failure_mode: RawFailureMode,
-    #[serde(default = "default_true")]
-    pub response_headers: bool,
+    /// `None`: on for a local limit, off (and not available) for a global one.
+    pub response_headers: Option<bool>,
     #[serde(default)]
     pub response_header_form: RateLimitHeaderForm,
     #[serde(default)]
     pub on_limit: RawReply<429>,
+    #[serde(default)]
+    pub source: RawSource,
 }
+
+/// Where a limit's tokens come from.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSource {
+    /// A GCRA bucket that refills at `rate`, shared by this Envoy's workers.
+    #[default]
+    Local,
+    /// Leases from Envoy's rate limit service, shared by every Envoy that asks it.
+    Global(RawGlobal),
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    /// The RLS `domain` (Limitador's namespace).
+    pub domain: String,
+    /// The Envoy cluster of the RLS (HTTP/2, as any gRPC cluster).
+    pub cluster: String,
+    /// One call's deadline.
+    pub timeout: Option<TimeSpan>,
+    /// The descriptor's entries, in order; default `[{"key": "generic_key", "value": <policy>}]`.
+    pub descriptor: Option<Vec<RawEntry>>,
+    #[serde(default)]
+    pub failure_mode: RawGlobalFailure,
+    #[serde(default)]
+    pub lease: RawLease,
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEntry {
+    pub key: String,
+    pub value: String,
+}
+
+/// What an empty bucket does while the RLS fails.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawGlobalFailure {
+    #[default]
+    Open,
+    Closed,
+    Fallback(RawFallback),
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub rate: Rate,
+    pub burst: Option<u32>,
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLease {
+    pub min_hits: Option<u32>,
+    pub max_hits: Option<u32>,
+    pub lookahead: Option<TimeSpan>,
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_MIN_HITS: u32 = 1;
+const DEFAULT_MAX_HITS: u32 = 1_000;
+/// A lease is no bigger than this: what one Envoy can hold unspent.
+const MAX_HITS_LIMIT: u32 = 1_000_000;
+const DEFAULT_LOOKAHEAD: Duration = Duration::from_millis(500);
+const MAX_DESCRIPTOR_ENTRIES: usize = 8;
 
 /// How a bucket's state is written on responses.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -97,6 +178,9 @@ pub struct RateLimitPolicy {
     /// `None`: no `RateLimit` headers.
     pub response_headers: Option<RateLimitHeaderForm>,
     pub on_limit: Reply,
+    /// `Some`: the tokens come from the RLS in leases (`source.global`); `rate`, `gcra` and
+    /// `buckets` are then never read (the stages branch on this first).
+    pub global: Option<GlobalLimit>,
 }
 
 /// Compiles one policy; `prefix` is the shared-data key prefix for this plugin.
@@ -108,9 +192,33 @@ pub fn compile(
     attributes: &mut AttributePlan,
 ) -> Result<RateLimitPolicy, Vec<ConfigError>> {
     let mut errors = Vec::new();
+    let prefix = format!("sw:{plugin}:rl:{name}:");
+    let global = match &raw.source {
+        RawSource::Local => None,
+        RawSource::Global(global) => compile_global(
+            &child(path, "source.global"),
+            name,
+            &prefix,
+            global,
+            &raw,
+            &mut errors,
+        ),
+    };
+    let rate = match (raw.rate, &raw.source) {
+        (Some(rate), _) => rate,
+        (None, RawSource::Local) => {
+            errors.push(ConfigError::invalid(
+                child(path, "rate"),
+                "expected a rate, \"<n>/s|m|h\" (or a \"source\" of \"global\")",
+            ));
+            return Err(errors);
+        }
+        // Never read for a global limit: its admissions come from the RLS's leases.
+        (None, RawSource::Global(_)) => Rate::ONE_PER_SECOND,
+    };
     let burst = raw
         .burst
-        .unwrap_or_else(|| u32::try_from(raw.rate.count()).unwrap_or(u32::MAX));
+        .unwrap_or_else(|| u32::try_from(rate.count()).unwrap_or(u32::MAX));
     if burst == 0 {
         errors.push(ConfigError::invalid(
             child(path, "burst"),
@@ -136,7 +244,6 @@ pub fn compile(
         return Err(errors);
     }
 
-    let prefix = format!("sw:{plugin}:rl:{name}:");
     let buckets = if key.is_empty() {
         Buckets::Single {
             key: format!("{prefix}all"),
@@ -158,8 +265,8 @@ pub fn compile(
     };
     Ok(RateLimitPolicy {
         name: name.to_owned(),
-        rate: raw.rate,
-        gcra: Gcra::new(raw.rate.interval(), burst),
+        rate,
+        gcra: Gcra::new(rate.interval(), burst),
         key,
         buckets,
         mode: match raw.mode {
@@ -170,7 +277,160 @@ pub fn compile(
             RawFailureMode::Open => FailureMode::Open,
             RawFailureMode::Closed => FailureMode::Closed,
         },
-        response_headers: raw.response_headers.then_some(raw.response_header_form),
+        response_headers: match raw.response_headers {
+            Some(false) => None,
+            Some(true) => Some(raw.response_header_form),
+            None => global.is_none().then_some(raw.response_header_form),
+        },
         on_limit,
+        global,
+    })
+}
+
+/// Compiles `source.global`, and refuses the local-limit fields that would mean nothing with it.
+fn compile_global(
+    path: &str,
+    name: &str,
+    prefix: &str,
+    raw: &RawGlobal,
+    limit: &RawRateLimit,
+    errors: &mut Vec<ConfigError>,
+) -> Option<GlobalLimit> {
+    let before = errors.len();
+    let policy = path.trim_end_matches(".source.global");
+    let not_with_global = |field: &str, why: &str| {
+        ConfigError::invalid(
+            child(policy, field),
+            format!("not available with a global source: {why}"),
+        )
+    };
+    if limit.rate.is_some() {
+        errors.push(not_with_global(
+            "rate",
+            "the RLS's limit is the rate; set it in the RLS config",
+        ));
+    }
+    if limit.burst.is_some() {
+        errors.push(not_with_global(
+            "burst",
+            "the RLS's limit is the burst; set it in the RLS config",
+        ));
+    }
+    if !limit.key.is_empty() {
+        errors.push(not_with_global(
+            "key",
+            "a global limit has one bucket (per-client descriptors are not supported yet)",
+        ));
+    }
+    if limit.response_headers == Some(true) {
+        errors.push(not_with_global(
+            "response_headers",
+            "the limit and what is left of it are the RLS's, not this Envoy's",
+        ));
+    }
+    if raw.domain.is_empty() {
+        errors.push(ConfigError::invalid(
+            child(path, "domain"),
+            "expected a domain, got \"\"",
+        ));
+    }
+    if raw.cluster.is_empty() {
+        errors.push(ConfigError::invalid(
+            child(path, "cluster"),
+            "expected the RLS's Envoy cluster, got \"\"",
+        ));
+    }
+    let timeout = raw.timeout.map_or(DEFAULT_TIMEOUT, TimeSpan::as_duration);
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        errors.push(ConfigError::invalid(
+            child(path, "timeout"),
+            format!(
+                "expected a timeout from 1ms to {}s, got {timeout:?}",
+                MAX_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    let descriptor: Vec<(String, String)> = match &raw.descriptor {
+        None => vec![("generic_key".to_owned(), name.to_owned())],
+        Some(entries) => entries
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect(),
+    };
+    if descriptor.is_empty() || descriptor.len() > MAX_DESCRIPTOR_ENTRIES {
+        errors.push(ConfigError::invalid(
+            child(path, "descriptor"),
+            format!(
+                "expected 1 to {MAX_DESCRIPTOR_ENTRIES} entries, got {}",
+                descriptor.len()
+            ),
+        ));
+    }
+    for (i, (key, value)) in descriptor.iter().enumerate() {
+        if key.is_empty() || value.is_empty() {
+            errors.push(ConfigError::invalid(
+                format!("{}[{i}]", child(path, "descriptor")),
+                "expected a non-empty key and value",
+            ));
+        }
+    }
+    let lease_path = child(path, "lease");
+    let min = raw.lease.min_hits.unwrap_or(DEFAULT_MIN_HITS);
+    let max = raw.lease.max_hits.unwrap_or(DEFAULT_MAX_HITS.max(min));
+    if !(1..=MAX_HITS_LIMIT).contains(&min) {
+        errors.push(ConfigError::invalid(
+            child(&lease_path, "min_hits"),
+            format!("expected 1 to {MAX_HITS_LIMIT}, got {min}"),
+        ));
+    }
+    if !(min..=MAX_HITS_LIMIT).contains(&max) {
+        errors.push(ConfigError::invalid(
+            child(&lease_path, "max_hits"),
+            format!("expected min_hits ({min}) to {MAX_HITS_LIMIT}, got {max}"),
+        ));
+    }
+    let lookahead = raw
+        .lease
+        .lookahead
+        .map_or(DEFAULT_LOOKAHEAD, TimeSpan::as_duration);
+    if lookahead < Duration::from_millis(10) || lookahead > Duration::from_secs(60) {
+        errors.push(ConfigError::invalid(
+            child(&lease_path, "lookahead"),
+            format!("expected 10ms to 60s, got {lookahead:?}"),
+        ));
+    }
+    let failure = match &raw.failure_mode {
+        RawGlobalFailure::Open => GlobalFailure::Open,
+        RawGlobalFailure::Closed => GlobalFailure::Closed,
+        RawGlobalFailure::Fallback(fallback) => {
+            let burst = fallback
+                .burst
+                .unwrap_or_else(|| u32::try_from(fallback.rate.count()).unwrap_or(u32::MAX));
+            if burst == 0 {
+                errors.push(ConfigError::invalid(
+                    child(&child(path, "failure_mode.fallback"), "burst"),
+                    "expected a burst of at least 1, got 0",
+                ));
+            }
+            GlobalFailure::Fallback(Gcra::new(fallback.rate.interval(), burst))
+        }
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(GlobalLimit {
+        domain: raw.domain.clone(),
+        cluster: raw.cluster.clone(),
+        timeout,
+        descriptor,
+        failure,
+        sizing: LeaseSizing {
+            min,
+            max,
+            lookahead,
+        },
+        bucket_key: format!("{prefix}global"),
+        lease_key: format!("{prefix}lease"),
+        fallback_key: format!("{prefix}fallback"),
     })
 }

@@ -157,6 +157,12 @@ impl Rate {
         Ok(Rate { count, per })
     }
 
+    /// One a second: a placeholder where a rate is never read (a global limit's).
+    pub const ONE_PER_SECOND: Rate = Rate {
+        count: 1,
+        per: Duration::from_secs(1),
+    };
+
     pub const fn count(self) -> u64 {
         self.count
     }

@@ -36,6 +36,16 @@
 //! the window and unspent at its start (at most `w × LEASE_MAX`); and a request can be refused
 //! while at most `(w − 1) × LEASE_MAX` tokens sit unspent in other workers' leases, until their
 //! holders' next tick (a tick, 100 ms, when ticks are on time). Tested in `tests/rate_limit.rs`.
+//!
+//! # Global limits
+//!
+//! A limit with `source.global` takes its tokens from a bucket that the rate limit service fills
+//! in leases (`policy::global_limit`): a request does one read and one CAS on it, as on a keyed
+//! bucket, and never leases locally. The lease calls are made on the tick
+//! ([`Engine::on_global_tick`], every [`GLOBAL_TICK`]) and settled when the host hands back the
+//! answer ([`Engine::on_global_answer`]); the request path neither waits on them nor encodes
+//! anything. An empty bucket refuses, or, while the RLS fails, applies the limit's
+//! `failure_mode` (open, closed, or a local fallback limit in shared data).
 
 use core::cell::Cell;
 
@@ -46,11 +56,15 @@ use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
 use crate::policy::degradation::TICK;
+use crate::policy::global_limit::{
+    self, CallOutcome, Claim, GlobalFailure, GlobalLimit, LeaseRecord, Settled, Take, Tokens,
+};
 use crate::policy::key::{Form, KeyHasher};
 use crate::policy::rate_limit::{
     self, AcquireFailure, Acquired, BucketChoice, Buckets, FailureMode, Gcra, GcraDecision, Mode,
     LEASE_MAX,
 };
+use crate::policy::rls_wire;
 use crate::policy::route::Route;
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::{ensure, UpdateError};
@@ -77,6 +91,8 @@ pub(super) struct RateLimitRuntime {
     pub(super) leases: MetricId,
     pub(super) leased_tokens: MetricId,
     pub(super) lease_tokens_returned: MetricId,
+    /// A global limit's: its leases from the RLS (see `policy::global_limit`).
+    global: Option<GlobalMetrics>,
     /// Only a single bucket leases (see the module doc on keyed buckets).
     leasing: bool,
     lease: Cell<Option<Lease>>,
@@ -89,6 +105,29 @@ pub(super) struct RateLimitRuntime {
     /// Set when the config is retired: it gives its leases back and takes no more.
     retired: Cell<bool>,
 }
+
+/// A global limit's counters, `seawall.rate_limit.<name>.<counter>`.
+#[derive(Debug)]
+struct GlobalMetrics {
+    leases_requested: MetricId,
+    leases_granted: MetricId,
+    leases_denied: MetricId,
+    leased_hits: MetricId,
+    rls_errors: MetricId,
+    rls_latency_ms: MetricId,
+}
+
+/// The epoch [`Taken`] notes for a token from a global limit's bucket, and for one from its
+/// fallback limit: a global limit never leases locally, so no lease epoch of its runtime is
+/// ever either.
+const FROM_GLOBAL: u32 = u32::MAX;
+const FROM_FALLBACK: u32 = u32::MAX - 1;
+/// Admitted by the `open` failure mode: nothing was taken, nothing to give back.
+const FROM_NOTHING: u32 = u32::MAX - 2;
+
+/// How long a request refused by an empty global bucket is told to wait: the RLS knows when its
+/// window resets, the request path does not ask it.
+const GLOBAL_RETRY_AFTER: core::time::Duration = core::time::Duration::from_secs(1);
 
 /// Tokens this worker took from the shared bucket and admits locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +186,22 @@ impl RateLimitRuntime {
             leases: counter("leases")?,
             leased_tokens: counter("leased_tokens")?,
             lease_tokens_returned: counter("lease_tokens_returned")?,
-            leasing: matches!(policy.buckets, Buckets::Single { .. }),
+            global: match policy.global {
+                Some(_) => Some(GlobalMetrics {
+                    leases_requested: counter("leases_requested")?,
+                    leases_granted: counter("leases_granted")?,
+                    leases_denied: counter("leases_denied")?,
+                    leased_hits: counter("leased_hits")?,
+                    rls_errors: counter("rls_errors")?,
+                    rls_latency_ms: registry.define(
+                        MetricKind::Histogram,
+                        &metric_name("rate_limit", &policy.name, "rls_latency_ms"),
+                    )?,
+                }),
+                None => None,
+            },
+            // A global limit's tokens are decided in its shared bucket, one CAS each.
+            leasing: matches!(policy.buckets, Buckets::Single { .. }) && policy.global.is_none(),
             lease: Cell::new(None),
             demand: Cell::new(0),
             last_demand: Cell::new(0),
@@ -327,6 +381,14 @@ impl Engine {
     pub(super) fn prepare_limits(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
         let mut created = 0;
         for policy in &self.config.rate_limits {
+            if let Some(global) = &policy.global {
+                created += usize::from(ensure(store, &global.bucket_key, &Tokens::default())?);
+                created += usize::from(ensure(store, &global.lease_key, &LeaseRecord::fresh())?);
+                if let GlobalFailure::Fallback(gcra) = global.failure {
+                    created += usize::from(ensure(store, &global.fallback_key, &gcra.record(0))?);
+                }
+                continue;
+            }
             policy.buckets.all_keys(|key| {
                 created += usize::from(ensure(store, key, &policy.gcra.record(0))?);
                 Ok(())
@@ -356,6 +418,33 @@ impl Engine {
             ) else {
                 continue;
             };
+            if let Some(global) = &policy.global {
+                match self.take_global(policy, global, runtime, now, store, metrics) {
+                    Ok(from) => {
+                        metrics.increment(runtime.allowed, 1);
+                        taken.note(position, from);
+                        continue;
+                    }
+                    Err(retry_in) => {
+                        if policy.mode == Mode::Shadow {
+                            metrics.increment(runtime.shadow_limited, 1);
+                            continue;
+                        }
+                        metrics.increment(runtime.limited, 1);
+                        self.give_back(route, &taken, request, store, scale_ppm);
+                        let grpc = self.is_grpc(request);
+                        return Err(LocalReply {
+                            degraded: None,
+                            status: policy.on_limit.status,
+                            body: &policy.on_limit.body,
+                            headers: &policy.on_limit.headers,
+                            retry_after: Some(retry_in),
+                            grpc_status: grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
+                            rate_limit: None,
+                        });
+                    }
+                }
+            }
             let mut buffer = KeyBuf::default();
             let BucketChoice::Key(key) = bucket(policy, request, self.secret.get(), &mut buffer)
             else {
@@ -447,6 +536,17 @@ impl Engine {
             ) else {
                 continue;
             };
+            if let Some(global) = &policy.global {
+                // A refund that fails leaves the limit stricter, never looser.
+                let _ = match (epoch, global.failure) {
+                    (FROM_GLOBAL, _) => global_limit::refund(store, &global.bucket_key),
+                    (FROM_FALLBACK, GlobalFailure::Fallback(gcra)) => {
+                        rate_limit::refund(&gcra, store, &global.fallback_key)
+                    }
+                    _ => Ok(()),
+                };
+                continue;
+            }
             if epoch != 0 && runtime.refund_locally(epoch) {
                 continue;
             }
@@ -543,3 +643,200 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Takes a request's token from a global limit: from its bucket, or, while the RLS fails and
+    /// the bucket is empty, as its failure mode says. `Ok`: admitted, and where the token came
+    /// from (see [`FROM_GLOBAL`]); `Err`: refused, with when to retry.
+    fn take_global(
+        &self,
+        policy: &RateLimitPolicy,
+        global: &GlobalLimit,
+        runtime: &RateLimitRuntime,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) -> Result<u32, core::time::Duration> {
+        let failing = match global_limit::take(store, &global.bucket_key, now.as_nanos()) {
+            Ok((Take::Allowed { .. }, retries)) => {
+                if retries > 0 {
+                    metrics.increment(runtime.cas_retries, i64::from(retries));
+                }
+                return Ok(FROM_GLOBAL);
+            }
+            Ok((Take::Empty { failing }, retries)) => {
+                if retries > 0 {
+                    metrics.increment(runtime.cas_retries, i64::from(retries));
+                }
+                failing
+            }
+            Err(error) => {
+                // Shared data failed: the limit's own `failure_mode`, as for a local limit.
+                runtime.count_failure(error, metrics);
+                metrics.increment(runtime.failure_mode_applied, 1);
+                return match policy.failure_mode {
+                    FailureMode::Open => Ok(FROM_NOTHING),
+                    FailureMode::Closed => Err(GLOBAL_RETRY_AFTER),
+                };
+            }
+        };
+        if !failing {
+            return Err(GLOBAL_RETRY_AFTER);
+        }
+        metrics.increment(runtime.failure_mode_applied, 1);
+        match global.failure {
+            GlobalFailure::Open => Ok(FROM_NOTHING),
+            GlobalFailure::Closed => Err(GLOBAL_RETRY_AFTER),
+            GlobalFailure::Fallback(gcra) => {
+                let (acquired, retries) =
+                    rate_limit::acquire(&gcra, store, &global.fallback_key, now.as_nanos());
+                if retries > 0 {
+                    metrics.increment(runtime.cas_retries, i64::from(retries));
+                }
+                match acquired {
+                    Acquired::Allowed { .. } | Acquired::Leased { .. } => Ok(FROM_FALLBACK),
+                    Acquired::Limited { retry_in, .. } => Err(retry_in),
+                    Acquired::Failed(failure) => {
+                        let counter = match failure {
+                            AcquireFailure::CasExhausted => runtime.cas_exhausted,
+                            AcquireFailure::Store(_) => runtime.store_errors,
+                        };
+                        metrics.increment(counter, 1);
+                        match policy.failure_mode {
+                            FailureMode::Open => Ok(FROM_NOTHING),
+                            FailureMode::Closed => Err(gcra.interval()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether any limit is global: the host then ticks often enough to ask for leases in time
+    /// ([`GLOBAL_TICK`]).
+    pub fn has_global_limits(&self) -> bool {
+        self.config.rate_limits.iter().any(|p| p.global.is_some())
+    }
+
+    /// On the worker's tick: for each global limit whose bucket is low and whose next lease no
+    /// worker is asking for, claims the ask and hands the call to `send` (the host dispatches the
+    /// gRPC call and returns whether it went out). A call that could not be sent settles as a
+    /// failure at once. Never on the request path: requests only ever spend the bucket.
+    pub fn on_global_tick(
+        &self,
+        worker: u64,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        send: &mut dyn FnMut(GlobalCall<'_>) -> bool,
+    ) {
+        for (index, (policy, runtime)) in self
+            .config
+            .rate_limits
+            .iter()
+            .zip(&self.rate_limits)
+            .enumerate()
+        {
+            let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+                continue;
+            };
+            if runtime.retired.get() {
+                continue;
+            }
+            let claimed = global_limit::claim(
+                store,
+                &global.bucket_key,
+                &global.lease_key,
+                &global.sizing,
+                worker,
+                now.as_nanos(),
+                global.stale_after(),
+            );
+            let claim = match claimed {
+                Ok(Some(claim)) => claim,
+                Ok(None) => continue,
+                Err(error) => {
+                    runtime.count_failure(error, metrics);
+                    continue;
+                }
+            };
+            metrics.increment(counters.leases_requested, 1);
+            let message = rls_wire::encode_request(&global.domain, &global.descriptor, claim.hits);
+            let call = GlobalCall {
+                policy: index,
+                claim,
+                cluster: &global.cluster,
+                timeout: global.timeout,
+                message,
+            };
+            if !send(call) {
+                self.on_global_answer(index, worker, claim, None, now, store, metrics);
+            }
+        }
+    }
+
+    /// A lease call came back (`body`: the response message; `None`: it failed, timed out, or
+    /// could not be sent): credits the bucket or records the denial or failure, and frees the
+    /// claim.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_global_answer(
+        &self,
+        policy: usize,
+        worker: u64,
+        claim: Claim,
+        body: Option<&[u8]>,
+        now: Timestamp,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) {
+        let (Some(policy), Some(runtime)) = (
+            self.config.rate_limits.get(policy),
+            self.rate_limits.get(policy),
+        ) else {
+            return;
+        };
+        let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+            return;
+        };
+        let outcome = match body.map(rls_wire::decode_response) {
+            Some(Ok(verdict)) if verdict.code != rls_wire::Code::Unknown => {
+                CallOutcome::Answered(verdict)
+            }
+            _ => CallOutcome::Failed,
+        };
+        let elapsed = now.as_nanos().saturating_sub(claim.since) / 1_000_000;
+        metrics.set(counters.rls_latency_ms, elapsed);
+        let settled = global_limit::settle(
+            store,
+            &global.bucket_key,
+            &global.lease_key,
+            worker,
+            claim,
+            outcome,
+            now.as_nanos(),
+        );
+        match settled {
+            Ok(Settled::Granted { hits }) => {
+                metrics.increment(counters.leases_granted, 1);
+                metrics.increment(counters.leased_hits, i64::from(hits));
+            }
+            Ok(Settled::Denied) => metrics.increment(counters.leases_denied, 1),
+            Ok(Settled::Failed) => metrics.increment(counters.rls_errors, 1),
+            Err(error) => runtime.count_failure(error, metrics),
+        }
+    }
+}
+
+/// A lease call for the host to send: `ShouldRateLimit` with `message` to `cluster`.
+#[derive(Debug)]
+pub struct GlobalCall<'a> {
+    pub policy: usize,
+    pub claim: Claim,
+    pub cluster: &'a str,
+    pub timeout: core::time::Duration,
+    pub message: Vec<u8>,
+}
+
+/// The worker tick's period while a config has a global limit: a lease is asked for within this
+/// long of the bucket falling below its low-water mark.
+pub const GLOBAL_TICK: core::time::Duration = core::time::Duration::from_millis(20);

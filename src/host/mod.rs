@@ -23,13 +23,14 @@ use crate::config;
 use crate::config::rate_limit::RateLimitHeaderForm::Combined;
 use crate::config::retry::CLIENT_RETRY_HEADERS;
 use crate::engine::{
-    Engine, LocalReplies, LocalReply, Reroute, RetryHeaders, StreamState, Verdict,
-    DEGRADATION_TICK, DEGRADED_HEADER, FAULT_HEADER, ROUTE_HEADER,
+    Engine, GlobalCall, LocalReplies, LocalReply, Reroute, RetryHeaders, StreamState, Verdict,
+    DEGRADATION_TICK, DEGRADED_HEADER, FAULT_HEADER, GLOBAL_TICK, ROUTE_HEADER,
 };
 use crate::metrics::{
     MetricBatch, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
 };
 use crate::policy::circuit_breaker::ResponseFacts;
+use crate::policy::global_limit::Claim;
 use crate::policy::retry::ResponseHeaders;
 use crate::request::{Attribute, AttributeSource, HeaderPairs, RequestView, Scratch};
 use crate::state::{Cas, Lookup, SharedStore, StoreError};
@@ -143,11 +144,23 @@ struct Root {
     /// When a probe that could not be sent was last logged: at most once a minute, however
     /// short the interval.
     probe_warned_at: Option<Timestamp>,
+    /// Global limits' lease calls in flight: token, policy, claim, and the engine that sent them.
+    lease_calls: Vec<(u32, usize, Claim, Rc<Loaded>)>,
+    /// When a lease call that could not be sent was last logged (at most once a minute).
+    lease_warned_at: Option<Timestamp>,
 }
 
-/// The tick period when nothing is paused.
+/// Envoy's rate limit service, as every RLS (envoyproxy/ratelimit, Limitador) serves it.
+const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const RLS_METHOD: &str = "ShouldRateLimit";
+/// gRPC's OK.
+const GRPC_OK: u32 = 0;
+
+/// The tick period when nothing is paused: a global limit's tick when one needs leases, so a
+/// lease is asked for soon after its bucket runs low.
 fn idle_tick_ms(engine: Option<&Loaded>) -> u32 {
     match engine {
+        Some(engine) if engine.has_global_limits() => GLOBAL_TICK.as_millis() as u32,
         Some(engine) if engine.needs_tick() => DEGRADATION_TICK.as_millis() as u32,
         _ => 0,
     }
@@ -182,6 +195,8 @@ impl Root {
             next_degradation_tick: Timestamp::from_nanos(0),
             probes: Vec::new(),
             probe_warned_at: None,
+            lease_calls: Vec::new(),
+            lease_warned_at: None,
         }
     }
 }
@@ -212,6 +227,35 @@ impl Context for Root {
             .and_then(|value| crate::policy::fault::parse_decimal(&value))
             .and_then(|status| u16::try_from(status).ok());
         engine.on_probe_result(policy, status, &HostStore, &engine.metrics);
+    }
+
+    /// A global limit's lease call came back: a gRPC status other than OK (a timeout, an
+    /// unreachable RLS) settles it as a failure.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(position) = self
+            .lease_calls
+            .iter()
+            .position(|(token, ..)| *token == token_id)
+        else {
+            return;
+        };
+        let (_, policy, claim, engine) = self.lease_calls.swap_remove(position);
+        let body = if status_code == GRPC_OK {
+            self.get_grpc_call_response_body(0, response_size)
+                .or_else(|| Some(Vec::new()))
+        } else {
+            None
+        };
+        let now = Timestamp::from_nanos(abi::now_nanos());
+        engine.on_global_answer(
+            policy,
+            self.worker_id,
+            claim,
+            body.as_deref(),
+            now,
+            &HostStore,
+            &engine.metrics,
+        );
     }
 }
 
@@ -350,6 +394,7 @@ impl Root {
                 }
             }
         }
+        self.lease_tick(now);
         // Half a tick early counts as due: ticks jitter, and a tick that comes a hair early must
         // not push the work to the next one.
         if now.saturating_add(DEGRADATION_TICK / 2) >= self.next_degradation_tick {
@@ -429,6 +474,60 @@ impl Root {
         }
         if let Some(ticks) = worker.ticks {
             abi::increment_metric(ticks.0, 1);
+        }
+    }
+
+    /// Asks the RLS for the leases this worker claimed: one gRPC call each, from the root
+    /// context, never from a request.
+    fn lease_tick(&mut self, now: Timestamp) {
+        let Some(engine) = self.worker.try_borrow().ok().and_then(|w| w.engine.clone()) else {
+            return;
+        };
+        if !engine.has_global_limits() {
+            return;
+        }
+        abi::set_effective_context(self.context_id);
+        let mut sent: Vec<(u32, usize, Claim)> = Vec::new();
+        let mut warned_at = self.lease_warned_at;
+        engine.on_global_tick(
+            self.worker_id,
+            now,
+            &HostStore,
+            &engine.metrics,
+            &mut |call: GlobalCall<'_>| {
+                match self.dispatch_grpc_call(
+                    call.cluster,
+                    RLS_SERVICE,
+                    RLS_METHOD,
+                    Vec::new(),
+                    Some(&call.message),
+                    call.timeout,
+                ) {
+                    Ok(token) => {
+                        sent.push((token, call.policy, call.claim));
+                        true
+                    }
+                    Err(status) => {
+                        let quiet = warned_at.is_some_and(|at: Timestamp| {
+                            now.saturating_since(at) < core::time::Duration::from_secs(60)
+                        });
+                        if !quiet {
+                            warned_at = Some(now);
+                            log::warn!(
+                                "seawall[{}]: rate limit service call to cluster {:?} not sent ({status:?}); counted as an RLS error (logged at most once a minute)",
+                                self.context_id,
+                                call.cluster
+                            );
+                        }
+                        false
+                    }
+                }
+            },
+        );
+        self.lease_warned_at = warned_at;
+        for (token, policy, claim) in sent {
+            self.lease_calls
+                .push((token, policy, claim, Rc::clone(&engine)));
         }
     }
 
@@ -766,6 +865,7 @@ impl MetricsRegistry for HostMetrics {
         let kind = match kind {
             MetricKind::Counter => 0,
             MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
         abi::define_metric(kind, name)
             .map(MetricId)

@@ -4,7 +4,9 @@
 pub mod circuit_breaker;
 pub mod degradation;
 pub mod fault;
+pub mod global_limit;
 pub mod key;
 pub mod rate_limit;
 pub mod retry;
+pub mod rls_wire;
 pub mod route;

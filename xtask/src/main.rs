@@ -252,6 +252,12 @@ fn test() -> Result<(), String> {
     )?;
     setup::ensure_rust_target(setup::WASI)?;
     setup::ensure_rust_target(setup::BARE)?;
+    setup::ensure_program(
+        "redis-server",
+        &["--version"],
+        "redis-server",
+        "as the test rate limit service's storage (global limits)",
+    )?;
     let bindgen_runner = setup::wasm_bindgen_test_runner()?;
     run(
         "cargo fmt --check",
@@ -315,6 +321,16 @@ fn test() -> Result<(), String> {
         cargo().args(["test", "--package", "seawall"]),
     )?;
     run(
+        "test rate limit service (seawall-rls) and the RLS codec",
+        cargo().args(["test", "--package", "seawall-rls"]),
+    )?;
+    // A debug build: the scenarios call it once per lease, not per request.
+    run(
+        "build seawall-rls",
+        cargo().args(["build", "--package", "seawall-rls"]),
+    )?;
+    let rls = workspace_root().join("target/debug/seawall-rls");
+    run(
         "core tests (wasm32-wasip1 under Node)",
         cargo().args([
             "test",
@@ -360,6 +376,7 @@ fn test() -> Result<(), String> {
             .env("SEAWALL_HOSTCALL_WASM", &hostcall_wasm)
             .env("SEAWALL_TRAP_WASM", &trap_wasm)
             .env("SEAWALL_CLI", workspace_root().join("target/debug/seawall"))
+            .env("SEAWALL_RLS", &rls)
             .envs(envoy_runtime.clone()),
     )?;
     run(

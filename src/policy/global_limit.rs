@@ -1,0 +1,916 @@
+//! Global rate limits: a bucket in shared data that all of one Envoy's workers spend from, filled
+//! in leases from Envoy's rate limit service (RLS), so many Envoys share one limit.
+//!
+//! Asking the RLS on every request (Envoy's `ratelimit` filter) puts a network round trip on
+//! every request and the RLS's capacity under the whole fleet's traffic. Here a request only
+//! takes a token from the bucket (one read and one CAS, as a local limit), and the RLS is asked
+//! for `hits_addend = n` hits at a time, from the tick, before the bucket runs out. A granted
+//! lease is `n` hits counted against the global limit, whether or not they are all spent, so the
+//! fleet never admits more than the RLS granted: the global limit holds exactly, up to what the
+//! RLS itself counts.
+//!
+//! Two records per limit, each in shared data:
+//!
+//! - [`Tokens`], the bucket: tokens granted and not yet spent, how many were ever spent and when
+//!   the last was (the observed rate, recent demand), when a request last found it empty (demand
+//!   beyond supply), and whether the RLS is failing (so an empty bucket applies the failure mode
+//!   rather than refusing).
+//! - [`LeaseRecord`], the lease state machine, [`LeaseState`]: at most one request to the RLS in
+//!   flight per limit across the workers, claimed by CAS. A claim that outlives the call's
+//!   timeout (its worker's VM went away) may be taken over.
+//!
+//! Sizing: `observed rate × lookahead`, at least doubled when the bucket ran dry since the last
+//! grant (demand we could not see: refused requests are not counted, since counting them would
+//! cost a write per refusal), clamped to `[min, max]`, and never more than the RLS said is left
+//! in its window. The next lease is asked for when the bucket holds less than half the next
+//! lease. Only recent demand asks (a token spent, or a request that found the bucket empty,
+//! within [`DEMAND_RECENT`]): an idle Envoy holds none of the global limit, and one whose burst
+//! has ended asks for no lease that would sit unused. The first request after a quiet spell is
+//! refused while the first lease comes (a tick and an RLS round trip).
+//!
+//! Tokens stay in the bucket until spent. A lease is counted by the RLS in the window it was
+//! granted in, so tokens left at a window's end and spent in the next let that window admit up
+//! to what the Envoys held at its start over its limit (under a flood, nearly nothing: leases are
+//! spent within a tick). Cumulatively the bound is exact: never more admitted than granted.
+
+use core::time::Duration;
+
+use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::SharedStore;
+
+use super::rate_limit::{Gcra, MAX_CAS_ATTEMPTS};
+use super::rls_wire::{Code, Verdict};
+
+/// How long a failed RLS call keeps the next one from being sent.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A compiled `source.global`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalLimit {
+    pub domain: String,
+    pub cluster: String,
+    pub timeout: Duration,
+    /// The one descriptor's entries, in order.
+    pub descriptor: Vec<(String, String)>,
+    pub failure: GlobalFailure,
+    pub sizing: LeaseSizing,
+    /// Shared-data keys: the bucket ([`Tokens`]), the lease state ([`LeaseRecord`]) and the
+    /// fallback limit's GCRA record.
+    pub bucket_key: String,
+    pub lease_key: String,
+    pub fallback_key: String,
+}
+
+impl GlobalLimit {
+    /// How long a claim holds before another worker may take it over: the call's timeout, and
+    /// two ticks for the answer to be handled.
+    pub fn stale_after(&self) -> Duration {
+        self.timeout + CLAIM_GRACE
+    }
+}
+
+/// See [`GlobalLimit::stale_after`].
+pub const CLAIM_GRACE: Duration = Duration::from_millis(200);
+
+/// What an empty bucket does while the RLS fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalFailure {
+    /// Admit.
+    Open,
+    /// Refuse.
+    Closed,
+    /// A local limit for this Envoy alone, in shared data like any other.
+    Fallback(Gcra),
+}
+
+/// How leases are sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSizing {
+    pub min: u32,
+    pub max: u32,
+    pub lookahead: Duration,
+}
+
+impl LeaseSizing {
+    /// The next lease: `rate × lookahead` (`rate` in hits per second, measured since the last
+    /// grant), at least double the last lease when the bucket ran dry, clamped, and at most
+    /// `cap` (what the RLS said its window still has).
+    pub fn next(&self, rate_milli: u64, last: u32, ran_dry: bool, cap: Option<u32>) -> u32 {
+        let lookahead_ms = u64::try_from(self.lookahead.as_millis()).unwrap_or(u64::MAX);
+        let by_rate = rate_milli.saturating_mul(lookahead_ms) / 1_000_000;
+        let mut size = u32::try_from(by_rate).unwrap_or(u32::MAX);
+        if ran_dry {
+            size = size.max(last.saturating_mul(2));
+        }
+        let size = size.clamp(self.min, self.max);
+        match cap {
+            Some(cap) if cap > 0 => size.min(cap),
+            _ => size,
+        }
+    }
+}
+
+/// The bucket's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tokens {
+    pub tokens: u64,
+    /// Tokens ever spent from this bucket, and when the last one was (nanoseconds; 0: never).
+    pub spent: u64,
+    pub spent_at: u64,
+    /// When a request last found the bucket empty (0: never), refreshed at most every
+    /// [`DRY_REFRESH`]: recent demand that the bucket could not serve.
+    pub dry_at: u64,
+    pub failing: bool,
+}
+
+/// How often a refused request refreshes [`Tokens::dry_at`]: at most this many extra writes a
+/// second under a flood of refusals, whatever its size.
+pub const DRY_REFRESH: Duration = Duration::from_millis(50);
+
+/// Demand older than this asks for no lease: a burst that ended leaves no lease behind to sit
+/// unused while other Envoys could have had its hits.
+pub const DEMAND_RECENT: Duration = Duration::from_millis(200);
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether `at` (0: never) is within `window` before `now` (or after it: a clock that stepped
+/// back counts the demand as recent, which only asks a lease sooner).
+fn recent(at: u64, now: u64, window: Duration) -> bool {
+    at != 0 && now.saturating_sub(at) <= nanos(window)
+}
+
+impl Record<33> for Tokens {
+    /// Layout: global-limit bucket, version 1.
+    const LAYOUT: u8 = 0x81;
+    fn encode(&self) -> [u8; 33] {
+        let mut bytes = [0; 33];
+        bytes[..8].copy_from_slice(&self.tokens.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.spent.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.spent_at.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.dry_at.to_le_bytes());
+        bytes[32] = u8::from(self.failing);
+        bytes
+    }
+
+    fn decode(bytes: &[u8; 33]) -> Self {
+        Tokens {
+            tokens: word(bytes, 0),
+            spent: word(bytes, 8),
+            spent_at: word(bytes, 16),
+            dry_at: word(bytes, 24),
+            failing: bytes[32] != 0,
+        }
+    }
+}
+
+fn word(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0; 8];
+    if let Some(slice) = bytes.get(at..at + 8) {
+        word.copy_from_slice(slice);
+    }
+    u64::from_le_bytes(word)
+}
+
+/// Where the lease requests to the RLS stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Nothing in flight; the next lease may be asked for.
+    Idle,
+    /// Worker `by` asked for `hits` at `since`; no one else asks until it answers, or until the
+    /// claim is stale.
+    Requested { since: u64, by: u64, hits: u32 },
+    /// The RLS said over limit: no more asks until its window resets.
+    Denied { until: u64 },
+    /// The RLS failed: no more asks until the backoff ends.
+    Failing { until: u64 },
+}
+
+/// The lease record: its state, the last lease's size, what the RLS said is left in its window,
+/// and where the rate was last measured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub state: LeaseState,
+    pub last_size: u32,
+    /// `Some(n)`: the RLS's window has `n` hits left (0: none until it resets), until
+    /// `window_ends` (0: the RLS did not say).
+    pub window_left: Option<u32>,
+    pub window_ends: u64,
+    /// The most one window was seen to hold (hits granted plus what was left, or what a denial
+    /// said was left): no lease asks for more, which the RLS could only refuse.
+    pub window_size: u32,
+    /// `spent` and the time at the last grant: the rate is measured from there.
+    pub spent_mark: u64,
+    pub mark_at: u64,
+}
+
+impl LeaseRecord {
+    pub fn fresh() -> Self {
+        LeaseRecord {
+            state: LeaseState::Idle,
+            last_size: 0,
+            window_left: None,
+            window_ends: 0,
+            window_size: 0,
+            spent_mark: 0,
+            mark_at: 0,
+        }
+    }
+}
+
+impl Record<61> for LeaseRecord {
+    /// Layout: global-limit lease state, version 1.
+    const LAYOUT: u8 = 0x82;
+    fn encode(&self) -> [u8; 61] {
+        let mut bytes = [0; 61];
+        let (tag, a, b, c) = match self.state {
+            LeaseState::Idle => (0u8, 0, 0, 0),
+            LeaseState::Requested { since, by, hits } => (1, since, by, hits),
+            LeaseState::Denied { until } => (2, until, 0, 0),
+            LeaseState::Failing { until } => (3, until, 0, 0),
+        };
+        bytes[0] = tag;
+        bytes[1..9].copy_from_slice(&a.to_le_bytes());
+        bytes[9..17].copy_from_slice(&b.to_le_bytes());
+        bytes[17..21].copy_from_slice(&c.to_le_bytes());
+        bytes[21..25].copy_from_slice(&self.last_size.to_le_bytes());
+        bytes[25] = u8::from(self.window_left.is_some());
+        bytes[26..30].copy_from_slice(&self.window_left.unwrap_or(0).to_le_bytes());
+        bytes[30..38].copy_from_slice(&self.spent_mark.to_le_bytes());
+        bytes[38..46].copy_from_slice(&self.mark_at.to_le_bytes());
+        bytes[46..54].copy_from_slice(&self.window_ends.to_le_bytes());
+        bytes[54..58].copy_from_slice(&self.window_size.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8; 61]) -> Self {
+        let half = |at: usize| {
+            let mut half = [0; 4];
+            half.copy_from_slice(&bytes[at..at + 4]);
+            u32::from_le_bytes(half)
+        };
+        let (a, b, c) = (word(bytes, 1), word(bytes, 9), half(17));
+        let state = match bytes[0] {
+            1 => LeaseState::Requested {
+                since: a,
+                by: b,
+                hits: c,
+            },
+            2 => LeaseState::Denied { until: a },
+            3 => LeaseState::Failing { until: a },
+            _ => LeaseState::Idle,
+        };
+        LeaseRecord {
+            state,
+            last_size: half(21),
+            window_left: (bytes[25] != 0).then(|| half(26)),
+            spent_mark: word(bytes, 30),
+            mark_at: word(bytes, 38),
+            window_ends: word(bytes, 46),
+            window_size: half(54),
+        }
+    }
+}
+
+/// A request's take from the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    Allowed {
+        remaining: u64,
+    },
+    /// No token. `failing`: the RLS failed, so the failure mode decides, not the bucket.
+    Empty {
+        failing: bool,
+    },
+}
+
+/// Takes one token at `now`: one read and one CAS; on an empty bucket, a write only to refresh
+/// when it was last found empty (at most every [`DRY_REFRESH`]).
+pub fn take<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    now: u64,
+) -> Result<(Take, u32), UpdateError> {
+    let now = now.max(1);
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
+        let mut bucket = record.unwrap_or_default();
+        if bucket.tokens > 0 {
+            bucket.tokens -= 1;
+            bucket.spent = bucket.spent.wrapping_add(1);
+            bucket.spent_at = now;
+            let remaining = bucket.tokens;
+            return Step::Write(bucket, Take::Allowed { remaining });
+        }
+        let empty = Take::Empty {
+            failing: bucket.failing,
+        };
+        if recent(bucket.dry_at, now, DRY_REFRESH) && bucket.dry_at <= now && record.is_some() {
+            Step::Keep(empty)
+        } else {
+            bucket.dry_at = now;
+            Step::Write(bucket, empty)
+        }
+    })
+    .map(|updated| (updated.value, updated.attempts - 1))
+}
+
+/// A worker's claim to ask the RLS for `hits`, made at `since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub hits: u32,
+    pub since: u64,
+}
+
+/// On the tick: claims the right to ask the RLS for the next lease when one is due (the bucket
+/// below its low-water mark, nothing in flight or the claim in flight stale, no denial or
+/// backoff running). `stale_after` is how long a claim holds: the call's timeout and some.
+pub fn claim<S: SharedStore + ?Sized>(
+    store: &S,
+    bucket_key: &str,
+    lease_key: &str,
+    sizing: &LeaseSizing,
+    worker: u64,
+    now: u64,
+    stale_after: Duration,
+) -> Result<Option<Claim>, UpdateError> {
+    let bucket = read_tokens(store, bucket_key)?;
+    let stale_after = u64::try_from(stale_after.as_nanos()).unwrap_or(u64::MAX);
+    cas::update(
+        store,
+        lease_key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<LeaseRecord>| {
+            let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
+            let due = match lease.state {
+                LeaseState::Idle => true,
+                LeaseState::Requested { since, .. } => now.saturating_sub(since) > stale_after,
+                LeaseState::Denied { until } | LeaseState::Failing { until } => now >= until,
+            };
+            if !due {
+                return Step::Keep(None);
+            }
+            let elapsed = now.saturating_sub(lease.mark_at).max(1);
+            let spent = bucket.spent.wrapping_sub(lease.spent_mark);
+            let rate_milli = if lease.mark_at == 0 {
+                0
+            } else {
+                u64::try_from(u128::from(spent) * 1_000_000_000_000 / u128::from(elapsed))
+                    .unwrap_or(u64::MAX)
+            };
+            // No lease without recent demand: a token spent since the last grant, or a request
+            // that found the bucket empty. An idle Envoy holds no part of the global limit, and
+            // one whose burst has ended asks for no lease that would sit unused.
+            let spending = spent != 0 && recent(bucket.spent_at, now, DEMAND_RECENT);
+            if !spending && !recent(bucket.dry_at, now, DEMAND_RECENT) {
+                return Step::Keep(None);
+            }
+            // Ran dry since the last grant: demand the last lease did not cover.
+            let ran_dry = bucket.dry_at > lease.mark_at;
+            // What the RLS's current window still has, while it lasts, and what a window holds.
+            let left = lease
+                .window_left
+                .filter(|_| lease.window_ends == 0 || now < lease.window_ends);
+            let cap = match (left, lease.window_size) {
+                (Some(left), size) if left > 0 && size > 0 => Some(left.min(size)),
+                (Some(left), _) if left > 0 => Some(left),
+                (_, size) if size > 0 => Some(size),
+                _ => None,
+            };
+            let hits = sizing.next(rate_milli, lease.last_size, ran_dry, cap);
+            // Low water: less than half the next lease left. A failing RLS is retried whatever the
+            // bucket holds, so the failure ends as soon as it can.
+            let failing = matches!(lease.state, LeaseState::Failing { .. });
+            if !failing && bucket.tokens.saturating_mul(2) >= u64::from(hits) {
+                return Step::Keep(None);
+            }
+            lease.state = LeaseState::Requested {
+                since: now,
+                by: worker,
+                hits,
+            };
+            Step::Write(lease, Some(Claim { hits, since: now }))
+        },
+    )
+    .map(|updated| updated.value)
+}
+
+/// The bucket as it stands: one read, no write.
+fn read_tokens<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<Tokens, UpdateError> {
+    let mut bucket = Tokens::default();
+    cas::update(store, key, 1, |record: Option<Tokens>| {
+        bucket = record.unwrap_or_default();
+        Step::Keep(())
+    })?;
+    Ok(bucket)
+}
+
+/// How an RLS call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Answered(Verdict),
+    /// Timeout, transport error, a non-OK gRPC status, an undecodable body, or a call the host
+    /// would not send.
+    Failed,
+}
+
+/// What a settled call did, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Granted { hits: u32 },
+    Denied,
+    Failed,
+}
+
+/// Settles the call claimed by `claim` at `worker`: credits the bucket with a grant, records a
+/// denial or a failure in the lease state, and frees the claim for the next lease. A grant always
+/// lands in the bucket (the RLS counted it); the lease state changes only if the claim is still
+/// this call's (a stale claim taken over by another worker is that worker's to settle).
+pub fn settle<S: SharedStore + ?Sized>(
+    store: &S,
+    bucket_key: &str,
+    lease_key: &str,
+    worker: u64,
+    claim: Claim,
+    outcome: CallOutcome,
+    now: u64,
+) -> Result<Settled, UpdateError> {
+    let settled = match outcome {
+        CallOutcome::Answered(Verdict { code: Code::Ok, .. }) => {
+            Settled::Granted { hits: claim.hits }
+        }
+        CallOutcome::Answered(Verdict {
+            code: Code::OverLimit,
+            ..
+        }) => Settled::Denied,
+        _ => Settled::Failed,
+    };
+    let spent = cas::update(
+        store,
+        bucket_key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<Tokens>| {
+            let mut bucket = record.unwrap_or_default();
+            let spent = bucket.spent;
+            match settled {
+                Settled::Granted { hits } => {
+                    bucket.tokens = bucket.tokens.saturating_add(u64::from(hits));
+                    bucket.failing = false;
+                }
+                Settled::Denied => bucket.failing = false,
+                Settled::Failed => bucket.failing = true,
+            }
+            if record == Some(bucket) {
+                Step::Keep(spent)
+            } else {
+                Step::Write(bucket, spent)
+            }
+        },
+    )?
+    .value;
+    let verdict = match outcome {
+        CallOutcome::Answered(verdict) => Some(verdict),
+        CallOutcome::Failed => None,
+    };
+    cas::update(
+        store,
+        lease_key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<LeaseRecord>| {
+            let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
+            let ours = matches!(lease.state,
+            LeaseState::Requested { since, by, .. } if by == worker && since == claim.since);
+            if !ours {
+                return Step::Keep(());
+            }
+            let reset_at = |verdict: &Verdict| {
+                let wait = verdict.reset_in.unwrap_or(FAILURE_BACKOFF);
+                now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
+            };
+            if let Some(verdict) = verdict {
+                lease.window_left = verdict.remaining;
+                lease.window_ends = verdict.reset_in.map_or(0, |_| reset_at(&verdict));
+                let held = match (settled, verdict.remaining) {
+                    (Settled::Granted { hits }, Some(left)) => hits.saturating_add(left),
+                    (Settled::Denied, Some(left)) => left,
+                    _ => 0,
+                };
+                lease.window_size = lease.window_size.max(held);
+            }
+            match (settled, verdict) {
+                (Settled::Granted { hits }, Some(verdict)) => {
+                    lease.last_size = hits;
+                    lease.spent_mark = spent;
+                    lease.mark_at = now;
+                    // The window is spent: nothing more until it resets.
+                    lease.state = match verdict.remaining {
+                        Some(0) => LeaseState::Denied {
+                            until: reset_at(&verdict),
+                        },
+                        _ => LeaseState::Idle,
+                    };
+                }
+                (Settled::Denied, Some(verdict)) => {
+                    lease.state = match verdict.remaining {
+                        // The window has some left, less than was asked: ask for that at once.
+                        Some(left) if left > 0 && left < claim.hits => LeaseState::Idle,
+                        _ => LeaseState::Denied {
+                            until: reset_at(&verdict),
+                        },
+                    };
+                }
+                _ => {
+                    let backoff = u64::try_from(FAILURE_BACKOFF.as_nanos()).unwrap_or(u64::MAX);
+                    lease.state = LeaseState::Failing {
+                        until: now.saturating_add(backoff),
+                    };
+                }
+            }
+            Step::Write(lease, ())
+        },
+    )?;
+    Ok(settled)
+}
+
+/// Gives back a token taken by [`take`] for a request that another limit then refused.
+pub fn refund<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(), UpdateError> {
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
+        let mut bucket = record.unwrap_or_default();
+        bucket.tokens = bucket.tokens.saturating_add(1);
+        bucket.spent = bucket.spent.wrapping_sub(1);
+        Step::Write(bucket, ())
+    })
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::cas::ensure;
+    use crate::state::fake::FakeStore;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const MS: u64 = 1_000_000;
+    const BUCKET: &str = "sw:p:rl:g:all";
+    const LEASE: &str = "sw:p:rl:g:lease";
+
+    fn sizing() -> LeaseSizing {
+        LeaseSizing {
+            min: 10,
+            max: 500,
+            lookahead: Duration::from_millis(500),
+        }
+    }
+
+    fn ok(remaining: Option<u32>) -> CallOutcome {
+        CallOutcome::Answered(Verdict {
+            code: Code::Ok,
+            remaining,
+            reset_in: remaining.map(|_| Duration::from_millis(400)),
+        })
+    }
+
+    fn over(remaining: u32) -> CallOutcome {
+        CallOutcome::Answered(Verdict {
+            code: Code::OverLimit,
+            remaining: Some(remaining),
+            reset_in: Some(Duration::from_millis(400)),
+        })
+    }
+
+    fn store() -> FakeStore {
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        // A request found it empty: the demand that asks for the first lease.
+        assert_eq!(
+            take(&store, BUCKET, 999 * MS).unwrap().0,
+            Take::Empty { failing: false }
+        );
+        store
+    }
+
+    #[test]
+    fn granted_tokens_stay_until_spent_and_stale_demand_asks_for_nothing() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS).unwrap();
+        // Long after the window ended, the tokens are still there: counted when granted.
+        assert!(matches!(
+            take(&store, BUCKET, 9_000 * MS).unwrap().0,
+            Take::Allowed { remaining: 9 }
+        ));
+        // Spent 300 ms ago, and nothing since: not recent, no lease.
+        assert_eq!(claim_at(&store, 1, 9_300 * MS), None);
+        // A request found it empty long ago: no lease either; a recent one asks.
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        let _ = take(&store, BUCKET, 1_000 * MS).unwrap();
+        assert_eq!(claim_at(&store, 1, 1_250 * MS), None);
+        let _ = take(&store, BUCKET, 1_260 * MS).unwrap();
+        assert!(claim_at(&store, 1, 1_300 * MS).is_some());
+    }
+
+    #[test]
+    fn a_flood_of_refusals_writes_at_most_every_dry_refresh() {
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        let before = store.counts().sets;
+        for ms in 0..1_000 {
+            for _ in 0..10 {
+                let _ = take(&store, BUCKET, 1_000 * MS + ms * MS).unwrap();
+            }
+        }
+        let writes = store.counts().sets - before;
+        assert!(
+            (19..=21).contains(&writes),
+            "{writes} writes for 10,000 refusals in 1 s"
+        );
+    }
+
+    #[test]
+    fn a_lease_asks_no_more_than_a_window_holds_and_an_ended_window_caps_nothing() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        // 10 granted, 90 left: a window holds 100. It ends 400 ms later.
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(90)), 1_001 * MS).unwrap();
+        let record = |store: &FakeStore| {
+            let mut read = None;
+            cas::update(store, LEASE, 1, |r: Option<LeaseRecord>| {
+                read = r;
+                Step::Keep(())
+            })
+            .unwrap();
+            read.unwrap()
+        };
+        let lease = record(&store);
+        assert_eq!((lease.window_size, lease.window_left), (100, Some(90)));
+        // A lease of 80 that ran dry would double to 160: capped at the window's 100 once the
+        // window that had 5 left has ended, at 5 while it lasts.
+        for (now, expected) in [(1_300, 5), (1_500, 100)] {
+            let store = FakeStore::new();
+            ensure(&store, BUCKET, &Tokens::default()).unwrap();
+            let mut stale = lease;
+            stale.last_size = 80;
+            stale.window_left = Some(5);
+            ensure(&store, LEASE, &stale).unwrap();
+            let _ = take(&store, BUCKET, now * MS).unwrap();
+            let claim = claim_at(&store, 1, now * MS).unwrap();
+            assert_eq!(claim.hits, expected, "at {now} ms");
+        }
+    }
+
+    #[test]
+    fn an_idle_bucket_asks_for_nothing() {
+        let store = FakeStore::new();
+        ensure(&store, BUCKET, &Tokens::default()).unwrap();
+        ensure(&store, LEASE, &LeaseRecord::fresh()).unwrap();
+        assert_eq!(claim_at(&store, 1, 1_000 * MS), None);
+        let _ = take(&store, BUCKET, 1_010 * MS).unwrap();
+        let c = claim_at(&store, 1, 1_020 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_021 * MS).unwrap();
+        // Nothing spent since the grant: asks nothing. Some spent, below low water: asks.
+        assert_eq!(claim_at(&store, 1, 1_030 * MS), None);
+        for _ in 0..6 {
+            let _ = take(&store, BUCKET, 1_035 * MS).unwrap();
+        }
+        assert!(claim_at(&store, 1, 1_040 * MS).is_some());
+        let store_idle = FakeStore::new();
+        ensure(
+            &store_idle,
+            BUCKET,
+            &Tokens {
+                tokens: 1,
+                ..Tokens::default()
+            },
+        )
+        .unwrap();
+        ensure(&store_idle, LEASE, &LeaseRecord::fresh()).unwrap();
+        assert_eq!(
+            claim_at(&store_idle, 1, 2_000 * MS),
+            None,
+            "one token, never spent"
+        );
+    }
+
+    fn claim_at(store: &FakeStore, worker: u64, now: u64) -> Option<Claim> {
+        claim(
+            store,
+            BUCKET,
+            LEASE,
+            &sizing(),
+            worker,
+            now,
+            Duration::from_millis(300),
+        )
+        .unwrap()
+    }
+
+    fn drain(store: &FakeStore) -> u64 {
+        let mut n = 0;
+        while let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, 5_000 * MS) {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn sizing_follows_the_rate_doubles_when_dry_and_respects_the_window() {
+        let s = sizing();
+        // 100/s over 500 ms: 50.
+        assert_eq!(s.next(100_000, 0, false, None), 50);
+        assert_eq!(s.next(0, 0, false, None), 10);
+        assert_eq!(s.next(100_000, 40, true, None), 80);
+        assert_eq!(s.next(1_000_000_000, 40, true, None), 500);
+        assert_eq!(s.next(100_000, 0, false, Some(7)), 7);
+    }
+
+    #[test]
+    fn only_one_worker_holds_the_claim_until_it_settles_or_goes_stale() {
+        let store = store();
+        let first = claim_at(&store, 1, 1_000 * MS).unwrap();
+        assert_eq!(first.hits, 10);
+        assert_eq!(claim_at(&store, 2, 1_001 * MS), None);
+        // Stale after 300 ms: another worker takes over (requests still find it empty).
+        let _ = take(&store, BUCKET, 1_390 * MS).unwrap();
+        let second = claim_at(&store, 2, 1_400 * MS).unwrap();
+        // The first call's late grant still lands in the bucket (the RLS counted it), but the
+        // claim is the second worker's now.
+        settle(&store, BUCKET, LEASE, 1, first, ok(None), 1_401 * MS).unwrap();
+        assert_eq!(claim_at(&store, 3, 1_402 * MS), None);
+        settle(&store, BUCKET, LEASE, 2, second, ok(None), 1_403 * MS).unwrap();
+        assert_eq!(drain(&store), 20);
+    }
+
+    #[test]
+    fn no_lease_is_asked_for_while_the_bucket_is_above_low_water() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 1_001 * MS).unwrap();
+        assert_eq!(claim_at(&store, 1, 1_002 * MS), None, "10 tokens held");
+        for _ in 0..6 {
+            assert!(matches!(
+                take(&store, BUCKET, 1_050 * MS).unwrap().0,
+                Take::Allowed { .. }
+            ));
+        }
+        // 4 left, under half of the next lease: ask.
+        assert!(claim_at(&store, 2, 1_100 * MS).is_some());
+    }
+
+    #[test]
+    fn a_denial_waits_for_the_window_and_a_partial_window_is_asked_for_exactly() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        assert_eq!(
+            settle(&store, BUCKET, LEASE, 1, c, over(3), 1_001 * MS),
+            Ok(Settled::Denied)
+        );
+        // 3 left in the window: asked for at once, exactly 3.
+        let c = claim_at(&store, 1, 1_002 * MS).unwrap();
+        assert_eq!(c.hits, 3);
+        settle(&store, BUCKET, LEASE, 1, c, ok(Some(0)), 1_003 * MS).unwrap();
+        assert_eq!(drain(&store), 3);
+        // The window is spent: nothing until it resets 400 ms later.
+        let _ = take(&store, BUCKET, 1_300 * MS).unwrap();
+        assert_eq!(claim_at(&store, 2, 1_300 * MS), None);
+        assert!(claim_at(&store, 2, 1_404 * MS).is_some());
+    }
+
+    #[test]
+    fn a_failure_marks_the_bucket_failing_until_a_grant() {
+        let store = store();
+        let c = claim_at(&store, 1, 1_000 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, CallOutcome::Failed, 1_001 * MS).unwrap();
+        assert_eq!(
+            take(&store, BUCKET, 1_002 * MS).unwrap().0,
+            Take::Empty { failing: true }
+        );
+        assert_eq!(claim_at(&store, 1, 1_500 * MS), None, "backing off");
+        let _ = take(&store, BUCKET, 2_000 * MS).unwrap();
+        let c = claim_at(&store, 1, 2_002 * MS).unwrap();
+        settle(&store, BUCKET, LEASE, 1, c, ok(None), 2_003 * MS).unwrap();
+        assert!(matches!(
+            take(&store, BUCKET, 2_004 * MS).unwrap().0,
+            Take::Allowed { .. }
+        ));
+    }
+
+    /// A fake RLS with a fixed window, and workers that race on the fake store: whatever the
+    /// interleaving, the bucket never admits more than the RLS granted, and only one lease is
+    /// ever in flight.
+    #[test]
+    fn many_workers_admit_exactly_what_the_fake_rls_granted() {
+        struct FakeRls {
+            limit: u32,
+            used: u32,
+            window_end: u64,
+            calls: u32,
+        }
+        impl FakeRls {
+            fn call(&mut self, hits: u32, now: u64) -> CallOutcome {
+                self.calls += 1;
+                if now >= self.window_end {
+                    self.used = 0;
+                    self.window_end = now + 1_000 * MS;
+                }
+                let reset = Some(Duration::from_nanos(self.window_end - now));
+                let code = if self.used + hits <= self.limit {
+                    self.used += hits;
+                    Code::Ok
+                } else {
+                    Code::OverLimit
+                };
+                CallOutcome::Answered(Verdict {
+                    code,
+                    remaining: Some(self.limit - self.used),
+                    reset_in: reset,
+                })
+            }
+        }
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let store = store();
+        // The time, and the end of the fake RLS's current window, for the racer too; and the
+        // admissions in each window, by its end (0: outside any window).
+        let clock = Arc::new(AtomicU64::new(0));
+        let window = Arc::new(AtomicU64::new(0));
+        let per_window: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+        let note = {
+            let (window, per_window) = (Arc::clone(&window), Arc::clone(&per_window));
+            move |now: u64| {
+                let end = window.load(Ordering::Relaxed);
+                let key = if now < end { end } else { 0 };
+                *per_window.lock().unwrap().entry(key).or_default() += 1;
+            }
+        };
+        // A fifth worker that takes a token between every third read and write of the others.
+        let raced = Arc::new(AtomicU64::new(0));
+        let (counter, mut writes) = (Arc::clone(&raced), 0u32);
+        let (racer_clock, racer_note) = (Arc::clone(&clock), note.clone());
+        store.interfere(move |store| {
+            writes += 1;
+            let now = racer_clock.load(Ordering::Relaxed);
+            if writes % 3 == 0 {
+                if let Ok((Take::Allowed { .. }, _)) = take(store, BUCKET, now) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    racer_note(now);
+                }
+            }
+        });
+        let mut rls = FakeRls {
+            limit: 100,
+            used: 0,
+            window_end: 0,
+            calls: 0,
+        };
+        let mut admitted = 0u64;
+        let mut in_flight: Option<(u64, Claim, u64)> = None;
+        let start = 10_000 * MS;
+        // 4 workers, 10 s, every worker sees 20 requests and a tick each 10 ms; calls take 5 ms.
+        let mut now = start;
+        while now < start + 10_000 * MS {
+            for worker in 1..=4u64 {
+                for _ in 0..20 {
+                    clock.store(now, Ordering::Relaxed);
+                    if let Take::Allowed { .. } = take(&store, BUCKET, now).unwrap().0 {
+                        admitted += 1;
+                        note(now);
+                    }
+                }
+                if let Some((by, c, due)) = in_flight {
+                    if now >= due {
+                        let outcome = rls.call(c.hits, now);
+                        window.store(rls.window_end, Ordering::Relaxed);
+                        settle(&store, BUCKET, LEASE, by, c, outcome, now).unwrap();
+                        in_flight = None;
+                    }
+                }
+                if let Some(c) = claim_at(&store, worker, now) {
+                    assert!(in_flight.is_none(), "two leases in flight");
+                    in_flight = Some((worker, c, now + 5 * MS));
+                }
+            }
+            now += 10 * MS;
+        }
+        store.stop_interfering();
+        // A window can admit what it granted and what was left of earlier leases: under this
+        // flood, leases are spent within a tick, so never much over its 100.
+        let per_window = per_window.lock().unwrap().clone();
+        assert!(per_window.values().all(|&n| n <= 110), "{per_window:?}");
+        let raced = raced.load(Ordering::Relaxed);
+        assert!(raced > 100, "the racer took only {raced}");
+        let admitted = admitted + raced;
+        let held = drain(&store);
+        // Ten windows, and the last one may have been granted and not yet spent.
+        assert!(
+            admitted + held <= 1_000,
+            "{admitted} + {held} over the 10 windows' 1,000"
+        );
+        assert!(admitted >= 950, "only {admitted} of 1,000 admitted");
+        assert!(rls.calls < 200, "{} RLS calls", rls.calls);
+    }
+}
