@@ -432,16 +432,7 @@ impl Engine {
                         }
                         metrics.increment(runtime.limited, 1);
                         self.give_back(route, &taken, request, store, scale_ppm);
-                        let grpc = self.is_grpc(request);
-                        return Err(LocalReply {
-                            degraded: None,
-                            status: policy.on_limit.status,
-                            body: &policy.on_limit.body,
-                            headers: &policy.on_limit.headers,
-                            retry_after: Some(retry_in),
-                            grpc_status: grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
-                            rate_limit: None,
-                        });
+                        return Err(self.refusal(policy, request, retry_in, None));
                     }
                 }
             }
@@ -502,18 +493,30 @@ impl Engine {
             }
             metrics.increment(runtime.limited, 1);
             self.give_back(route, &taken, request, store, scale_ppm);
-            let grpc = self.is_grpc(request);
-            return Err(LocalReply {
-                degraded: None,
-                status: policy.on_limit.status,
-                body: &policy.on_limit.body,
-                headers: &policy.on_limit.headers,
-                retry_after: Some(retry_in),
-                grpc_status: grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
-                rate_limit: policy.response_headers.is_some().then_some(limited),
-            });
+            let shown = policy.response_headers.is_some().then_some(limited);
+            return Err(self.refusal(policy, request, retry_in, shown));
         }
         Ok(status)
+    }
+
+    /// The `on_limit` reply of a limit that refused a request: `Retry-After`, and gRPC callers
+    /// told RESOURCE_EXHAUSTED.
+    fn refusal<'c, S: AttributeSource>(
+        &'c self,
+        policy: &'c RateLimitPolicy,
+        request: &mut RequestView<'_, S>,
+        retry_in: core::time::Duration,
+        rate_limit: Option<RateLimitStatus>,
+    ) -> LocalReply<'c> {
+        LocalReply {
+            degraded: None,
+            status: policy.on_limit.status,
+            body: &policy.on_limit.body,
+            headers: &policy.on_limit.headers,
+            retry_after: Some(retry_in),
+            grpc_status: self.is_grpc(request).then_some(GRPC_RESOURCE_EXHAUSTED),
+            rate_limit,
+        }
     }
 
     /// Refunds the tokens taken for a refused request: a token admitted from this worker's lease

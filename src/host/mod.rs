@@ -441,11 +441,7 @@ impl Root {
                         true
                     }
                     Err(status) => {
-                        let quiet = warned_at.is_some_and(|at: Timestamp| {
-                            now.saturating_since(at) < core::time::Duration::from_secs(60)
-                        });
-                        if !quiet {
-                            warned_at = Some(now);
+                        if warn_again(&mut warned_at, now) {
                             log::warn!(
                                 "seawall[{}]: probe to cluster {:?} not sent ({status:?}); counted as a failed probe (logged at most once a minute)",
                                 self.context_id,
@@ -508,11 +504,7 @@ impl Root {
                         true
                     }
                     Err(status) => {
-                        let quiet = warned_at.is_some_and(|at: Timestamp| {
-                            now.saturating_since(at) < core::time::Duration::from_secs(60)
-                        });
-                        if !quiet {
-                            warned_at = Some(now);
+                        if warn_again(&mut warned_at, now) {
                             log::warn!(
                                 "seawall[{}]: rate limit service call to cluster {:?} not sent ({status:?}); counted as an RLS error (logged at most once a minute)",
                                 self.context_id,
@@ -919,4 +911,15 @@ impl LocalReplies for ReplyBuffer {
             reply.grpc_status,
         );
     }
+}
+
+/// Whether a warning last logged at `warned_at` may be logged again at `now`: at most once a
+/// minute, so a cluster that stays missing does not flood Envoy's log from every tick.
+fn warn_again(warned_at: &mut Option<Timestamp>, now: Timestamp) -> bool {
+    let quiet =
+        warned_at.is_some_and(|at| now.saturating_since(at) < core::time::Duration::from_secs(60));
+    if !quiet {
+        *warned_at = Some(now);
+    }
+    !quiet
 }
