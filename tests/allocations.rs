@@ -981,3 +981,65 @@ fn global_limits_allocate_only_the_host_buffers() {
     let admitted: Vec<bool> = (0..3).map(|_| request(b"/global", later)).collect();
     assert_eq!(admitted, [true, true, false]);
 }
+
+const PER_CLIENT_CONFIG: &str = r#"{
+    "rate_limits": {
+        "per-user": {"max_keys": 64, "source": {"global": {"domain": "edge", "cluster": "rls",
+                     "descriptor": [{"key": "user", "from": {"header": "x-user"}},
+                                    {"key": "path", "from": "path"}],
+                     "lease": {"min_hits": 2}}}}
+    },
+    "routes": [{"name": "all", "rate_limits": ["per-user"]}]
+}"#;
+
+/// A per-client global limit's request path: a new client takes a slot and writes its
+/// descriptor values, is admitted on credit, asks the tick for a lease (the wanted list), spends
+/// the lease and is refused once it is empty; a second client lands in its own slot. The values
+/// are normalised into a stack buffer: nothing but the host's buffers is allocated.
+#[test]
+fn per_client_global_limits_allocate_only_the_host_buffers() {
+    let Prepared {
+        engine,
+        metrics,
+        mut scratch,
+        store,
+    } = prepared(PER_CLIENT_CONFIG);
+    let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+    let mut request = |user: &[u8], now| {
+        let mut host = Host {
+            values: vec![
+                (Attribute::path(), b"/API//items?x=1".to_vec()),
+                (Attribute::header("x-user"), user.to_vec()),
+            ],
+            handed_out: 0,
+        };
+        let before = allocations();
+        let decision = decide(&engine, &mut host, &mut scratch, now, &store, &metrics);
+        let admitted = matches!(decision.verdict, Verdict::Continue);
+        assert_eq!(allocations() - before, host.handed_out, "{user:?}");
+        admitted
+    };
+    // Credit: 2 at once, then the wait for a lease.
+    assert!(request(b"alice", now));
+    assert!(request(b"alice", now));
+    assert!(!request(b"alice", now));
+    assert!(request(b"bob", now));
+    let mut sent = Vec::new();
+    engine.on_global_tick(1, now, &store, &metrics, &mut |call| {
+        sent.push((call.policy, call.claim, call.message));
+        true
+    });
+    assert_eq!(sent.len(), 2, "a lease for alice and one for bob");
+    let (policy, claim, message) = sent.remove(0);
+    // The values as the RLS sees them: the user as sent, the path in its canonical form.
+    let text = String::from_utf8_lossy(&message);
+    assert!(
+        text.contains("alice") && text.contains("/api/items") && !text.contains('?'),
+        "{text:?}"
+    );
+    assert_eq!(claim.hits, 4, "the next lease (2) and the 2 owed");
+    engine.on_global_answer(policy, 1, claim, Some(&[0x08, 1]), now, &store, &metrics);
+    assert!(request(b"alice", now));
+    assert!(request(b"alice", now));
+    assert!(!request(b"alice", now));
+}

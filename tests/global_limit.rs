@@ -12,7 +12,9 @@ use seawall::clock::Timestamp;
 use seawall::config::compile;
 use seawall::engine::{GlobalCall, Verdict};
 use seawall::policy::global_limit::Claim;
+use seawall::request::FakeRequest;
 use seawall::state::fake::FakeStore;
+use std::collections::HashMap;
 
 mod common;
 
@@ -33,16 +35,17 @@ fn config(failure_mode: &str) -> String {
     )
 }
 
-/// Envoy's RLS with one fixed-window limit, as Limitador counts: an ask over what is left is
-/// refused and not counted.
+/// Envoy's RLS with one fixed-window limit per descriptor, as Limitador counts a limit with
+/// variables: an ask over what is left is refused and not counted.
 struct FakeRls {
     limit: u32,
     window: u64,
-    used: u32,
-    window_end: u64,
+    /// Per descriptor (its encoded bytes): hits used in its window, and when the window ends.
+    counters: HashMap<Vec<u8>, (u32, u64)>,
     calls: u64,
     windows: u64,
     granted: u64,
+    granted_to: HashMap<Vec<u8>, u64>,
     up: bool,
 }
 
@@ -59,13 +62,27 @@ impl FakeRls {
         FakeRls {
             limit,
             window: 1_000 * MS,
-            used: 0,
-            window_end: 0,
+            counters: HashMap::new(),
             calls: 0,
             windows: 0,
             granted: 0,
+            granted_to: HashMap::new(),
             up: true,
         }
+    }
+
+    /// Hits granted to the descriptor whose entries are `entries`.
+    fn granted_to(&self, entries: &[(&str, &str)]) -> u64 {
+        let mut descriptor = Vec::new();
+        for (key, value) in entries {
+            descriptor.extend_from_slice(&[0x0a, (key.len() + value.len() + 4) as u8, 0x0a]);
+            descriptor.push(key.len() as u8);
+            descriptor.extend_from_slice(key.as_bytes());
+            descriptor.push(0x12);
+            descriptor.push(value.len() as u8);
+            descriptor.extend_from_slice(value.as_bytes());
+        }
+        self.granted_to.get(&descriptor).copied().unwrap_or(0)
     }
 
     /// The encoded `RateLimitResponse`, or `None` when the service is down.
@@ -75,35 +92,38 @@ impl FakeRls {
         }
         self.calls += 1;
         // domain (1) and descriptors (2), each under 128 bytes here, then hits_addend (3).
-        let mut at = 0;
-        for tag in [0x0a, 0x12] {
-            assert_eq!(message[at], tag);
-            at += 2 + usize::from(message[at + 1]);
-        }
+        assert_eq!(message[0], 0x0a);
+        let at = 2 + usize::from(message[1]);
+        assert_eq!(message[at], 0x12);
+        let end = at + 2 + usize::from(message[at + 1]);
+        let descriptor = message[at + 2..end].to_vec();
+        let at = end;
         assert_eq!(message[at], 0x18);
         let mut hits = 0u64;
         for (i, byte) in message[at + 1..].iter().enumerate() {
             hits |= u64::from(byte & 0x7f) << (7 * i);
         }
         let hits = u32::try_from(hits).unwrap();
-        if now >= self.window_end {
-            self.used = 0;
-            self.window_end = now + self.window;
+        let (used, window_end) = self.counters.entry(descriptor.clone()).or_insert((0, 0));
+        if now >= *window_end {
+            *used = 0;
+            *window_end = now + self.window;
             self.windows += 1;
         }
-        let ok = self.used + hits <= self.limit;
+        let ok = *used + hits <= self.limit;
         if ok {
-            self.used += hits;
+            *used += hits;
             self.granted += u64::from(hits);
+            *self.granted_to.entry(descriptor).or_default() += u64::from(hits);
         }
-        let reset = self.window_end - now;
+        let (used, reset) = (*used, *window_end - now);
         let mut duration = vec![0x08];
         varint(&mut duration, reset / 1_000_000_000);
         duration.push(0x10);
         varint(&mut duration, reset % 1_000_000_000);
         let code = if ok { 1 } else { 2 };
         let mut status = vec![0x08, code, 0x18];
-        varint(&mut status, u64::from(self.limit - self.used));
+        varint(&mut status, u64::from(self.limit - used));
         status.push(0x22);
         varint(&mut status, duration.len() as u64);
         status.extend_from_slice(&duration);
@@ -138,11 +158,13 @@ impl Envoy {
     }
 
     fn request(&mut self, worker: usize, now: u64) -> bool {
+        self.request_with(worker, get("/"), now)
+    }
+
+    fn request_with(&mut self, worker: usize, request: FakeRequest, now: u64) -> bool {
         self.requests += 1;
         let admitted = matches!(
-            self.workers[worker]
-                .send(get("/"), now, &self.store)
-                .verdict,
+            self.workers[worker].send(request, now, &self.store).verdict,
             Verdict::Continue
         );
         self.admitted += u64::from(admitted);
@@ -404,4 +426,222 @@ fn global_config_errors_name_their_path() {
         "failure_mode": {"fallback": {"rate": "50/s", "burst": 10}}}}}}}"#;
     compile(ok.as_bytes()).unwrap();
     compile(br#"{"rate_limits": {"g": {"rate": "1/s", "source": "local"}}}"#).unwrap();
+}
+
+fn per_client_config(extra: &str, failure_mode: &str) -> String {
+    format!(
+        r#"{{
+        "rate_limits": {{"per-user": {{{extra} "source": {{"global": {{
+            "domain": "edge", "cluster": "rls", "timeout": "100ms",
+            "descriptor": [{{"key": "generic_key", "value": "api"}},
+                           {{"key": "user", "from": {{"header": "x-user"}}}},
+                           {{"key": "path", "from": "path"}}],
+            "failure_mode": {failure_mode},
+            "lease": {{"min_hits": 2, "max_hits": 200, "lookahead": "250ms"}}}}}}}}}},
+        "routes": [{{"name": "all", "rate_limits": ["per-user"]}}]
+    }}"#
+    )
+}
+
+fn as_user(user: &str, path: &str) -> FakeRequest {
+    get(path).header("x-user", user)
+}
+
+/// Issue 19: descriptors with entries from seawall's key parts. Two Envoys share each client's
+/// global limit and keep clients apart: a flooding client gets its own limit, and a quiet one
+/// all its requests; the RLS sees each client's values, normalised as the key parts say.
+#[test]
+fn per_client_descriptors_give_each_client_its_own_global_limit() {
+    let json = per_client_config("", r#""closed""#);
+    let mut envoys: Vec<Envoy> = (0..2).map(|_| Envoy::new(&json, 2)).collect();
+    let mut rls = FakeRls::new(50);
+    let (mut alice, mut bob, mut bob_sent) = (0u64, 0u64, 0u64);
+    let mut now = T0;
+    // 10 s: alice sends 10 requests per worker per 20 ms (2,000/s against 50/s); bob one per
+    // Envoy every 100 ms (20/s, under his 50/s), on another spelling of the same path.
+    while now < T0 + 10_000 * MS {
+        for envoy in envoys.iter_mut() {
+            for worker in 0..2 {
+                for _ in 0..10 {
+                    alice += u64::from(envoy.request_with(worker, as_user("alice", "/api"), now));
+                }
+            }
+            if ((now - T0) / MS).is_multiple_of(100) {
+                bob_sent += 1;
+                bob += u64::from(envoy.request_with(1, as_user("bob", "/API//"), now));
+            }
+            envoy.tick(now, &mut rls);
+        }
+        now += 20 * MS;
+    }
+    let alice_granted =
+        rls.granted_to(&[("generic_key", "api"), ("user", "alice"), ("path", "/api")]);
+    let bob_granted = rls.granted_to(&[("generic_key", "api"), ("user", "bob"), ("path", "/api/")]);
+    eprintln!(
+        "alice {alice} admitted, {alice_granted} granted; bob {bob} of {bob_sent}, {bob_granted} granted; {} calls",
+        rls.calls
+    );
+    // Alice: ten windows of 50, and no more than the RLS granted her (the credit a cold bucket
+    // admits on is asked for with its next lease, so it is among the granted hits).
+    assert!(
+        alice <= alice_granted && alice_granted <= 500,
+        "alice {alice} of {alice_granted}"
+    );
+    assert!(alice >= 450, "alice only {alice} of her 500");
+    // Bob: every request, whatever alice does, each counted at the RLS under his own values.
+    assert_eq!(bob, bob_sent, "bob refused while under his limit");
+    assert!(
+        bob_granted >= bob,
+        "bob {bob} admitted, {bob_granted} granted"
+    );
+    assert!(rls.calls < 400, "{} RLS calls", rls.calls);
+}
+
+/// A client's first request does not wait for a lease: it is admitted on credit (up to
+/// `min_hits`), and the next lease asks for it too. Once the RLS says the client is over its
+/// limit, nothing more is admitted on credit until its window ends.
+#[test]
+fn a_cold_client_is_admitted_on_credit_that_the_next_lease_pays() {
+    let json = per_client_config("", r#""closed""#);
+    let mut envoy = Envoy::new(&json, 2);
+    let mut rls = FakeRls::new(5);
+    rls.window = 60_000 * MS;
+    // Two requests before any tick: both on credit (min_hits 2); the third waits for a lease.
+    assert!(envoy.request_with(0, as_user("carol", "/x"), T0));
+    assert!(envoy.request_with(1, as_user("carol", "/x"), T0));
+    assert!(!envoy.request_with(0, as_user("carol", "/x"), T0));
+    envoy.tick(T0 + 20 * MS, &mut rls);
+    // The lease asked for the next lease and the 2 owed: the RLS counted all of them.
+    let granted = rls.granted_to(&[("generic_key", "api"), ("user", "carol"), ("path", "/x")]);
+    assert!(granted >= 3, "{granted} granted");
+    let mut admitted = 2;
+    let mut at = T0 + 40 * MS;
+    for _ in 0..50 {
+        admitted += u64::from(envoy.request_with(0, as_user("carol", "/x"), at));
+        envoy.tick(at, &mut rls);
+        at += 20 * MS;
+    }
+    // 5 in the window: what was granted, credit included, and nothing beyond.
+    assert_eq!(admitted, 5, "{admitted} admitted in a window of 5");
+    assert_eq!(
+        rls.granted_to(&[("generic_key", "api"), ("user", "carol"), ("path", "/x")]),
+        5
+    );
+}
+
+/// A slot held by an active client is not taken by another (its tokens and its RLS counter are
+/// that client's): the newcomer gets the failure mode, counted as `slots_busy`. Once the holder
+/// has been idle for 2 s the slot is the newcomer's.
+#[test]
+fn a_busy_slot_is_never_shared_between_clients() {
+    let json = per_client_config(r#""max_keys": 1,"#, r#""closed""#);
+    let mut envoy = Envoy::new(&json, 1);
+    let mut rls = FakeRls::new(1_000);
+    let mut now = T0;
+    for _ in 0..10 {
+        envoy.request_with(0, as_user("dave", "/x"), now);
+        envoy.tick(now, &mut rls);
+        now += 20 * MS;
+    }
+    assert!(envoy.request_with(0, as_user("dave", "/x"), now));
+    assert!(
+        !envoy.request_with(0, as_user("erin", "/x"), now),
+        "erin took dave's slot"
+    );
+    assert_eq!(envoy.counter("seawall.rate_limit.per-user.slots_busy"), 1);
+    // Dave idle for over 2 s: erin's now, on credit at once, and her own leases after.
+    now += 2_100 * MS;
+    assert!(envoy.request_with(0, as_user("erin", "/x"), now));
+    for _ in 0..10 {
+        envoy.tick(now, &mut rls);
+        now += 20 * MS;
+        assert!(envoy.request_with(0, as_user("erin", "/x"), now));
+    }
+    let erin = rls.granted_to(&[("generic_key", "api"), ("user", "erin"), ("path", "/x")]);
+    assert!(
+        erin >= 11,
+        "erin's requests were charged elsewhere: {erin} granted to her"
+    );
+    // Dave's leftover tokens were not spent by erin: dave's counter holds only dave's asks.
+    assert!(
+        !envoy.request_with(0, as_user("dave", "/x"), now),
+        "dave took erin's slot"
+    );
+}
+
+/// `on_missing_key`: `skip` lets a request without the header through, unlimited and counted as
+/// `exempt`; the default sends the value as empty, so all such requests share one client.
+#[test]
+fn a_missing_or_overlong_value_is_skipped_or_shared_as_empty() {
+    let skip = per_client_config(r#""on_missing_key": "skip","#, r#""closed""#);
+    let mut envoy = Envoy::new(&skip, 1);
+    for i in 0..100 {
+        assert!(envoy.request_with(0, get("/x"), T0 + i));
+    }
+    let long = "a".repeat(200);
+    assert!(envoy.request_with(0, as_user(&long, "/x"), T0));
+    assert_eq!(envoy.counter("seawall.rate_limit.per-user.exempt"), 101);
+
+    let shared = per_client_config("", r#""closed""#);
+    let mut envoy = Envoy::new(&shared, 1);
+    let mut rls = FakeRls::new(3);
+    rls.window = 60_000 * MS;
+    let mut admitted = 0;
+    let mut now = T0;
+    for i in 0..60 {
+        // Without the header, and with an over-long one: the same client, "user" empty.
+        let request = if i % 2 == 0 {
+            get("/x")
+        } else {
+            as_user(&long, "/x")
+        };
+        admitted += u64::from(envoy.request_with(0, request, now));
+        envoy.tick(now, &mut rls);
+        now += 20 * MS;
+    }
+    assert_eq!(admitted, 3);
+    assert_eq!(
+        rls.granted_to(&[("generic_key", "api"), ("user", ""), ("path", "/x")]),
+        3
+    );
+}
+
+#[test]
+fn per_client_descriptor_errors_name_their_path() {
+    for (descriptor, path, expected) in [
+        (
+            r#"[{"key": "user", "value": "a", "from": "client_ip"}]"#,
+            "descriptor[0]",
+            "exactly one of",
+        ),
+        (r#"[{"key": "user"}]"#, "descriptor[0]", "exactly one of"),
+        (
+            r#"[{"key": "user", "from": {"header": "bad header"}}]"#,
+            "descriptor[0].header",
+            "header name",
+        ),
+        (
+            r#"[{"key": "", "from": "client_ip"}]"#,
+            "descriptor[0].key",
+            "non-empty",
+        ),
+    ] {
+        let json = format!(
+            r#"{{"rate_limits": {{"g": {{"source": {{"global": {{"domain": "d", "cluster": "rls", "descriptor": {descriptor}}}}}}}}}}}"#
+        );
+        let errors = compile(json.as_bytes()).unwrap_err().to_string();
+        assert!(
+            errors.contains(&format!("rate_limits.g.source.global.{path}"))
+                && errors.contains(expected),
+            "{descriptor}: {errors}"
+        );
+    }
+    let json = r#"{"rate_limits": {"g": {"key": ["client_ip"], "max_keys": 5,
+        "source": {"global": {"domain": "d", "cluster": "rls"}}}}}"#;
+    let errors = compile(json.as_bytes()).unwrap_err().to_string();
+    assert!(
+        errors.contains("rate_limits.g.key") && errors.contains("\"from\""),
+        "{errors}"
+    );
+    assert!(errors.contains("rate_limits.g.max_keys"), "{errors}");
 }

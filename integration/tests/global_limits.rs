@@ -435,3 +435,77 @@ fn three_envoys_share_one_global_limit() {
     );
     assert!(denied >= 1, "the restarted Envoy asked and was refused");
 }
+
+/// Issue 19, per-client global limits: two Envoys share each user's limit of 50 a minute, kept
+/// by the RLS per descriptor value (`variables` in Limitador's limit). A flooding user gets his
+/// 50 across both Envoys; a quiet user gets every request, in the same moments, through the same
+/// slots table. Asserted on what the upstream received, by user, and on the RLS's counts.
+#[test]
+fn per_client_descriptors_give_each_user_a_global_limit() {
+    let (_redis, redis_url) = start_redis();
+    let limits = include_str!("../../envoy/global/limits.yaml");
+    let rls = Rls::start(&redis_url, limits);
+    let upstream = Upstream::start();
+    let plugin = r#"{"rate_limits": {
+        "per-user": {"max_keys": 1000, "source": {"global": {"domain": "edge", "cluster": "rls",
+            "timeout": "1s", "failure_mode": "closed",
+            "descriptor": [{"key": "generic_key", "value": "per-user"},
+                           {"key": "user", "from": {"header": "x-user"}}],
+            "lease": {"min_hits": 2}}}}},
+      "routes": [{"name": "api", "rate_limits": ["per-user"]}]}"#;
+    let envoys: Vec<Envoy> = (0..2)
+        .map(|_| start_envoy(&upstream, rls.addr, plugin))
+        .collect();
+    let user = |name: &'static str| move |_| Request::get("/api").header("x-user", name);
+    // Alice floods both Envoys for 4 s; bob sends 5 a second to each, meanwhile.
+    let mut handles = Vec::new();
+    for envoy in &envoys {
+        let addr = envoy.listener_addr();
+        handles.push(thread::spawn(move || {
+            load(
+                addr,
+                LoadSpec::new(3, Duration::from_secs(4), user("alice")),
+            )
+        }));
+        handles.push(thread::spawn(move || {
+            let mut spec = LoadSpec::new(1, Duration::from_secs(4), user("bob"));
+            spec.rate = Some(5.0);
+            load(addr, spec)
+        }));
+    }
+    let reports: Vec<LoadReport> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let alice_sent: u64 = [&reports[0], &reports[2]].iter().map(|r| r.sent()).sum();
+    let bob_sent: u64 = [&reports[1], &reports[3]].iter().map(|r| r.sent()).sum();
+    let received = |name: &str| {
+        upstream
+            .arrivals_where(|r| r.header("x-user") == Some(name.as_bytes()))
+            .len() as u64
+    };
+    let (alice, bob) = (received("alice"), received("bob"));
+    let stats: Vec<_> = envoys.iter().map(|e| e.stats()).collect();
+    let counter = |name: &str| -> u64 {
+        stats
+            .iter()
+            .map(|s| s.seawall(&format!("seawall.rate_limit.per-user.{name}")))
+            .sum()
+    };
+    let (calls, granted) = (rls.count("calls"), rls.count("hits_granted"));
+    eprintln!(
+        "[per-client] alice: {alice} of {alice_sent} reached the upstream (limit 50 a minute across 2 Envoys); bob: {bob} of {bob_sent}; the RLS granted {granted} hits in {calls} calls; allowed {}, limited {}, slots_busy {}, rls_errors {}",
+        counter("allowed"),
+        counter("limited"),
+        counter("slots_busy"),
+        counter("rls_errors"),
+    );
+    assert_eq!(counter("rls_errors"), 0);
+    assert!(alice_sent > 500, "not a flood: {alice_sent}");
+    // What the RLS granted alice, plus at most the credit (min_hits, 2) each Envoy admitted
+    // before its first lease and asked for with it, so it is within the 50 too.
+    assert!(alice <= 50, "alice got {alice} of a limit of 50");
+    assert!(alice >= 45, "alice got only {alice} of her 50");
+    assert_eq!(bob, bob_sent, "bob was refused while under his limit");
+    assert_eq!(counter("allowed"), alice + bob);
+    assert!(granted >= alice + bob && granted <= 50 + 50);
+    assert_eq!(counter("slots_busy"), 0);
+    assert!(calls * 10 < alice_sent + bob_sent, "{calls} RLS calls");
+}

@@ -19,7 +19,11 @@ fn a_lease_request_decodes_as_the_generated_type() {
         ("tier".to_owned(), "ü".repeat(100)),
     ];
     for hits in [0, 1, 127, 128, 300, u32::MAX] {
-        let bytes = rls_wire::encode_request("edge", &entries, hits);
+        let bytes = rls_wire::encode_request(
+            "edge",
+            entries.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            hits,
+        );
         let request = RateLimitRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(request.domain, "edge");
         assert_eq!(request.hits_addend, hits);

@@ -11,7 +11,7 @@ use super::error::{child, ConfigError};
 use super::reply::{RawReply, Reply};
 use super::shared::{compile_key, KeyPart, RawKeyPart};
 use super::units::{Rate, TimeSpan};
-use crate::policy::global_limit::{GlobalFailure, GlobalLimit, LeaseSizing};
+use crate::policy::global_limit::{Entry, GlobalFailure, GlobalLimit, LeaseSizing, PerClient};
 use crate::policy::rate_limit::{Buckets, FailureMode, Gcra, MissingKey, Mode};
 use crate::request::AttributePlan;
 use crate::state::slots::{hash_parts, SlotTable};
@@ -86,7 +86,10 @@ pub struct RawGlobal {
 #[serde(deny_unknown_fields)]
 pub struct RawEntry {
     pub key: String,
-    pub value: String,
+    /// The same value on every request; or
+    pub value: Option<String>,
+    /// the request's value of this key part: a bucket per client.
+    pub from: Option<RawKeyPart>,
 }
 
 /// What an empty bucket does while the RLS fails.
@@ -193,14 +196,16 @@ pub fn compile(
 ) -> Result<RateLimitPolicy, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let prefix = format!("sw:{plugin}:rl:{name}:");
+    let mut key = Vec::new();
     let global = match &raw.source {
         RawSource::Local => None,
         RawSource::Global(global) => compile_global(
             &child(path, "source.global"),
-            name,
+            (plugin, name),
             &prefix,
             global,
             &raw,
+            (attributes, &mut key),
             &mut errors,
         ),
     };
@@ -225,8 +230,10 @@ pub fn compile(
             "expected a burst of at least 1, got 0",
         ));
     }
-    let key = compile_key(&child(path, "key"), &raw.key, attributes, &mut errors);
-    if raw.max_keys.is_some() && raw.key.is_empty() {
+    if global.is_none() {
+        key = compile_key(&child(path, "key"), &raw.key, attributes, &mut errors);
+    }
+    if raw.max_keys.is_some() && raw.key.is_empty() && key.is_empty() {
         errors.push(ConfigError::invalid(
             child(path, "max_keys"),
             "expected \"key\" too: without a key the limit has a single bucket",
@@ -244,7 +251,7 @@ pub fn compile(
         return Err(errors);
     }
 
-    let buckets = if key.is_empty() {
+    let buckets = if key.is_empty() || global.is_some() {
         Buckets::Single {
             key: format!("{prefix}all"),
         }
@@ -290,10 +297,11 @@ pub fn compile(
 /// Compiles `source.global`, and refuses the local-limit fields that would mean nothing with it.
 fn compile_global(
     path: &str,
-    name: &str,
+    (plugin, name): (&str, &str),
     prefix: &str,
     raw: &RawGlobal,
     limit: &RawRateLimit,
+    (attributes, key): (&mut AttributePlan, &mut Vec<KeyPart>),
     errors: &mut Vec<ConfigError>,
 ) -> Option<GlobalLimit> {
     let before = errors.len();
@@ -319,7 +327,7 @@ fn compile_global(
     if !limit.key.is_empty() {
         errors.push(not_with_global(
             "key",
-            "a global limit has one bucket (per-client descriptors are not supported yet)",
+            "a global limit's buckets are keyed by its descriptor's \"from\" entries",
         ));
     }
     if limit.response_headers == Some(true) {
@@ -350,29 +358,59 @@ fn compile_global(
             ),
         ));
     }
-    let descriptor: Vec<(String, String)> = match &raw.descriptor {
-        None => vec![("generic_key".to_owned(), name.to_owned())],
-        Some(entries) => entries
-            .iter()
-            .map(|e| (e.key.clone(), e.value.clone()))
-            .collect(),
-    };
-    if descriptor.is_empty() || descriptor.len() > MAX_DESCRIPTOR_ENTRIES {
+    let descriptor_path = child(path, "descriptor");
+    let default_entry = [RawEntry {
+        key: "generic_key".to_owned(),
+        value: Some(name.to_owned()),
+        from: None,
+    }];
+    let entries = raw.descriptor.as_deref().unwrap_or(&default_entry);
+    if entries.is_empty() || entries.len() > MAX_DESCRIPTOR_ENTRIES {
         errors.push(ConfigError::invalid(
-            child(path, "descriptor"),
+            &descriptor_path,
             format!(
                 "expected 1 to {MAX_DESCRIPTOR_ENTRIES} entries, got {}",
-                descriptor.len()
+                entries.len()
             ),
         ));
     }
-    for (i, (key, value)) in descriptor.iter().enumerate() {
-        if key.is_empty() || value.is_empty() {
+    let mut descriptor = Vec::with_capacity(entries.len());
+    let mut parts = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let at = format!("{descriptor_path}[{i}]");
+        if entry.key.is_empty() {
             errors.push(ConfigError::invalid(
-                format!("{}[{i}]", child(path, "descriptor")),
-                "expected a non-empty key and value",
+                child(&at, "key"),
+                "expected a non-empty key",
             ));
         }
+        match (&entry.value, &entry.from) {
+            (Some(value), None) if !value.is_empty() => descriptor.push(Entry::Fixed {
+                key: entry.key.clone(),
+                value: value.clone(),
+            }),
+            (Some(_), None) => errors.push(ConfigError::invalid(
+                child(&at, "value"),
+                "expected a non-empty value",
+            )),
+            (None, Some(part)) => {
+                parts.push(part.clone());
+                descriptor.push(Entry::FromRequest {
+                    key: entry.key.clone(),
+                });
+            }
+            _ => errors.push(ConfigError::invalid(
+                &at,
+                "expected exactly one of \"value\" (the same for every request) and \"from\" (a key part: a bucket per client)",
+            )),
+        }
+    }
+    *key = compile_key(&descriptor_path, &parts, attributes, errors);
+    if parts.is_empty() && limit.max_keys.is_some() {
+        errors.push(ConfigError::invalid(
+            child(policy, "max_keys"),
+            "expected a descriptor entry with \"from\" too: without one the limit has a single bucket",
+        ));
     }
     let lease_path = child(path, "lease");
     let min = raw.lease.min_hits.unwrap_or(DEFAULT_MIN_HITS);
@@ -418,6 +456,29 @@ fn compile_global(
     if errors.len() > before {
         return None;
     }
+    let max_keys = limit.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+    let per_client = if parts.is_empty() {
+        None
+    } else {
+        let mut table = |infix: &str| {
+            SlotTable::new(
+                format!("{prefix}{infix}:"),
+                max_keys.clamp(1, MAX_KEYS_LIMIT),
+            )
+            .map_err(|error| errors.push(ConfigError::invalid(policy, error.to_string())))
+            .ok()
+        };
+        Some(PerClient {
+            // Stable across workers and reloads, so a client keeps its bucket.
+            seed: hash_parts(1, &[plugin.as_bytes(), name.as_bytes()]),
+            skip_missing: matches!(limit.on_missing_key, RawMissingKey::Skip),
+            buckets: table("g")?,
+            leases: table("gl")?,
+            values: table("gv")?,
+            fallbacks: table("gf")?,
+            wanted_key: format!("{prefix}wanted"),
+        })
+    };
     Some(GlobalLimit {
         domain: raw.domain.clone(),
         cluster: raw.cluster.clone(),
@@ -432,5 +493,6 @@ fn compile_global(
         bucket_key: format!("{prefix}global"),
         lease_key: format!("{prefix}lease"),
         fallback_key: format!("{prefix}fallback"),
+        per_client,
     })
 }

@@ -57,7 +57,8 @@ use crate::metrics::{
 };
 use crate::policy::degradation::TICK;
 use crate::policy::global_limit::{
-    self, CallOutcome, Claim, GlobalFailure, GlobalLimit, LeaseRecord, Settled, Take, Tokens,
+    self, CallOutcome, Claim, GlobalFailure, GlobalLimit, KeyedTake, LeaseRecord, PerClient,
+    Settled, Take, Tokens, Values, Wanted, VALUES_CAPACITY,
 };
 use crate::policy::key::{Form, KeyHasher};
 use crate::policy::rate_limit::{
@@ -69,7 +70,7 @@ use crate::policy::route::Route;
 use crate::request::{AttributeSource, RequestView};
 use crate::state::cas::{ensure, UpdateError};
 use crate::state::slots::KeyBuf;
-use crate::state::{SharedStore, StoreError};
+use crate::state::{Lookup, SharedStore, StoreError};
 
 use super::*;
 
@@ -115,6 +116,10 @@ struct GlobalMetrics {
     leased_hits: MetricId,
     rls_errors: MetricId,
     rls_latency_ms: MetricId,
+    /// Per-client limits: requests whose slot another active client held, and lease asks the
+    /// full wanted list dropped.
+    slots_busy: MetricId,
+    wanted_dropped: MetricId,
 }
 
 /// The epoch [`Taken`] notes for a token from a global limit's bucket, and for one from its
@@ -193,6 +198,8 @@ impl RateLimitRuntime {
                     leases_denied: counter("leases_denied")?,
                     leased_hits: counter("leased_hits")?,
                     rls_errors: counter("rls_errors")?,
+                    slots_busy: counter("slots_busy")?,
+                    wanted_dropped: counter("wanted_dropped")?,
                     rls_latency_ms: registry.define(
                         MetricKind::Histogram,
                         &metric_name("rate_limit", &policy.name, "rls_latency_ms"),
@@ -376,6 +383,51 @@ pub fn key_hash<S: AttributeSource>(
     Some(hasher.finish())
 }
 
+/// A request's client under a per-client global limit.
+pub(super) struct Client {
+    /// The keyed hash of its descriptor values (never 0: 0 is a free slot).
+    owner: u64,
+    slot: u32,
+    values: Values,
+}
+
+/// The client of this request under `per_client`: its descriptor values read once (the view
+/// caches them) and normalised, their keyed hash and slot. `None`: a value is missing or too long
+/// ([`global_limit::MAX_VALUE`]) and the limit skips such requests; otherwise such a value is
+/// sent as empty, so all such requests share one client.
+fn client<S: AttributeSource>(
+    policy: &RateLimitPolicy,
+    per_client: &PerClient,
+    request: &mut RequestView<'_, S>,
+    secret: u64,
+) -> Option<Client> {
+    let mut values = Values::default();
+    for part in &policy.key {
+        let (id, form) = match *part {
+            KeyPart::Raw(id) => (id, Form::Exact),
+            KeyPart::ClientIp(id) => (id, Form::Address),
+            KeyPart::Path(id) => (id, Form::Path),
+            KeyPart::Authority(id) => (id, Form::Authority),
+        };
+        let value = request.get(id);
+        if !(value.is_some() && values.push(value, form)) {
+            if per_client.skip_missing {
+                return None;
+            }
+            values.push(None, form);
+        }
+    }
+    let mut hasher = KeyHasher::new(per_client.seed, secret);
+    hasher.part(values.runs(), Form::Exact);
+    let owner = hasher.finish().max(1);
+    values.set_owner(owner);
+    Some(Client {
+        owner,
+        slot: per_client.buckets.slot_of(owner),
+        values,
+    })
+}
+
 impl Engine {
     /// Creates every bucket of every policy.
     pub(super) fn prepare_limits(&self, store: &impl SharedStore) -> Result<usize, StoreError> {
@@ -386,6 +438,31 @@ impl Engine {
                 created += usize::from(ensure(store, &global.lease_key, &LeaseRecord::fresh())?);
                 if let GlobalFailure::Fallback(gcra) = global.failure {
                     created += usize::from(ensure(store, &global.fallback_key, &gcra.record(0))?);
+                }
+                if let Some(per_client) = &global.per_client {
+                    created +=
+                        usize::from(ensure(store, &per_client.wanted_key, &Wanted::default())?);
+                    let mut buffer = KeyBuf::default();
+                    for slot in 0..per_client.buckets.slots() {
+                        let key = per_client.buckets.key(slot, &mut buffer);
+                        created += usize::from(ensure(store, key, &Tokens::default())?);
+                        let key = per_client.leases.key(slot, &mut buffer);
+                        created += usize::from(ensure(store, key, &LeaseRecord::fresh())?);
+                        // Created here at its longest, so that the request path that claims the
+                        // slot writes to a key that exists (inserts race) and never grows it.
+                        let key = per_client.values.key(slot, &mut buffer);
+                        let mut probe = [0u8; 8];
+                        if let Lookup::Missing = store.get(key, &mut probe)? {
+                            let empty = [0u8; VALUES_CAPACITY];
+                            let len = Values::record_len(policy.key.len());
+                            store.set(key, &empty[..len], None)?;
+                            created += 1;
+                        }
+                        if let GlobalFailure::Fallback(gcra) = global.failure {
+                            let key = per_client.fallbacks.key(slot, &mut buffer);
+                            created += usize::from(ensure(store, key, &gcra.record(0))?);
+                        }
+                    }
                 }
                 continue;
             }
@@ -419,8 +496,12 @@ impl Engine {
                 continue;
             };
             if let Some(global) = &policy.global {
-                match self.take_global(policy, global, runtime, now, store, metrics) {
-                    Ok(from) => {
+                match self.take_global(policy, global, runtime, request, now, store, metrics) {
+                    Ok(None) => {
+                        metrics.increment(runtime.exempt, 1);
+                        continue;
+                    }
+                    Ok(Some(from)) => {
                         metrics.increment(runtime.allowed, 1);
                         taken.note(position, from);
                         continue;
@@ -540,11 +621,28 @@ impl Engine {
                 continue;
             };
             if let Some(global) = &policy.global {
+                let client = global
+                    .per_client
+                    .as_ref()
+                    .and_then(|per_client| client(policy, per_client, request, self.secret.get()));
+                let mut buffer = KeyBuf::default();
                 // A refund that fails leaves the limit stricter, never looser.
-                let _ = match (epoch, global.failure) {
-                    (FROM_GLOBAL, _) => global_limit::refund(store, &global.bucket_key),
-                    (FROM_FALLBACK, GlobalFailure::Fallback(gcra)) => {
+                let _ = match (epoch, global.failure, (&global.per_client, client)) {
+                    (FROM_GLOBAL, _, (None, _)) => global_limit::refund(store, &global.bucket_key),
+                    (FROM_GLOBAL, _, (Some(per_client), Some(client))) => {
+                        let key = per_client.buckets.key(client.slot, &mut buffer);
+                        global_limit::refund_keyed(store, key, client.owner)
+                    }
+                    (FROM_FALLBACK, GlobalFailure::Fallback(gcra), (None, _)) => {
                         rate_limit::refund(&gcra, store, &global.fallback_key)
+                    }
+                    (
+                        FROM_FALLBACK,
+                        GlobalFailure::Fallback(gcra),
+                        (Some(per_client), Some(client)),
+                    ) => {
+                        let key = per_client.fallbacks.key(client.slot, &mut buffer);
+                        rate_limit::refund(&gcra, store, key)
                     }
                     _ => Ok(()),
                 };
@@ -651,21 +749,64 @@ impl Engine {
     /// Takes a request's token from a global limit: from its bucket, or, while the RLS fails and
     /// the bucket is empty, as its failure mode says. `Ok`: admitted, and where the token came
     /// from (see [`FROM_GLOBAL`]); `Err`: refused, with when to retry.
-    fn take_global(
+    #[allow(clippy::too_many_arguments)]
+    fn take_global<S: AttributeSource>(
         &self,
         policy: &RateLimitPolicy,
         global: &GlobalLimit,
         runtime: &RateLimitRuntime,
+        request: &mut RequestView<'_, S>,
         now: Timestamp,
         store: &impl SharedStore,
         metrics: &impl MetricSink,
-    ) -> Result<u32, core::time::Duration> {
-        let failing = match global_limit::take(store, &global.bucket_key, now.as_nanos()) {
+    ) -> Result<Option<u32>, core::time::Duration> {
+        let mut buffer = KeyBuf::default();
+        let (taken, fallback_key) = match &global.per_client {
+            None => (
+                global_limit::take(store, &global.bucket_key, now.as_nanos()),
+                global.fallback_key.as_str(),
+            ),
+            Some(per_client) => {
+                let Some(client) = client(policy, per_client, request, self.secret.get()) else {
+                    return Ok(None);
+                };
+                let key = per_client.buckets.key(client.slot, &mut buffer);
+                let credit = global.sizing.min;
+                let taken =
+                    global_limit::take_keyed(store, key, client.owner, credit, now.as_nanos());
+                let take = match taken {
+                    Ok((KeyedTake::Allowed { want, new_owner }, retries)) => {
+                        if new_owner {
+                            let key = per_client.values.key(client.slot, &mut buffer);
+                            if let Err(error) = store.set(key, client.values.as_record(), None) {
+                                runtime.count_failure(UpdateError::Store(error), metrics);
+                            }
+                        }
+                        self.want_lease(per_client, runtime, &client, want, store, metrics);
+                        Ok((Take::Allowed { remaining: 0 }, retries))
+                    }
+                    Ok((KeyedTake::Empty { failing, want }, retries)) => {
+                        self.want_lease(per_client, runtime, &client, want, store, metrics);
+                        Ok((Take::Empty { failing }, retries))
+                    }
+                    Ok((KeyedTake::Busy, retries)) => {
+                        if let Some(counters) = &runtime.global {
+                            metrics.increment(counters.slots_busy, 1);
+                        }
+                        // No bucket of its own: as if the RLS failed, so `failure_mode` decides.
+                        Ok((Take::Empty { failing: true }, retries))
+                    }
+                    Err(error) => Err(error),
+                };
+                (take, per_client.fallbacks.key(client.slot, &mut buffer))
+            }
+        };
+        let failing = match taken {
             Ok((Take::Allowed { .. }, retries)) => {
                 if retries > 0 {
                     metrics.increment(runtime.cas_retries, i64::from(retries));
                 }
-                return Ok(FROM_GLOBAL);
+                return Ok(Some(FROM_GLOBAL));
             }
             Ok((Take::Empty { failing }, retries)) => {
                 if retries > 0 {
@@ -678,7 +819,7 @@ impl Engine {
                 runtime.count_failure(error, metrics);
                 metrics.increment(runtime.failure_mode_applied, 1);
                 return match policy.failure_mode {
-                    FailureMode::Open => Ok(FROM_NOTHING),
+                    FailureMode::Open => Ok(Some(FROM_NOTHING)),
                     FailureMode::Closed => Err(GLOBAL_RETRY_AFTER),
                 };
             }
@@ -688,16 +829,16 @@ impl Engine {
         }
         metrics.increment(runtime.failure_mode_applied, 1);
         match global.failure {
-            GlobalFailure::Open => Ok(FROM_NOTHING),
+            GlobalFailure::Open => Ok(Some(FROM_NOTHING)),
             GlobalFailure::Closed => Err(GLOBAL_RETRY_AFTER),
             GlobalFailure::Fallback(gcra) => {
                 let (acquired, retries) =
-                    rate_limit::acquire(&gcra, store, &global.fallback_key, now.as_nanos());
+                    rate_limit::acquire(&gcra, store, fallback_key, now.as_nanos());
                 if retries > 0 {
                     metrics.increment(runtime.cas_retries, i64::from(retries));
                 }
                 match acquired {
-                    Acquired::Allowed { .. } | Acquired::Leased { .. } => Ok(FROM_FALLBACK),
+                    Acquired::Allowed { .. } | Acquired::Leased { .. } => Ok(Some(FROM_FALLBACK)),
                     Acquired::Limited { retry_in, .. } => Err(retry_in),
                     Acquired::Failed(failure) => {
                         let counter = match failure {
@@ -706,12 +847,36 @@ impl Engine {
                         };
                         metrics.increment(counter, 1);
                         match policy.failure_mode {
-                            FailureMode::Open => Ok(FROM_NOTHING),
+                            FailureMode::Open => Ok(Some(FROM_NOTHING)),
                             FailureMode::Closed => Err(gcra.interval()),
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// Puts a per-client bucket on its limit's wanted list, so a tick asks for its lease.
+    fn want_lease(
+        &self,
+        per_client: &PerClient,
+        runtime: &RateLimitRuntime,
+        client: &Client,
+        want: bool,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+    ) {
+        if !want {
+            return;
+        }
+        match global_limit::push_wanted(store, &per_client.wanted_key, client.slot) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(counters) = &runtime.global {
+                    metrics.increment(counters.wanted_dropped, 1);
+                }
+            }
+            Err(error) => runtime.count_failure(error, metrics),
         }
     }
 
@@ -740,41 +905,118 @@ impl Engine {
             .zip(&self.rate_limits)
             .enumerate()
         {
-            let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+            let (Some(global), Some(_)) = (&policy.global, &runtime.global) else {
                 continue;
             };
             if runtime.retired.get() {
                 continue;
             }
-            let claimed = global_limit::claim(
-                store,
-                &global.bucket_key,
-                &global.lease_key,
-                &global.sizing,
-                worker,
-                now.as_nanos(),
-                global.stale_after(),
-            );
-            let claim = match claimed {
-                Ok(Some(claim)) => claim,
-                Ok(None) => continue,
+            match &global.per_client {
+                None => {
+                    let keys = (global.bucket_key.as_str(), global.lease_key.as_str());
+                    self.ask_for_lease(index, worker, now, keys, None, store, metrics, send);
+                }
+                Some(per_client) => {
+                    let wanted = match global_limit::take_wanted(store, &per_client.wanted_key) {
+                        Ok(wanted) => wanted,
+                        Err(error) => {
+                            runtime.count_failure(error, metrics);
+                            continue;
+                        }
+                    };
+                    let (mut bucket, mut lease) = (KeyBuf::default(), KeyBuf::default());
+                    for &slot in wanted.slots() {
+                        if slot >= per_client.buckets.slots() {
+                            continue;
+                        }
+                        let keys = (
+                            per_client.buckets.key(slot, &mut bucket),
+                            per_client.leases.key(slot, &mut lease),
+                        );
+                        let client = Some((slot, per_client));
+                        self.ask_for_lease(index, worker, now, keys, client, store, metrics, send);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims the next lease of one bucket (`keys`: its bucket and lease keys) if it is due, and
+    /// hands the call to `send`; for a per-client bucket, with its client's descriptor values.
+    #[allow(clippy::too_many_arguments)]
+    fn ask_for_lease(
+        &self,
+        index: usize,
+        worker: u64,
+        now: Timestamp,
+        (bucket_key, lease_key): (&str, &str),
+        per_client: Option<(u32, &PerClient)>,
+        store: &impl SharedStore,
+        metrics: &impl MetricSink,
+        send: &mut dyn FnMut(GlobalCall<'_>) -> bool,
+    ) {
+        let (Some(policy), Some(runtime)) = (
+            self.config.rate_limits.get(index),
+            self.rate_limits.get(index),
+        ) else {
+            return;
+        };
+        let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+            return;
+        };
+        let claimed = global_limit::claim(
+            store,
+            bucket_key,
+            lease_key,
+            &global.sizing,
+            worker,
+            now.as_nanos(),
+            global.stale_after(),
+        );
+        let mut claim = match claimed {
+            Ok(Some(claim)) => claim,
+            Ok(None) => return,
+            Err(error) => {
+                runtime.count_failure(error, metrics);
+                return;
+            }
+        };
+        let mut record = [0u8; VALUES_CAPACITY];
+        let mut runs: &[u8] = &[];
+        if let Some((slot, per_client)) = per_client {
+            claim.slot = slot;
+            let mut buffer = KeyBuf::default();
+            let key = per_client.values.key(slot, &mut buffer);
+            let values = match store.get(key, &mut record) {
+                Ok(Lookup::Found { len, .. }) => record.get(..len).and_then(Values::parse),
+                Ok(Lookup::Missing) => None,
                 Err(error) => {
-                    runtime.count_failure(error, metrics);
-                    continue;
+                    runtime.count_failure(UpdateError::Store(error), metrics);
+                    None
                 }
             };
-            metrics.increment(counters.leases_requested, 1);
-            let message = rls_wire::encode_request(&global.domain, &global.descriptor, claim.hits);
-            let call = GlobalCall {
-                policy: index,
-                claim,
-                cluster: &global.cluster,
-                timeout: global.timeout,
-                message,
-            };
-            if !send(call) {
-                self.on_global_answer(index, worker, claim, None, now, store, metrics);
+            match values {
+                Some((owner, values)) if owner == claim.owner => runs = values,
+                // The values are not yet this client's (its request is still writing them):
+                // the next request asks again.
+                _ => {
+                    if let Err(error) = global_limit::release(store, lease_key, worker, claim) {
+                        runtime.count_failure(error, metrics);
+                    }
+                    return;
+                }
             }
+        }
+        metrics.increment(counters.leases_requested, 1);
+        let call = GlobalCall {
+            policy: index,
+            claim,
+            cluster: &global.cluster,
+            timeout: global.timeout,
+            message: global.request_message(runs, claim.hits),
+        };
+        if !send(call) {
+            self.on_global_answer(index, worker, claim, None, now, store, metrics);
         }
     }
 
@@ -809,10 +1051,18 @@ impl Engine {
         };
         let elapsed = now.as_nanos().saturating_sub(claim.since) / 1_000_000;
         metrics.set(counters.rls_latency_ms, elapsed);
+        let (mut bucket, mut lease) = (KeyBuf::default(), KeyBuf::default());
+        let (bucket_key, lease_key) = match &global.per_client {
+            None => (global.bucket_key.as_str(), global.lease_key.as_str()),
+            Some(per_client) => (
+                per_client.buckets.key(claim.slot, &mut bucket),
+                per_client.leases.key(claim.slot, &mut lease),
+            ),
+        };
         let settled = global_limit::settle(
             store,
-            &global.bucket_key,
-            &global.lease_key,
+            bucket_key,
+            lease_key,
             worker,
             claim,
             outcome,

@@ -36,8 +36,10 @@
 use core::time::Duration;
 
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::slots::SlotTable;
 use crate::state::SharedStore;
 
+use super::key::{normalise, Form};
 use super::rate_limit::{Gcra, MAX_CAS_ATTEMPTS};
 use super::rls_wire::{Code, Verdict};
 
@@ -51,7 +53,7 @@ pub struct GlobalLimit {
     pub cluster: String,
     pub timeout: Duration,
     /// The one descriptor's entries, in order.
-    pub descriptor: Vec<(String, String)>,
+    pub descriptor: Vec<Entry>,
     pub failure: GlobalFailure,
     pub sizing: LeaseSizing,
     /// Shared-data keys: the bucket ([`Tokens`]), the lease state ([`LeaseRecord`]) and the
@@ -59,9 +61,49 @@ pub struct GlobalLimit {
     pub bucket_key: String,
     pub lease_key: String,
     pub fallback_key: String,
+    /// `Some`: a bucket per client, keyed by the descriptor's entries taken from the request.
+    pub per_client: Option<PerClient>,
+}
+
+/// One descriptor entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// `{"key": k, "value": v}`: the same for every request.
+    Fixed { key: String, value: String },
+    /// `{"key": k, "from": <key part>}`: the request's value of the next key part, normalised
+    /// as the part says (the limit's `key` holds the parts, in order).
+    FromRequest { key: String },
+}
+
+/// A global limit with a bucket per client: `max_keys` slots, each a bucket ([`Tokens`]), a
+/// lease state ([`LeaseRecord`]), the client's descriptor values ([`Values`]) and, with a
+/// fallback failure mode, a fallback bucket; and one wanted list ([`Wanted`]) per limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerClient {
+    /// Seeds the owner hash (from the plugin and policy names; the deployment secret joins it).
+    pub seed: u64,
+    /// `on_missing_key: "skip"`: a request lacking a part is not limited; otherwise the part is
+    /// sent as an empty value.
+    pub skip_missing: bool,
+    pub buckets: SlotTable,
+    pub leases: SlotTable,
+    pub values: SlotTable,
+    pub fallbacks: SlotTable,
+    pub wanted_key: String,
 }
 
 impl GlobalLimit {
+    /// The `ShouldRateLimit` request for `hits`, with the request-taken entries from `values`
+    /// (the runs of a [`Values`] record; empty for a limit with one bucket).
+    pub fn request_message(&self, values: &[u8], hits: u32) -> Vec<u8> {
+        let mut runs = Values::runs_of(values);
+        let entries = self.descriptor.iter().map(|entry| match entry {
+            Entry::Fixed { key, value } => (key.as_bytes(), value.as_bytes()),
+            Entry::FromRequest { key } => (key.as_bytes(), runs.next().unwrap_or(&[])),
+        });
+        super::rls_wire::encode_request(&self.domain, entries, hits)
+    }
+
     /// How long a claim holds before another worker may take it over: the call's timeout, and
     /// two ticks for the answer to be handled.
     pub fn stale_after(&self) -> Duration {
@@ -121,6 +163,17 @@ pub struct Tokens {
     /// [`DRY_REFRESH`]: recent demand that the bucket could not serve.
     pub dry_at: u64,
     pub failing: bool,
+    /// A per-client bucket's client: the keyed hash of its descriptor values (0: a limit with one
+    /// bucket, or a slot no client holds).
+    pub owner: u64,
+    /// Hits admitted on credit ([`take_keyed`]) that the next lease must also ask for.
+    pub owed: u32,
+    /// The last lease's size: a per-client bucket asks for the next one below half of it.
+    pub last_grant: u32,
+    /// When a request last asked the tick for a lease for this bucket (0: never).
+    pub wanted_at: u64,
+    /// Until when the RLS said this key is over its limit (0: it did not).
+    pub denied_until: u64,
 }
 
 /// How often a refused request refreshes [`Tokens::dry_at`]: at most this many extra writes a
@@ -141,28 +194,46 @@ fn recent(at: u64, now: u64, window: Duration) -> bool {
     at != 0 && now.saturating_sub(at) <= nanos(window)
 }
 
-impl Record<33> for Tokens {
-    /// Layout: global-limit bucket, version 1.
-    const LAYOUT: u8 = 0x81;
-    fn encode(&self) -> [u8; 33] {
-        let mut bytes = [0; 33];
+impl Record<65> for Tokens {
+    /// Layout: global-limit bucket, version 2 (with its owner, credit and lease demand).
+    const LAYOUT: u8 = 0x83;
+    fn encode(&self) -> [u8; 65] {
+        let mut bytes = [0; 65];
         bytes[..8].copy_from_slice(&self.tokens.to_le_bytes());
         bytes[8..16].copy_from_slice(&self.spent.to_le_bytes());
         bytes[16..24].copy_from_slice(&self.spent_at.to_le_bytes());
         bytes[24..32].copy_from_slice(&self.dry_at.to_le_bytes());
         bytes[32] = u8::from(self.failing);
+        bytes[33..41].copy_from_slice(&self.owner.to_le_bytes());
+        bytes[41..45].copy_from_slice(&self.owed.to_le_bytes());
+        bytes[45..49].copy_from_slice(&self.last_grant.to_le_bytes());
+        bytes[49..57].copy_from_slice(&self.wanted_at.to_le_bytes());
+        bytes[57..65].copy_from_slice(&self.denied_until.to_le_bytes());
         bytes
     }
 
-    fn decode(bytes: &[u8; 33]) -> Self {
+    fn decode(bytes: &[u8; 65]) -> Self {
         Tokens {
             tokens: word(bytes, 0),
             spent: word(bytes, 8),
             spent_at: word(bytes, 16),
             dry_at: word(bytes, 24),
             failing: bytes[32] != 0,
+            owner: word(bytes, 33),
+            owed: half(bytes, 41),
+            last_grant: half(bytes, 45),
+            wanted_at: word(bytes, 49),
+            denied_until: word(bytes, 57),
         }
     }
+}
+
+fn half(bytes: &[u8], at: usize) -> u32 {
+    let mut half = [0; 4];
+    if let Some(slice) = bytes.get(at..at + 4) {
+        half.copy_from_slice(slice);
+    }
+    u32::from_le_bytes(half)
 }
 
 fn word(bytes: &[u8], at: usize) -> u64 {
@@ -203,10 +274,16 @@ pub struct LeaseRecord {
     /// `spent` and the time at the last grant: the rate is measured from there.
     pub spent_mark: u64,
     pub mark_at: u64,
+    /// The client these figures are a per-client bucket's for (see [`Tokens::owner`]).
+    pub owner: u64,
 }
 
 impl LeaseRecord {
     pub fn fresh() -> Self {
+        LeaseRecord::fresh_for(0)
+    }
+
+    pub fn fresh_for(owner: u64) -> Self {
         LeaseRecord {
             state: LeaseState::Idle,
             last_size: 0,
@@ -215,15 +292,16 @@ impl LeaseRecord {
             window_size: 0,
             spent_mark: 0,
             mark_at: 0,
+            owner,
         }
     }
 }
 
-impl Record<61> for LeaseRecord {
-    /// Layout: global-limit lease state, version 1.
-    const LAYOUT: u8 = 0x82;
-    fn encode(&self) -> [u8; 61] {
-        let mut bytes = [0; 61];
+impl Record<66> for LeaseRecord {
+    /// Layout: global-limit lease state, version 2 (with its owner).
+    const LAYOUT: u8 = 0x84;
+    fn encode(&self) -> [u8; 66] {
+        let mut bytes = [0; 66];
         let (tag, a, b, c) = match self.state {
             LeaseState::Idle => (0u8, 0, 0, 0),
             LeaseState::Requested { since, by, hits } => (1, since, by, hits),
@@ -241,15 +319,12 @@ impl Record<61> for LeaseRecord {
         bytes[38..46].copy_from_slice(&self.mark_at.to_le_bytes());
         bytes[46..54].copy_from_slice(&self.window_ends.to_le_bytes());
         bytes[54..58].copy_from_slice(&self.window_size.to_le_bytes());
+        bytes[58..66].copy_from_slice(&self.owner.to_le_bytes());
         bytes
     }
 
-    fn decode(bytes: &[u8; 61]) -> Self {
-        let half = |at: usize| {
-            let mut half = [0; 4];
-            half.copy_from_slice(&bytes[at..at + 4]);
-            u32::from_le_bytes(half)
-        };
+    fn decode(bytes: &[u8; 66]) -> Self {
+        let half = |at: usize| half(bytes, at);
         let (a, b, c) = (word(bytes, 1), word(bytes, 9), half(17));
         let state = match bytes[0] {
             1 => LeaseState::Requested {
@@ -269,6 +344,7 @@ impl Record<61> for LeaseRecord {
             mark_at: word(bytes, 38),
             window_ends: word(bytes, 46),
             window_size: half(54),
+            owner: word(bytes, 58),
         }
     }
 }
@@ -320,6 +396,12 @@ pub fn take<S: SharedStore + ?Sized>(
 pub struct Claim {
     pub hits: u32,
     pub since: u64,
+    /// The client of a per-client bucket (0: a limit with one bucket), and the hits admitted on
+    /// credit that `hits` includes.
+    pub owner: u64,
+    pub owed: u32,
+    /// A per-client bucket's slot.
+    pub slot: u32,
 }
 
 /// On the tick: claims the right to ask the RLS for the next lease when one is due (the bucket
@@ -342,6 +424,10 @@ pub fn claim<S: SharedStore + ?Sized>(
         MAX_CAS_ATTEMPTS,
         |record: Option<LeaseRecord>| {
             let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
+            // A slot taken over by another client: its figures are the last client's.
+            if lease.owner != bucket.owner {
+                lease = LeaseRecord::fresh_for(bucket.owner);
+            }
             let due = match lease.state {
                 LeaseState::Idle => true,
                 LeaseState::Requested { since, .. } => now.saturating_sub(since) > stale_after,
@@ -377,7 +463,12 @@ pub fn claim<S: SharedStore + ?Sized>(
                 (_, size) if size > 0 => Some(size),
                 _ => None,
             };
-            let hits = sizing.next(rate_milli, lease.last_size, ran_dry, cap);
+            let next = sizing.next(rate_milli, lease.last_size, ran_dry, cap);
+            // Hits admitted on credit are asked for on top, within what the window has.
+            let hits = match cap {
+                Some(cap) => next.saturating_add(bucket.owed).min(cap.max(next)),
+                None => next.saturating_add(bucket.owed),
+            };
             // Low water: less than half the next lease left. A failing RLS is retried whatever the
             // bucket holds, so the failure ends as soon as it can.
             let failing = matches!(lease.state, LeaseState::Failing { .. });
@@ -389,7 +480,16 @@ pub fn claim<S: SharedStore + ?Sized>(
                 by: worker,
                 hits,
             };
-            Step::Write(lease, Some(Claim { hits, since: now }))
+            Step::Write(
+                lease,
+                Some(Claim {
+                    hits,
+                    since: now,
+                    owner: bucket.owner,
+                    owed: bucket.owed,
+                    slot: 0,
+                }),
+            )
         },
     )
     .map(|updated| updated.value)
@@ -445,6 +545,13 @@ pub fn settle<S: SharedStore + ?Sized>(
         }) => Settled::Denied,
         _ => Settled::Failed,
     };
+    let denied_until = match outcome {
+        CallOutcome::Answered(verdict) if verdict.code == Code::OverLimit => {
+            let wait = verdict.reset_in.unwrap_or(FAILURE_BACKOFF);
+            now.saturating_add(nanos(wait))
+        }
+        _ => 0,
+    };
     let spent = cas::update(
         store,
         bucket_key,
@@ -452,22 +559,40 @@ pub fn settle<S: SharedStore + ?Sized>(
         |record: Option<Tokens>| {
             let mut bucket = record.unwrap_or_default();
             let spent = bucket.spent;
+            if bucket.owner != claim.owner {
+                // The slot went to another client while the call was out: the RLS counted the
+                // hits against the last one, and they stay unspent (stricter, never looser).
+                return Step::Keep(None);
+            }
             match settled {
                 Settled::Granted { hits } => {
-                    bucket.tokens = bucket.tokens.saturating_add(u64::from(hits));
+                    let repaid = claim.owed.min(hits).min(bucket.owed);
+                    bucket.owed -= repaid;
+                    bucket.tokens = bucket.tokens.saturating_add(u64::from(hits - repaid));
+                    bucket.last_grant = hits;
+                    // The next ask for a lease may come at once, when this one runs low.
+                    bucket.wanted_at = 0;
                     bucket.failing = false;
+                    bucket.denied_until = 0;
                 }
-                Settled::Denied => bucket.failing = false,
+                Settled::Denied => {
+                    bucket.failing = false;
+                    bucket.denied_until = denied_until;
+                }
                 Settled::Failed => bucket.failing = true,
             }
             if record == Some(bucket) {
-                Step::Keep(spent)
+                Step::Keep(Some(spent))
             } else {
-                Step::Write(bucket, spent)
+                Step::Write(bucket, Some(spent))
             }
         },
     )?
     .value;
+    let Some(spent) = spent else {
+        release(store, lease_key, worker, claim)?;
+        return Ok(settled);
+    };
     let verdict = match outcome {
         CallOutcome::Answered(verdict) => Some(verdict),
         CallOutcome::Failed => None,
@@ -541,6 +666,323 @@ pub fn refund<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(), Updat
         Step::Write(bucket, ())
     })
     .map(|_| ())
+}
+
+/// Frees the claim `claim` without a lease: the call was not made (its slot changed hands).
+pub fn release<S: SharedStore + ?Sized>(
+    store: &S,
+    lease_key: &str,
+    worker: u64,
+    claim: Claim,
+) -> Result<(), UpdateError> {
+    cas::update(
+        store,
+        lease_key,
+        MAX_CAS_ATTEMPTS,
+        |record: Option<LeaseRecord>| {
+            let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
+            match lease.state {
+                LeaseState::Requested { since, by, .. } if by == worker && since == claim.since => {
+                    lease.state = LeaseState::Idle;
+                    Step::Write(lease, ())
+                }
+                _ => Step::Keep(()),
+            }
+        },
+    )
+    .map(|_| ())
+}
+
+/// A slot whose client has been idle this long may go to another client. What its bucket still
+/// holds is lost with it: the RLS counted those hits, so losing them is stricter, never looser.
+pub const RECLAIM_AFTER: Duration = Duration::from_secs(2);
+
+/// How often one per-client bucket asks the tick for a lease: at most one push to the wanted
+/// list per bucket in this long.
+pub const WANT_REFRESH: Duration = Duration::from_millis(50);
+
+/// A request's take from a per-client bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedTake {
+    /// Admitted. `new_owner`: the slot was free or idle and is this client's now, so its
+    /// descriptor values must be written; `want`: the tick should ask for a lease.
+    Allowed { want: bool, new_owner: bool },
+    /// No token; as [`Take::Empty`].
+    Empty { failing: bool, want: bool },
+    /// Another client holds the slot and is active: this request has no bucket.
+    Busy,
+}
+
+/// Takes one token from the per-client bucket at `key` for the client `owner` at `now`: one read
+/// and one CAS.
+///
+/// A free or idle slot becomes this client's. An empty bucket that the RLS has not said is over
+/// its limit admits on credit, up to `credit` hits outstanding (the next lease asks for them
+/// too): a client's first request after a quiet spell does not wait for a lease. Beyond that a
+/// request that finds the bucket empty, or low, asks the tick for a lease (`want`), at most every
+/// [`WANT_REFRESH`].
+pub fn take_keyed<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    owner: u64,
+    credit: u32,
+    now: u64,
+) -> Result<(KeyedTake, u32), UpdateError> {
+    let now = now.max(1);
+    let owner = owner.max(1);
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
+        let mut bucket = record.unwrap_or_default();
+        let mut new_owner = false;
+        if bucket.owner != owner {
+            let active = bucket.spent_at.max(bucket.dry_at).max(bucket.wanted_at);
+            if bucket.owner != 0
+                && active != 0
+                && now.saturating_sub(active) <= nanos(RECLAIM_AFTER)
+            {
+                return Step::Keep(KeyedTake::Busy);
+            }
+            bucket = Tokens {
+                owner,
+                ..Tokens::default()
+            };
+            new_owner = true;
+        }
+        let may_ask = !recent(bucket.wanted_at, now, WANT_REFRESH) || bucket.wanted_at > now;
+        // Credit: for a client that is new here or back after a quiet spell (an episode that
+        // runs until a lease repays it), never for one that spent its bucket just now.
+        let cold = bucket.owed > 0
+            || !(recent(bucket.spent_at, now, DEMAND_RECENT)
+                || recent(bucket.dry_at, now, DEMAND_RECENT));
+        let on_credit =
+            cold && bucket.owed < credit && now >= bucket.denied_until && !bucket.failing;
+        if bucket.tokens > 0 || on_credit {
+            if bucket.tokens > 0 {
+                bucket.tokens -= 1;
+            } else {
+                bucket.owed += 1;
+            }
+            bucket.spent = bucket.spent.wrapping_add(1);
+            bucket.spent_at = now;
+            let low = bucket.tokens.saturating_mul(2) < u64::from(bucket.last_grant.max(1));
+            let want = may_ask && (low || bucket.owed > 0);
+            if want {
+                bucket.wanted_at = now;
+            }
+            return Step::Write(bucket, KeyedTake::Allowed { want, new_owner });
+        }
+        bucket.dry_at = now;
+        let want = may_ask;
+        if want {
+            bucket.wanted_at = now;
+        }
+        Step::Write(
+            bucket,
+            KeyedTake::Empty {
+                failing: bucket.failing,
+                want,
+            },
+        )
+    })
+    .map(|updated| (updated.value, updated.attempts - 1))
+}
+
+/// Gives back a token taken by [`take_keyed`] for a request that another limit then refused:
+/// to the tokens, or off the credit it was admitted on.
+pub fn refund_keyed<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    owner: u64,
+) -> Result<(), UpdateError> {
+    let owner = owner.max(1);
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Tokens>| {
+        let mut bucket = record.unwrap_or_default();
+        if bucket.owner != owner {
+            return Step::Keep(());
+        }
+        if bucket.owed > 0 {
+            bucket.owed -= 1;
+        } else {
+            bucket.tokens = bucket.tokens.saturating_add(1);
+        }
+        bucket.spent = bucket.spent.wrapping_sub(1);
+        Step::Write(bucket, ())
+    })
+    .map(|_| ())
+}
+
+/// How many slots the wanted list holds: leases asked for in one tick per limit, at most.
+pub const WANTED_CAPACITY: usize = 32;
+
+/// The per-client buckets that asked the tick for a lease, in one record per limit. A push to a
+/// full list is dropped; the bucket asks again [`WANT_REFRESH`] later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub len: u32,
+    pub slots: [u32; WANTED_CAPACITY],
+}
+
+impl Default for Wanted {
+    fn default() -> Self {
+        Wanted {
+            len: 0,
+            slots: [0; WANTED_CAPACITY],
+        }
+    }
+}
+
+impl Wanted {
+    pub fn slots(&self) -> &[u32] {
+        let len = usize::try_from(self.len).unwrap_or(0).min(WANTED_CAPACITY);
+        &self.slots[..len]
+    }
+}
+
+impl Record<132> for Wanted {
+    /// Layout: global-limit wanted list, version 1.
+    const LAYOUT: u8 = 0x85;
+    fn encode(&self) -> [u8; 132] {
+        let mut bytes = [0; 132];
+        bytes[..4].copy_from_slice(&self.len.to_le_bytes());
+        for (i, slot) in self.slots.iter().enumerate() {
+            bytes[4 + 4 * i..8 + 4 * i].copy_from_slice(&slot.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn decode(bytes: &[u8; 132]) -> Self {
+        let mut wanted = Wanted {
+            len: half(bytes, 0).min(WANTED_CAPACITY as u32),
+            ..Wanted::default()
+        };
+        for (i, slot) in wanted.slots.iter_mut().enumerate() {
+            *slot = half(bytes, 4 + 4 * i);
+        }
+        wanted
+    }
+}
+
+/// Adds `slot` to the wanted list at `key`. `Ok(false)`: the list was full.
+pub fn push_wanted<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    slot: u32,
+) -> Result<bool, UpdateError> {
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Wanted>| {
+        let mut wanted = record.unwrap_or_default();
+        if wanted.slots().contains(&slot) {
+            return Step::Keep(true);
+        }
+        let len = wanted.slots().len();
+        if len == WANTED_CAPACITY {
+            return Step::Keep(false);
+        }
+        wanted.slots[len] = slot;
+        wanted.len += 1;
+        Step::Write(wanted, true)
+    })
+    .map(|updated| updated.value)
+}
+
+/// Empties the wanted list at `key` and returns what it held.
+pub fn take_wanted<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<Wanted, UpdateError> {
+    cas::update(store, key, MAX_CAS_ATTEMPTS, |record: Option<Wanted>| {
+        let wanted = record.unwrap_or_default();
+        if wanted.len == 0 {
+            Step::Keep(wanted)
+        } else {
+            Step::Write(Wanted::default(), wanted)
+        }
+    })
+    .map(|updated| updated.value)
+}
+
+/// The longest descriptor value a per-client bucket sends, after normalising: a longer one
+/// counts as missing (it could not be sent whole, and a cut one would land on another client's
+/// counter).
+pub const MAX_VALUE: usize = 128;
+/// Key parts of one per-client limit, at most (as a local limit's `key`).
+pub const MAX_VALUES: usize = 4;
+/// A slot's descriptor values as written: the owner, then each value's length and bytes.
+pub const VALUES_CAPACITY: usize = 8 + MAX_VALUES * (1 + MAX_VALUE);
+
+/// A client's descriptor values, in order, built on the stack: what the tick sends to the RLS
+/// for this client's slot, and what its owner hash is computed over.
+pub struct Values {
+    bytes: [u8; VALUES_CAPACITY],
+    len: usize,
+}
+
+impl Default for Values {
+    fn default() -> Self {
+        Values {
+            bytes: [0; VALUES_CAPACITY],
+            len: 8,
+        }
+    }
+}
+
+impl Values {
+    /// Appends one value, normalised as `form` by [`normalise`]; `None` (missing) is sent as
+    /// empty. `false`: the value is longer than [`MAX_VALUE`], or there are too many.
+    pub fn push(&mut self, value: Option<&[u8]>, form: Form) -> bool {
+        if self.len + 1 + MAX_VALUE > VALUES_CAPACITY {
+            return false;
+        }
+        let start = self.len + 1;
+        let mut at = start;
+        let mut fits = true;
+        if let Some(value) = value {
+            normalise(value, form, |byte| {
+                if at < start + MAX_VALUE {
+                    self.bytes[at] = byte;
+                    at += 1;
+                } else {
+                    fits = false;
+                }
+            });
+        }
+        if !fits {
+            return false;
+        }
+        self.bytes[self.len] = (at - start) as u8;
+        self.len = at;
+        true
+    }
+
+    /// The longest record of `parts` values.
+    pub fn record_len(parts: usize) -> usize {
+        (8 + parts.min(MAX_VALUES) * (1 + MAX_VALUE)).min(VALUES_CAPACITY)
+    }
+
+    /// Sets the owner hash the record is written under.
+    pub fn set_owner(&mut self, owner: u64) {
+        self.bytes[..8].copy_from_slice(&owner.max(1).to_le_bytes());
+    }
+
+    /// The values after the owner, as length-prefixed runs.
+    pub fn runs(&self) -> &[u8] {
+        &self.bytes[8..self.len]
+    }
+
+    /// The record to write into the slot's values key.
+    pub fn as_record(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Reads a record written by [`Values::as_record`]: its owner and its values' runs.
+    pub fn parse(record: &[u8]) -> Option<(u64, &[u8])> {
+        Some((word(record.get(..8)?, 0), record.get(8..)?))
+    }
+
+    /// The values in `runs`, in order.
+    pub fn runs_of(mut runs: &[u8]) -> impl Iterator<Item = &[u8]> {
+        core::iter::from_fn(move || {
+            let (&len, tail) = runs.split_first()?;
+            let value = tail.get(..usize::from(len))?;
+            runs = &tail[usize::from(len)..];
+            Some(value)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -73,29 +73,9 @@ impl KeyHasher {
                 self.sip.write(address);
                 address.len()
             }
-            Form::Authority => {
+            Form::Authority | Form::Path => {
                 let mut out = Chunk::default();
-                for &byte in strip_authority_port(value) {
-                    out.push(byte.to_ascii_lowercase(), &mut self.sip);
-                }
-                out.finish(&mut self.sip)
-            }
-            Form::Path => {
-                let path = without_query(value);
-                let mut out = Chunk::default();
-                let (mut at, mut last) = (0, 0u8);
-                while at < path.len() {
-                    let (byte, width) = match (path[at], decode_unreserved(&path[at..])) {
-                        (b'%', Some(decoded)) => (decoded, 3),
-                        (byte, _) => (byte, 1),
-                    };
-                    at += width;
-                    let byte = byte.to_ascii_lowercase();
-                    if !(byte == b'/' && last == b'/') {
-                        out.push(byte, &mut self.sip);
-                    }
-                    last = byte;
-                }
+                normalise(value, form, |byte| out.push(byte, &mut self.sip));
                 out.finish(&mut self.sip)
             }
         };
@@ -104,6 +84,36 @@ impl KeyHasher {
 
     pub fn finish(&self) -> u64 {
         self.sip.finish()
+    }
+}
+
+/// Streams `value` in its canonical `form`, a byte at a time: what the hash sees, and what a
+/// global limit's descriptor sends to the rate limit service.
+pub fn normalise(value: &[u8], form: Form, mut emit: impl FnMut(u8)) {
+    match form {
+        Form::Exact => value.iter().for_each(|&byte| emit(byte)),
+        Form::Address => strip_address_port(value)
+            .iter()
+            .for_each(|&byte| emit(byte)),
+        Form::Authority => strip_authority_port(value)
+            .iter()
+            .for_each(|&byte| emit(byte.to_ascii_lowercase())),
+        Form::Path => {
+            let path = without_query(value);
+            let (mut at, mut last) = (0, 0u8);
+            while at < path.len() {
+                let (byte, width) = match (path[at], decode_unreserved(&path[at..])) {
+                    (b'%', Some(decoded)) => (decoded, 3),
+                    (byte, _) => (byte, 1),
+                };
+                at += width;
+                let byte = byte.to_ascii_lowercase();
+                if !(byte == b'/' && last == b'/') {
+                    emit(byte);
+                }
+                last = byte;
+            }
+        }
     }
 }
 

@@ -63,12 +63,16 @@ fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
 }
 
 /// Encodes a `RateLimitRequest` with one descriptor of `entries`.
-pub fn encode_request(domain: &str, entries: &[(String, String)], hits_addend: u32) -> Vec<u8> {
+pub fn encode_request<'a>(
+    domain: &str,
+    entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    hits_addend: u32,
+) -> Vec<u8> {
     let mut descriptor = Vec::new();
     for (key, value) in entries {
         let mut entry = Vec::with_capacity(key.len() + value.len() + 4);
-        put_bytes(&mut entry, 1, key.as_bytes());
-        put_bytes(&mut entry, 2, value.as_bytes());
+        put_bytes(&mut entry, 1, key);
+        put_bytes(&mut entry, 2, value);
         put_bytes(&mut descriptor, 1, &entry);
     }
     let mut out = Vec::with_capacity(domain.len() + descriptor.len() + 16);
@@ -211,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_request_encodes_its_fields_in_order() {
-        let bytes = encode_request("d", &[("k".into(), "v".into())], 300);
+        let bytes = encode_request("d", [(&b"k"[..], &b"v"[..])], 300);
         assert_eq!(
             bytes,
             [0x0a, 1, b'd', 0x12, 8, 0x0a, 6, 0x0a, 1, b'k', 0x12, 1, b'v', 0x18, 0xac, 0x02]
