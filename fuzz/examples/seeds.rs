@@ -7,6 +7,8 @@ use std::fs;
 use std::path::Path;
 
 use seawall::policy::circuit_breaker::{BreakerState, Circuit};
+use seawall::policy::global_limit::{Tokens, Values, Wanted};
+use seawall::policy::key::Form;
 use seawall::policy::degradation::{self, AdmissionWindow, Admissions, Health, Lease, ProbeHealth};
 use seawall::policy::fault::Active;
 use seawall::policy::key::Secret;
@@ -160,6 +162,28 @@ fn main() -> std::io::Result<()> {
         },
     );
     add("admissions", 8, stored(&admissions));
+
+    // Global limits: a client's bucket holding tokens and owing credit, a wanted list, and a
+    // slot's descriptor values as a request writes them.
+    let bucket = Tokens {
+        tokens: 7,
+        spent: 3,
+        spent_at: NOW - 1_000_000,
+        owner: 1_000,
+        owed: 1,
+        last_grant: 8,
+        ..Tokens::default()
+    };
+    add("global-bucket", 9, stored(&bucket));
+    let mut wanted = Wanted::default();
+    wanted.slots[..3].copy_from_slice(&[1, 2, 3]);
+    wanted.len = 3;
+    add("wanted", 10, stored(&wanted));
+    let mut values = Values::default();
+    values.push(Some(b"alice"), Form::Exact);
+    values.push(Some(b"/API//items?x=1"), Form::Path);
+    values.set_owner(1_000);
+    add("values", 11, values.as_record().to_vec());
 
     // A budget at 100% with a floor of 5 and 1 ns buckets (c = 0), its window saturated at now:
     // what granted retries without end before `Budget::remaining` capped grants at what the

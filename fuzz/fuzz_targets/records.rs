@@ -21,6 +21,7 @@ use seawall::policy::degradation::{
     self as degradation, claim, throttle_ppm, AdmissionWindow, Health, Lease, ProbeThresholds,
 };
 use seawall::policy::fault::{self, Active};
+use seawall::policy::global_limit::{self, KeyedTake, Tokens, Values, Wanted, WANTED_CAPACITY};
 use seawall::policy::key::Secret;
 use seawall::policy::rate_limit::{self, Acquired, Gcra, Tat};
 use seawall::policy::retry::{self, BudgetState, Exchange, Grant};
@@ -42,9 +43,12 @@ enum Kind {
     Health,
     OutcomeWindow,
     Admissions,
+    GlobalBucket,
+    Wanted,
+    Values,
 }
 
-const KINDS: [Kind; 9] = [
+const KINDS: [Kind; 12] = [
     Kind::Tat,
     Kind::Secret,
     Kind::Generation,
@@ -54,6 +58,9 @@ const KINDS: [Kind; 9] = [
     Kind::Health,
     Kind::OutcomeWindow,
     Kind::Admissions,
+    Kind::GlobalBucket,
+    Kind::Wanted,
+    Kind::Values,
 ];
 
 /// Bytes before the stored value: which record and the policy's knobs. A plain layout rather
@@ -177,6 +184,52 @@ fuzz_target!(|data: &[u8]| {
                 tokens <= u64::from(burst),
                 "{tokens} tokens at one instant from a bucket of burst {burst} (record {tat:?})"
             );
+        }
+        Kind::GlobalBucket => {
+            let (store, bucket) = stored_record::<65, Tokens>(&input);
+            // The record's own client (an existing owner), or another one (a takeover or busy).
+            let owner = match (input.flag, bucket) {
+                (true, Some(bucket)) => bucket.owner.max(1),
+                _ => u64::from(input.a).max(1),
+            };
+            let credit = u32::from(input.c % 64);
+            let held = bucket
+                .filter(|b| b.owner == owner)
+                .map_or(0, |b| b.tokens);
+            // Every request at one instant: at most what the record held for this client and
+            // the credit, however the record read; a busy slot admits nothing.
+            let mut admitted = 0u64;
+            for _ in 0..held.min(4_096) + u64::from(credit) + 2 {
+                match global_limit::take_keyed(&store, KEY, owner, credit, now) {
+                    Ok((KeyedTake::Allowed { .. }, _)) => admitted += 1,
+                    Ok(_) => break,
+                    Err(error) => panic!("fake store failed: {error:?}"),
+                }
+            }
+            if held < 4_096 {
+                assert!(
+                    admitted <= held + u64::from(credit),
+                    "{admitted} admitted from {held} tokens and {credit} credit ({bucket:?})"
+                );
+            }
+        }
+        Kind::Wanted => {
+            let (store, _) = stored_record::<132, Wanted>(&input);
+            let slot = input.a;
+            let pushed = global_limit::push_wanted(&store, KEY, slot).expect("push");
+            let wanted = global_limit::take_wanted(&store, KEY).expect("take");
+            assert!(wanted.slots().len() <= WANTED_CAPACITY);
+            if pushed {
+                assert!(wanted.slots().contains(&slot), "pushed {slot}, not in {wanted:?}");
+            }
+            assert!(global_limit::take_wanted(&store, KEY).expect("take").slots().is_empty());
+        }
+        Kind::Values => {
+            // A values record as the tick reads it: whatever bytes, no panic, no read past them.
+            if let Some((_, runs)) = Values::parse(input.stored) {
+                let total: usize = Values::runs_of(runs).map(|v| v.len() + 1).sum();
+                assert!(total <= runs.len());
+            }
         }
         Kind::Secret => {
             let _ = stored_record::<8, Secret>(&input);
