@@ -499,13 +499,17 @@ fn per_client_descriptors_give_each_user_a_global_limit() {
     );
     assert_eq!(counter("rls_errors"), 0);
     assert!(alice_sent > 500, "not a flood: {alice_sent}");
-    // What the RLS granted alice, plus at most the credit (min_hits, 2) each Envoy admitted
-    // before its first lease and asked for with it, so it is within the 50 too.
-    assert!(alice <= 50, "alice got {alice} of a limit of 50");
+    // The README's bound: what one Envoy admits for a client exceeds what the RLS granted that
+    // client by at most the credit not yet repaid, `min_hits` (2). Credit is repaid with the next
+    // lease; when the window has less left than is owed, the rest is asked for in the next
+    // window. So alice gets at most her 50 and 2 per Envoy, and every admission but that credit
+    // was granted.
+    assert!(alice <= 50 + 2 * 2, "alice got {alice} of a limit of 50");
     assert!(alice >= 45, "alice got only {alice} of her 50");
     assert_eq!(bob, bob_sent, "bob was refused while under his limit");
     assert_eq!(counter("allowed"), alice + bob);
-    assert!(granted >= alice + bob && granted <= 50 + 50);
+    assert!(alice + bob <= granted + 2 * 2 * 2, "{alice} + {bob} admitted, {granted} granted");
+    assert!(granted <= 50 + 50, "{granted} granted for two users of 50");
     assert_eq!(counter("slots_busy"), 0);
     assert!(calls * 10 < alice_sent + bob_sent, "{calls} RLS calls");
 }
