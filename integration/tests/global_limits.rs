@@ -508,7 +508,10 @@ fn per_client_descriptors_give_each_user_a_global_limit() {
     assert!(alice >= 45, "alice got only {alice} of her 50");
     assert_eq!(bob, bob_sent, "bob was refused while under his limit");
     assert_eq!(counter("allowed"), alice + bob);
-    assert!(alice + bob <= granted + 2 * 2 * 2, "{alice} + {bob} admitted, {granted} granted");
+    assert!(
+        alice + bob <= granted + 2 * 2 * 2,
+        "{alice} + {bob} admitted, {granted} granted"
+    );
     assert!(granted <= 50 + 50, "{granted} granted for two users of 50");
     assert_eq!(counter("slots_busy"), 0);
     assert!(calls * 10 < alice_sent + bob_sent, "{calls} RLS calls");

@@ -770,18 +770,21 @@ pub fn take_keyed<S: SharedStore + ?Sized>(
             }
             return Step::Write(bucket, KeyedTake::Allowed { want, new_owner });
         }
+        let empty = KeyedTake::Empty {
+            failing: bucket.failing,
+            want: may_ask,
+        };
+        // As for a single bucket: a flood of refusals writes at most every DRY_REFRESH (to mark
+        // the demand) and when it asks the tick for a lease.
+        let dry_recently = recent(bucket.dry_at, now, DRY_REFRESH) && bucket.dry_at <= now;
+        if dry_recently && !may_ask && !new_owner {
+            return Step::Keep(empty);
+        }
         bucket.dry_at = now;
-        let want = may_ask;
-        if want {
+        if may_ask {
             bucket.wanted_at = now;
         }
-        Step::Write(
-            bucket,
-            KeyedTake::Empty {
-                failing: bucket.failing,
-                want,
-            },
-        )
+        Step::Write(bucket, empty)
     })
     .map(|updated| (updated.value, updated.attempts - 1))
 }
@@ -1134,6 +1137,34 @@ mod tests {
             claim_at(&store_idle, 1, 2_000 * MS),
             None,
             "one token, never spent"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_refusals_on_a_client_bucket_writes_at_most_every_refresh() {
+        const SLOT: &str = "sw:p:rl:u:g:0";
+        let store = FakeStore::new();
+        ensure(&store, SLOT, &Tokens::default()).unwrap();
+        // The client takes the slot and spends its credit of 1; then 10,000 refusals in 1 s.
+        let (first, _) = take_keyed(&store, SLOT, 7, 1, 1_000 * MS).unwrap();
+        assert!(matches!(
+            first,
+            KeyedTake::Allowed {
+                new_owner: true,
+                ..
+            }
+        ));
+        let before = store.counts().sets;
+        for ms in 1..=1_000 {
+            for _ in 0..10 {
+                let (take, _) = take_keyed(&store, SLOT, 7, 1, 1_000 * MS + ms * MS).unwrap();
+                assert!(matches!(take, KeyedTake::Empty { failing: false, .. }));
+            }
+        }
+        let writes = store.counts().sets - before;
+        assert!(
+            (19..=21).contains(&writes),
+            "{writes} writes for 10,000 refusals in 1 s"
         );
     }
 
