@@ -523,7 +523,7 @@ fn the_readme_policy_examples_compile() {
         compile(document.as_bytes()).unwrap_or_else(|errors| panic!("{section}\n{errors}"));
         checked += 1;
     }
-    assert_eq!(checked, 4, "policy examples found");
+    assert_eq!(checked, 5, "policy examples found");
 }
 
 /// Issue 14, point 13: a 64-byte plugin name with a 64-byte policy name was refused, and the
