@@ -107,6 +107,8 @@ enum Variant {
     AbiNoop,
     Seawall,
     SeawallRejecting,
+    /// `--compare`: variant 5's config on another build of seawall.
+    SeawallBaseline,
 }
 
 impl Variant {
@@ -127,12 +129,64 @@ impl Variant {
             Variant::AbiNoop => "4 no-op Wasm filter (ABI only, no SDK)",
             Variant::Seawall => "5 seawall, all policies, none triggering",
             Variant::SeawallRejecting => "6 seawall, rate limit rejecting ~half",
+            Variant::SeawallBaseline => "5' seawall (the baseline build), all policies",
         }
     }
 
     fn index(self) -> usize {
         Variant::ALL.iter().position(|v| *v == self).unwrap_or(0)
     }
+}
+
+/// `cargo xtask bench --compare BASELINE.wasm`: variant 5's config on this build and on another,
+/// interleaved in fresh Envoys for `rounds` rounds, with the host calls per request of this
+/// build: an A/B of one change, without the rest of the report (nothing is written).
+pub fn compare(baseline: &Path, rounds: usize) -> Result<(), String> {
+    let plan = Plan::new(false);
+    let mut tools = prepare()?;
+    let copy = workspace_root().join("target/bench/baseline.wasm");
+    fs::copy(baseline, &copy).map_err(|e| format!("{}: {e}", baseline.display()))?;
+    tools.baseline = Some(copy);
+    let pair = [Variant::Seawall, Variant::SeawallBaseline];
+    let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 1..=rounds {
+        // Alternate which build goes first, so a drift within a round favours neither.
+        for step in 0..2 {
+            let variant = pair[(round + step) % 2];
+            let sample = measure(&tools, &plan, variant, 0)?;
+            println!(
+                "==> round {round}/{rounds}: {}: {:.2} µs CPU/request, {:.0} req/s",
+                variant.label(),
+                sample.cpu_us,
+                sample.rps
+            );
+            cpu[usize::from(variant == Variant::SeawallBaseline)].push(sample.cpu_us);
+        }
+    }
+    let ratios: Vec<f64> = cpu[0].iter().zip(&cpu[1]).map(|(a, b)| a / b).collect();
+    let range = |values: &[f64]| {
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}–{hi:.3}")
+    };
+    println!(
+        "\nthis build {:.2} µs/request ({}), baseline {:.2} ({}); this / baseline {:.3} (per round {})",
+        median(cpu[0].clone()),
+        range(&cpu[0]),
+        median(cpu[1].clone()),
+        range(&cpu[1]),
+        median(cpu[0].clone()) / median(cpu[1].clone()),
+        range(&ratios),
+    );
+    for row in host_calls(&tools, &plan)? {
+        println!(
+            "host calls per request, this build, {}: {:.2} ({:?} by kind)",
+            row.config,
+            row.total(),
+            row.per_kind
+        );
+    }
+    Ok(())
 }
 
 struct Tools {
@@ -145,6 +199,8 @@ struct Tools {
     noop_alloc: PathBuf,
     abi_noop: PathBuf,
     cpu: CpuClock,
+    /// `--compare`'s other build.
+    baseline: Option<PathBuf>,
 }
 
 struct KillOnDrop(Child);
@@ -404,6 +460,7 @@ fn prepare() -> Result<Tools, String> {
         noop_alloc,
         abi_noop,
         cpu: CpuClock::detect(),
+        baseline: None,
     })
 }
 
@@ -446,6 +503,10 @@ fn filters(variant: Variant, tools: &Tools, limit: u64) -> String {
         Variant::SdkNoop => filters_with(&tools.noop, ""),
         Variant::AbiNoop => filters_with(&tools.abi_noop, ""),
         Variant::Seawall => filters_with(&tools.seawall, ALL_POLICIES),
+        Variant::SeawallBaseline => filters_with(
+            tools.baseline.as_deref().unwrap_or(&tools.seawall),
+            ALL_POLICIES,
+        ),
         Variant::SeawallRejecting => filters_with(
             &tools.seawall,
             &format!(

@@ -44,7 +44,10 @@ commands:
                 run the libFuzzer targets of fuzz/ for N seconds each (60) on their seed corpus
   dist          the release set in target/dist: seawall.wasm and its sha256, the seawall CLI, the
                 schema, rules, dashboard, OCI layouts, SHA256SUMS
-  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md";
+  bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md
+  bench --compare BASELINE.wasm [--rounds N]
+                variant 5 on this build and on BASELINE.wasm, interleaved (7 rounds), and this
+                build's host calls per request: an A/B of one change; writes nothing";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -59,7 +62,7 @@ fn main() {
         Some("image") => image::build_all()
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
         Some("soak") => soak_minutes(&args).and_then(soak::run),
-        Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
+        Some("bench") => bench_command(&args),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("dist") => dist::run_dist(),
@@ -72,6 +75,25 @@ fn main() {
         eprintln!("xtask: {message}");
         exit(1);
     }
+}
+
+/// `cargo xtask bench [--quick]`, or `--compare BASELINE.wasm [--rounds N]`.
+fn bench_command(args: &[String]) -> Result<(), String> {
+    let Some(at) = args.iter().position(|a| a == "--compare") else {
+        return bench::run(args.iter().any(|a| a == "--quick"));
+    };
+    let baseline = args
+        .get(at + 1)
+        .ok_or_else(|| "--compare needs the baseline build's .wasm".to_owned())?;
+    let rounds = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| "--rounds needs a positive number".to_owned())?,
+        None => 7,
+    };
+    bench::compare(std::path::Path::new(baseline), rounds)
 }
 
 /// `--minutes N` (default 10) for `cargo xtask soak`.
