@@ -329,24 +329,6 @@ impl<S: AttributeSource> RequestView<'_, S> {
     }
 }
 
-impl<S: AttributeSource> RequestView<'_, S> {
-    /// The request's header map as read this request, handed over once the decisions are made
-    /// (the view's header values are gone with it): `None` when it was not read, or when a
-    /// header was removed since, so that it no longer shows the request.
-    pub fn take_header_map(&mut self) -> Option<Vec<u8>> {
-        if !self.scratch.header_map_read || self.routing_stale || self.scratch.header_map.is_empty()
-        {
-            return None;
-        }
-        for slot in self.scratch.slots.iter_mut() {
-            if matches!(slot, Slot::InMap { .. }) {
-                *slot = Slot::Absent;
-            }
-        }
-        Some(core::mem::take(&mut self.scratch.header_map))
-    }
-}
-
 impl<S: AttributeSource> Drop for RequestView<'_, S> {
     /// Hands the host's buffers back as soon as the request's decisions are made.
     fn drop(&mut self) {

@@ -145,7 +145,6 @@ impl ReplyBuffer {
 /// `u32` name length and a `u32` value length per pair, then each name and value followed by a
 /// NUL. Yields each pair's name and the value's byte range in the buffer; stops at the first
 /// length that runs past the end, so a malformed buffer yields what it holds and no more.
-#[derive(Clone)]
 pub struct HeaderPairs<'b> {
     buffer: &'b [u8],
     remaining: usize,
@@ -207,34 +206,6 @@ impl<'b> Iterator for HeaderPairs<'b> {
         self.data_at = value_end + 1;
         Some((name, value_start..value_end))
     }
-}
-
-/// Writes the header map `map` (wire form) into `out` without the pairs whose name `drop`
-/// says to drop, and with `adds` after them, for one `proxy_set_header_map_pairs` call. `None`
-/// when `map` is malformed (its pairs do not add up to its count) or holds more than
-/// `max_pairs` pairs: then the caller writes the headers one by one, since Envoy removes and
-/// re-adds every pair of a replaced map.
-pub fn rewrite_header_map(
-    out: &mut Vec<u8>,
-    map: &[u8],
-    drop: impl Fn(&[u8]) -> bool + Clone,
-    adds: &[(&[u8], &[u8])],
-    max_pairs: usize,
-) -> Option<()> {
-    let count = read_u32(map, 0)? as usize;
-    if count > max_pairs {
-        return None;
-    }
-    let pairs = HeaderPairs::new(map);
-    if pairs.clone().count() != count {
-        return None;
-    }
-    let kept = pairs
-        .filter(move |(name, _)| !drop(name))
-        .map(|(name, value)| (name, map.get(value).unwrap_or(&[])));
-    out.clear();
-    write_header_map(out, kept.chain(adds.iter().copied()));
-    Some(())
 }
 
 /// Encodes `pairs` in the header map wire form into a new buffer: for tests and fakes.
@@ -393,67 +364,6 @@ mod tests {
         assert_eq!(
             ReplyBuffer::default().serialize(&reply),
             &0u32.to_le_bytes()
-        );
-    }
-
-    #[test]
-    fn a_rewritten_map_keeps_every_other_pair_in_order_and_adds_after_them() {
-        let map = encode_header_map(
-            [
-                (&b":status"[..], &b"200"[..]),
-                (b"set-cookie", b"a=1"),
-                (b"set-cookie", b"b=2"),
-                (b"x-empty", b""),
-            ]
-            .into_iter(),
-        );
-        let mut out = vec![9; 3];
-        let adds: [(&[u8], &[u8]); 2] =
-            [(b"ratelimit-limit", b"10"), (b"ratelimit-remaining", b"3")];
-        assert_eq!(
-            rewrite_header_map(&mut out, &map, |_| false, &adds, 16),
-            Some(())
-        );
-        let read: Vec<(Vec<u8>, Vec<u8>)> = HeaderPairs::new(&out)
-            .map(|(name, value)| (name.to_vec(), out[value].to_vec()))
-            .collect();
-        let expected: Vec<(Vec<u8>, Vec<u8>)> = [
-            (":status", "200"),
-            ("set-cookie", "a=1"),
-            ("set-cookie", "b=2"),
-            ("x-empty", ""),
-            ("ratelimit-limit", "10"),
-            ("ratelimit-remaining", "3"),
-        ]
-        .iter()
-        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-        .collect();
-        assert_eq!(read, expected);
-        // Too many pairs for one replacement, or a map whose lengths do not add up: not written.
-        assert_eq!(
-            rewrite_header_map(&mut out, &map, |_| false, &adds, 3),
-            None
-        );
-        let mut broken = map.clone();
-        broken[0] = 9;
-        assert_eq!(
-            rewrite_header_map(&mut out, &broken, |_| false, &adds, 16),
-            None
-        );
-        assert_eq!(
-            rewrite_header_map(&mut out, &map[..20], |_| false, &adds, 16),
-            None
-        );
-        // Dropped names go, every value of them; the rest keep their order.
-        let drop = |name: &[u8]| name == b"set-cookie" || name == b"ratelimit-limit";
-        assert_eq!(
-            rewrite_header_map(&mut out, &map, drop, &adds[1..], 16),
-            Some(())
-        );
-        let names: Vec<Vec<u8>> = HeaderPairs::new(&out).map(|(n, _)| n.to_vec()).collect();
-        assert_eq!(
-            names,
-            [&b":status"[..], b"x-empty", b"ratelimit-remaining"].map(|n| n.to_vec())
         );
     }
 }

@@ -170,7 +170,8 @@ fn host_calls_per_request_stay_a_handful_with_every_policy_on_the_route() {
     );
     // Every policy: one read of the request's headers and one of the response's, the breaker's
     // one shared read (its successes are tallied), no metric call, the request's and the
-    // response's time, the cluster for the breaker's key, and the header writes below.
+    // response's time, the cluster for the breaker's key, the RateLimit-* headers and two retry
+    // headers.
     let common = [
         ("header_map_read", 2.0),
         ("header_read", 0.0),
@@ -184,26 +185,26 @@ fn host_calls_per_request_stay_a_handful_with_every_policy_on_the_route() {
         assert!(counts["shared_get"] <= 1.0 + leases, "{counts:?}");
         assert!(counts["shared_set"] < leases, "{counts:?}");
     }
-    // Two changes or more to one map go in one call that replaces it, with the map read in the
-    // same callback: the two retry headers are one request write, the three RateLimit-* headers
-    // one response write.
-    exactly(&all_five, &[("header_write", 2.0)]);
-    assert!(total(&all_five) <= 8.0 + leases, "{all_five:?}");
+    // One call per header written: two retry headers and three RateLimit-* headers. (Writing a
+    // whole map back in one `proxy_set_header_map_pairs` call instead would make it 2 calls, and
+    // cost 12% more instructions per request: see the README's Benchmark section.)
+    exactly(&all_five, &[("header_write", 5.0)]);
     // With the route's retry policy, a request granted every retry writes no request header;
     // with one RateLimit header instead of three, one response header is written.
-    exactly(&all_five_routed, &[("header_write", 1.0)]);
+    exactly(&all_five_routed, &[("header_write", 3.0)]);
     exactly(&all_five_lean, &[("header_write", 1.0)]);
     assert!(total(&all_five_lean) <= 7.0 + leases, "{all_five_lean:?}");
 }
 
-/// The batched writes replace a whole header map (two changes or more to one map in one call):
-/// nothing else may change. With every policy on the route (the retry headers replace the
-/// request map, the three RateLimit-* headers the response map), the upstream must receive
-/// every client header, repeated and empty ones included, in order, with seawall's retry headers
-/// and without the client's own `x-envoy-max-retries`; and the client every upstream header,
-/// repeated `set-cookie` included, with the RateLimit-* headers.
+/// What seawall writes into the headers changes nothing else: with every policy on the route
+/// (the retry headers on the request, the three RateLimit-* headers on the response), the
+/// upstream receives every client header, repeated and empty ones included, in order, and not
+/// the client's own `x-envoy-max-retries` (the budget's grant replaces it: an upstream that
+/// always fails sees the budget's two retries, not the client's nine); and the client receives
+/// every upstream header, repeated `set-cookie` included, with the RateLimit-* headers. (Written
+/// for a build that wrote whole maps back in one call; kept as the guard of any such change.)
 #[test]
-fn a_replaced_header_map_loses_and_reorders_nothing() {
+fn seawalls_header_writes_lose_and_reorder_nothing_else() {
     let upstream = Upstream::start();
     upstream.set_behaviour(
         seawall_integration::Behaviour::ok()

@@ -80,7 +80,6 @@ extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
-    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -192,20 +191,6 @@ pub fn add_response_header(name: &str, value: &[u8]) -> bool {
         )
     };
     status == OK
-}
-
-/// Replaces every response header with `map` (the map wire form) in one call: Envoy removes the
-/// headers it holds and adds these, in order.
-pub fn set_response_header_map(map: &[u8]) -> bool {
-    count(Kind::HeaderWrite);
-    unsafe { proxy_set_header_map_pairs(MAP_HTTP_RESPONSE_HEADERS, map.as_ptr(), map.len()) == OK }
-}
-
-/// Replaces every request header with `map` (the map wire form) in one call; Envoy clears its
-/// route cache once, as for any request-header change.
-pub fn set_request_header_map(map: &[u8]) -> bool {
-    count(Kind::HeaderWrite);
-    unsafe { proxy_set_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, map.as_ptr(), map.len()) == OK }
 }
 
 /// Sets a request header, replacing any value the client sent.

@@ -107,8 +107,6 @@ struct Worker {
     ticks: Option<MetricId>,
     scratch: Scratch,
     reply: ReplyBuffer,
-    /// A response header map on its way to Envoy, reused (see [`Stream::add_response_headers`]).
-    header_map: Vec<u8>,
     /// Delayed requests, resumed from the root context's tick. Reserved to `MAX_PAUSED` at
     /// configure time, so queueing never allocates.
     paused: Vec<Paused>,
@@ -185,9 +183,6 @@ impl Root {
                 ticks: None,
                 scratch: Scratch::default(),
                 reply: ReplyBuffer::default(),
-                // Room for a typical response's headers and seawall's, so a replaced map is
-                // written without growing the buffer.
-                header_map: Vec::with_capacity(4096),
                 paused: Vec::new(),
                 tick_ms: 0,
                 #[cfg(feature = "alloc-count")]
@@ -586,23 +581,19 @@ impl HttpContext for Stream {
             &mut worker.scratch,
         );
         let decision = engine.on_request(&mut view, now, &HostStore, &engine.metrics);
-        let map = view.take_header_map();
         drop(view);
         self.state = Some(decision.stream);
-        let retry = decision.retry.as_ref().map(RetryValues::of);
-        let mut edits = RequestEdits::default();
         for header in decision.strip_headers.names() {
-            edits.remove(header);
+            abi::remove_request_header(header);
         }
-        if let (Some(headers), Some(values)) = (&decision.retry, &retry) {
-            edits.retry(headers, values);
+        if let Some(retry) = decision.retry {
+            set_retry_headers(&retry);
         }
         // Envoy clears the route cache when a filter changes request headers, so the router
         // picks its route (and a `cluster_header` cluster) again with this header.
         if let Some(Reroute { header, cluster }) = decision.reroute {
-            edits.set(header, cluster.as_bytes());
+            abi::replace_request_header(header, cluster.as_bytes());
         }
-        edits.apply(map.as_deref(), &mut worker.header_map);
         match decision.verdict {
             Verdict::Continue => Action::Continue,
             Verdict::Reply(reply) => {
@@ -675,47 +666,33 @@ impl HttpContext for Stream {
                     self.replace_body = true;
                 }
             }
-            let combined = decision
-                .rate_limit
-                .filter(|s| s.form == Combined)
-                .map(|status| {
-                    CombinedRateLimit::new(
-                        u64::from(status.limit),
-                        u64::from(status.remaining),
-                        status.reset_seconds(),
-                    )
-                });
-            let separate = decision
-                .rate_limit
-                .filter(|s| s.form != Combined)
-                .map(|status| {
-                    [
-                        Decimal::new(u64::from(status.limit)),
-                        Decimal::new(u64::from(status.remaining)),
-                        Decimal::new(status.reset_seconds()),
-                    ]
-                });
-            let mut adds = HeaderAdds::default();
             if let Some(route) = decision.route_header {
-                adds.push(ROUTE_HEADER, route.as_bytes());
+                abi::add_response_header(ROUTE_HEADER, route.as_bytes());
             }
             if let Some(level) = decision.degraded {
-                adds.push(DEGRADED_HEADER, level.as_bytes());
+                abi::add_response_header(DEGRADED_HEADER, level.as_bytes());
             }
-            if let Some(value) = &combined {
-                adds.push(RATELIMIT, value.as_bytes());
+            if let Some(status) = decision.rate_limit.filter(|s| s.form == Combined) {
+                let value = CombinedRateLimit::new(
+                    u64::from(status.limit),
+                    u64::from(status.remaining),
+                    status.reset_seconds(),
+                );
+                abi::add_response_header(RATELIMIT, value.as_bytes());
+            } else if let Some(status) = decision.rate_limit {
+                abi::add_response_header(
+                    RATELIMIT_LIMIT,
+                    Decimal::new(u64::from(status.limit)).as_bytes(),
+                );
+                abi::add_response_header(
+                    RATELIMIT_REMAINING,
+                    Decimal::new(u64::from(status.remaining)).as_bytes(),
+                );
+                abi::add_response_header(
+                    RATELIMIT_RESET,
+                    Decimal::new(status.reset_seconds()).as_bytes(),
+                );
             }
-            if let Some([limit, remaining, reset]) = &separate {
-                adds.push(RATELIMIT_LIMIT, limit.as_bytes());
-                adds.push(RATELIMIT_REMAINING, remaining.as_bytes());
-                adds.push(RATELIMIT_RESET, reset.as_bytes());
-            }
-            // A fault rewrote the status after the map was read: the map is stale, so one by one.
-            let map = response
-                .headers
-                .as_deref()
-                .filter(|_| decision.fault.is_none());
-            self.add_response_headers(map, adds.as_slice());
         }
         Action::Continue
     }
@@ -782,162 +759,29 @@ impl Stream {
 
 /// Overwrites every retry header a client could have sent with the engine's grant, so no client
 /// can retry beyond the budget.
-/// The numbers of a request's retry headers, written on the stack.
-struct RetryValues {
-    max_retries: Decimal,
-    per_try_timeout_ms: Option<Decimal>,
-}
-
-impl RetryValues {
-    fn of(retry: &RetryHeaders<'_>) -> Self {
-        RetryValues {
-            max_retries: Decimal::new(u64::from(retry.max_retries)),
-            per_try_timeout_ms: retry.per_try_timeout_ms.map(Decimal::new),
+fn set_retry_headers(retry: &RetryHeaders<'_>) {
+    let [max_retries, retry_on, grpc_retry_on, per_try_timeout, ..] = CLIENT_RETRY_HEADERS;
+    if retry.write_max_retries {
+        abi::replace_request_header(
+            max_retries,
+            Decimal::new(u64::from(retry.max_retries)).as_bytes(),
+        );
+    }
+    if let Some(conditions) = retry.retry_on {
+        abi::replace_request_header(retry_on, conditions.as_bytes());
+    }
+    if let Some(conditions) = retry.grpc_retry_on {
+        abi::replace_request_header(grpc_retry_on, conditions.as_bytes());
+    }
+    if let Some(ms) = retry.per_try_timeout_ms {
+        abi::replace_request_header(per_try_timeout, Decimal::new(ms).as_bytes());
+    }
+    for (bit, header) in CLIENT_RETRY_HEADERS.iter().enumerate() {
+        if retry.remove & (1 << bit) != 0 {
+            abi::remove_request_header(header);
         }
     }
 }
-
-/// The request header changes of one decision, gathered so that several go to Envoy in one
-/// call: each request-header call is a VM crossing and clears Envoy's route cache.
-#[derive(Default)]
-struct RequestEdits<'a> {
-    removes: [&'a str; 8],
-    removes_len: usize,
-    sets: [(&'a str, &'a [u8]); 5],
-    sets_len: usize,
-}
-
-impl<'a> RequestEdits<'a> {
-    /// Removes `name`; past the room for one batch, at once.
-    fn remove(&mut self, name: &'a str) {
-        match self.removes.get_mut(self.removes_len) {
-            Some(slot) => {
-                *slot = name;
-                self.removes_len += 1;
-            }
-            None => {
-                abi::remove_request_header(name);
-            }
-        }
-    }
-
-    /// Sets `name` to `value`, replacing what the client sent; past the room, at once.
-    fn set(&mut self, name: &'a str, value: &'a [u8]) {
-        match self.sets.get_mut(self.sets_len) {
-            Some(slot) => {
-                *slot = (name, value);
-                self.sets_len += 1;
-            }
-            None => {
-                abi::replace_request_header(name, value);
-            }
-        }
-    }
-
-    /// The retry headers Envoy's router honours: the budget's grant, and the client's own
-    /// removed where seawall does not set them.
-    fn retry(&mut self, retry: &RetryHeaders<'a>, values: &'a RetryValues) {
-        let [max_retries, retry_on, grpc_retry_on, per_try_timeout, ..] = CLIENT_RETRY_HEADERS;
-        if retry.write_max_retries {
-            self.set(max_retries, values.max_retries.as_bytes());
-        }
-        if let Some(conditions) = retry.retry_on {
-            self.set(retry_on, conditions.as_bytes());
-        }
-        if let Some(conditions) = retry.grpc_retry_on {
-            self.set(grpc_retry_on, conditions.as_bytes());
-        }
-        if let Some(ms) = &values.per_try_timeout_ms {
-            self.set(per_try_timeout, ms.as_bytes());
-        }
-        for (bit, header) in CLIENT_RETRY_HEADERS.iter().enumerate() {
-            if retry.remove & (1 << bit) != 0 {
-                self.remove(header);
-            }
-        }
-    }
-
-    /// Two or more changes and the map read this request (`map`): one call that replaces the
-    /// map. Otherwise, or when the map is too large to replace, one call each.
-    fn apply(self, map: Option<&[u8]>, buffer: &mut Vec<u8>) {
-        let removes = &self.removes[..self.removes_len];
-        let sets = &self.sets[..self.sets_len];
-        if removes.len() + sets.len() >= 2 {
-            if let Some(map) = map {
-                let mut adds: [(&[u8], &[u8]); 5] = [(b"", b""); 5];
-                for (slot, (name, value)) in adds.iter_mut().zip(sets) {
-                    *slot = (name.as_bytes(), value);
-                }
-                let drop = |name: &[u8]| {
-                    removes.iter().any(|r| r.as_bytes() == name)
-                        || sets.iter().any(|(s, _)| s.as_bytes() == name)
-                };
-                let adds = &adds[..sets.len()];
-                if crate::wire::rewrite_header_map(buffer, map, drop, adds, MAX_REPLACED_PAIRS)
-                    .is_some()
-                    && abi::set_request_header_map(buffer)
-                {
-                    return;
-                }
-            }
-        }
-        for name in removes {
-            abi::remove_request_header(name);
-        }
-        for (name, value) in sets {
-            abi::replace_request_header(name, value);
-        }
-    }
-}
-
-impl Stream {
-    /// Adds `adds` to the response: in one call that replaces the map with `map` (the headers as
-    /// read this callback) and `adds` after them, when there are two or more and the map is small
-    /// (Envoy removes and re-adds every pair of a replaced map); otherwise one call each.
-    fn add_response_headers(&self, map: Option<&[u8]>, adds: &[(&[u8], &[u8])]) {
-        if adds.len() >= 2 {
-            if let (Some(map), Ok(mut worker)) = (map, self.worker.try_borrow_mut()) {
-                let buffer = &mut worker.header_map;
-                if crate::wire::rewrite_header_map(buffer, map, |_| false, adds, MAX_REPLACED_PAIRS)
-                    .is_some()
-                    && abi::set_response_header_map(buffer)
-                {
-                    return;
-                }
-            }
-        }
-        for (name, value) in adds {
-            if let Ok(name) = core::str::from_utf8(name) {
-                abi::add_response_header(name, value);
-            }
-        }
-    }
-}
-
-/// The response headers seawall adds in one callback: at most five (the route, the level, and
-/// three `RateLimit-*`).
-#[derive(Default)]
-struct HeaderAdds<'a> {
-    pairs: [(&'a [u8], &'a [u8]); 5],
-    len: usize,
-}
-
-impl<'a> HeaderAdds<'a> {
-    fn push(&mut self, name: &'static str, value: &'a [u8]) {
-        if let Some(slot) = self.pairs.get_mut(self.len) {
-            *slot = (name.as_bytes(), value);
-            self.len += 1;
-        }
-    }
-
-    fn as_slice(&self) -> &[(&'a [u8], &'a [u8])] {
-        &self.pairs[..self.len]
-    }
-}
-
-/// The most headers a map replacement rewrites, request or response: past it, one call each
-/// (Envoy removes and re-adds every pair of a replaced map).
-const MAX_REPLACED_PAIRS: usize = 24;
 
 /// Envoy's record of how the stream ended, and its response headers. `status` is the status
 /// read from the response headers; without it no response was sent.

@@ -138,6 +138,136 @@ impl Variant {
     }
 }
 
+/// `cargo xtask bench --instructions [--requests N]`: instructions Envoy executes per request,
+/// counted by callgrind, for no filter, the native trio, both no-op Wasm filters and seawall
+/// with all five policies, in fresh Envoys (one worker), 3 interleaved runs each. Instruction
+/// counts do not move with a noisy neighbour, where CPU time on a shared machine can swing 2x
+/// between runs; they count work, not time (a cache miss or a lock wait costs nothing here). The
+/// JIT's code runs under valgrind's translation too, so V8's Wasm is counted. Writes nothing.
+pub fn instructions(requests: u64) -> Result<(), String> {
+    let tools = prepare()?;
+    let variants = [
+        Variant::NoFilter,
+        Variant::Native,
+        Variant::SdkNoop,
+        Variant::AbiNoop,
+        Variant::Seawall,
+    ];
+    let mut counts: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for run in 1..=3 {
+        for (index, variant) in variants.iter().enumerate() {
+            let per_request = instructions_per_request(&tools, *variant, requests)?;
+            println!(
+                "==> run {run}/3: {}: {per_request:.0} instructions per request",
+                variant.label()
+            );
+            counts[index].push(per_request);
+        }
+    }
+    let sdk_noop = median(counts[2].clone());
+    let native = median(counts[1].clone());
+    println!("\n| variant | instructions per request (runs) | / SDK no-op | / native |");
+    println!("|---|---|---|---|");
+    for (index, variant) in variants.iter().enumerate() {
+        let runs: Vec<String> = counts[index].iter().map(|n| format!("{n:.0}")).collect();
+        let value = median(counts[index].clone());
+        println!(
+            "| {} | **{value:.0}** ({}) | {:.3} | {:.3} |",
+            variant.label(),
+            runs.join(", "),
+            value / sdk_noop,
+            value / native
+        );
+    }
+    Ok(())
+}
+
+/// One fresh Envoy under callgrind with instrumentation off until the warm-up is done; the
+/// instructions of `requests` requests, between two dumps.
+fn instructions_per_request(tools: &Tools, variant: Variant, requests: u64) -> Result<f64, String> {
+    let dir = workspace_root().join("target/bench");
+    let config = dir.join("envoy.yaml");
+    fs::write(&config, envoy_config(&filters(variant, tools, 0))).map_err(|e| e.to_string())?;
+    let out = dir.join("callgrind.out");
+    for entry in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("callgrind.out")
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
+    let mut command = Command::new("valgrind");
+    command
+        .args([
+            "--tool=callgrind",
+            "--smc-check=all-non-file",
+            "--instr-atstart=no",
+        ])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(&tools.envoy)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+        ])
+        .args(["-l", "warn"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    let child = KillOnDrop(
+        command
+            .spawn()
+            .map_err(|e| format!("valgrind (Debian: apt-get install valgrind): {e}"))?,
+    );
+    let pid = child.0.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !(admin_get("/ready").is_ok_and(|body| body.contains("LIVE")) && probe_listener()) {
+        if Instant::now() > deadline {
+            return Err("Envoy under valgrind not ready within 300 s".to_owned());
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    let control = |what: &str| {
+        Command::new("callgrind_control")
+            .arg(what)
+            .arg(&pid)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("callgrind_control: {e}"))
+    };
+    let load = |n: u64| {
+        Command::new(&tools.oha)
+            .args(["-n", &n.to_string(), "-c", "4", "--no-tui", URL])
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("oha: {e}"))
+    };
+    load(300)?;
+    control("--instr=on")?;
+    // The first requests under instrumentation translate the hot code again: not counted.
+    load(100)?;
+    control("-d")?;
+    load(requests)?;
+    control("-d")?;
+    drop(child);
+    let dump = fs::read_to_string(dir.join("callgrind.out.2")).map_err(|e| e.to_string())?;
+    let total: f64 = dump
+        .lines()
+        .filter_map(|line| line.strip_prefix("totals:"))
+        .filter_map(|n| n.trim().parse::<f64>().ok())
+        .sum();
+    if total == 0.0 {
+        return Err("callgrind counted nothing".to_owned());
+    }
+    Ok(total / requests as f64)
+}
+
 /// `cargo xtask bench --compare BASELINE.wasm`: variant 5's config on this build and on another,
 /// interleaved in fresh Envoys for `rounds` rounds, with the host calls per request of this
 /// build: an A/B of one change, without the rest of the report (nothing is written).

@@ -47,7 +47,10 @@ commands:
   bench [--quick]  seawall against native filters and a no-op Wasm filter; writes docs/benchmark.md
   bench --compare BASELINE.wasm [--rounds N]
                 variant 5 on this build and on BASELINE.wasm, interleaved (7 rounds), and this
-                build's host calls per request: an A/B of one change; writes nothing";
+                build's host calls per request: an A/B of one change; writes nothing
+  bench --instructions [--requests N]
+                instructions per request under callgrind (no filter, native, both no-ops,
+                seawall), 3 runs each: noise-free where CPU time is not; writes nothing";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -79,6 +82,17 @@ fn main() {
 
 /// `cargo xtask bench [--quick]`, or `--compare BASELINE.wasm [--rounds N]`.
 fn bench_command(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--instructions") {
+        let requests = match args.iter().position(|a| a == "--requests") {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| "--requests needs a positive number".to_owned())?,
+            None => 3000,
+        };
+        return bench::instructions(requests);
+    }
     let Some(at) = args.iter().position(|a| a == "--compare") else {
         return bench::run(args.iter().any(|a| a == "--quick"));
     };
