@@ -7,10 +7,10 @@ use std::fs;
 use std::path::Path;
 
 use seawall::policy::circuit_breaker::{BreakerState, Circuit};
-use seawall::policy::global_limit::{Tokens, Values, Wanted};
-use seawall::policy::key::Form;
 use seawall::policy::degradation::{self, AdmissionWindow, Admissions, Health, Lease, ProbeHealth};
 use seawall::policy::fault::Active;
+use seawall::policy::global_limit::{Tokens, Values, Wanted};
+use seawall::policy::key::Form;
 use seawall::policy::key::Secret;
 use seawall::policy::rate_limit::{Tat, Terms};
 use seawall::policy::retry::{self, BudgetState};

@@ -193,9 +193,7 @@ fuzz_target!(|data: &[u8]| {
                 _ => u64::from(input.a).max(1),
             };
             let credit = u32::from(input.c % 64);
-            let held = bucket
-                .filter(|b| b.owner == owner)
-                .map_or(0, |b| b.tokens);
+            let held = bucket.filter(|b| b.owner == owner).map_or(0, |b| b.tokens);
             // Every request at one instant: at most what the record held for this client and
             // the credit, however the record read; a busy slot admits nothing.
             let mut admitted = 0u64;
@@ -220,9 +218,15 @@ fuzz_target!(|data: &[u8]| {
             let wanted = global_limit::take_wanted(&store, KEY).expect("take");
             assert!(wanted.slots().len() <= WANTED_CAPACITY);
             if pushed {
-                assert!(wanted.slots().contains(&slot), "pushed {slot}, not in {wanted:?}");
+                assert!(
+                    wanted.slots().contains(&slot),
+                    "pushed {slot}, not in {wanted:?}"
+                );
             }
-            assert!(global_limit::take_wanted(&store, KEY).expect("take").slots().is_empty());
+            assert!(global_limit::take_wanted(&store, KEY)
+                .expect("take")
+                .slots()
+                .is_empty());
         }
         Kind::Values => {
             // A values record as the tick reads it: whatever bytes, no panic, no read past them.

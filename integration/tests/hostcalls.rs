@@ -194,7 +194,10 @@ fn host_calls_per_request_stay_a_handful_with_every_policy_on_the_route() {
     exactly(&all_five_routed, &[("header_write", 3.0)]);
     exactly(&all_five_lean, &[("header_write", 1.0)]);
     // A lease is two calls, a shared get and a shared set, each bounded by `leases` above.
-    assert!(total(&all_five_lean) <= 7.0 + 2.0 * leases, "{all_five_lean:?}");
+    assert!(
+        total(&all_five_lean) <= 7.0 + 2.0 * leases,
+        "{all_five_lean:?}"
+    );
 }
 
 /// What seawall writes into the headers changes nothing else: with every policy on the route

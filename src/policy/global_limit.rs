@@ -258,6 +258,14 @@ pub enum LeaseState {
     Failing { until: u64 },
 }
 
+impl LeaseState {
+    /// Whether this is the call `claim` that `worker` made: only that call settles or frees it
+    /// (a stale claim taken over is the new claimant's).
+    pub fn is_claim(&self, worker: u64, claim: Claim) -> bool {
+        matches!(*self, LeaseState::Requested { since, by, .. } if by == worker && since == claim.since)
+    }
+}
+
 /// The lease record: its state, the last lease's size, what the RLS said is left in its window,
 /// and where the rate was last measured from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -603,9 +611,7 @@ pub fn settle<S: SharedStore + ?Sized>(
         MAX_CAS_ATTEMPTS,
         |record: Option<LeaseRecord>| {
             let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
-            let ours = matches!(lease.state,
-            LeaseState::Requested { since, by, .. } if by == worker && since == claim.since);
-            if !ours {
+            if !lease.state.is_claim(worker, claim) {
                 return Step::Keep(());
             }
             let reset_at = |verdict: &Verdict| {
@@ -681,12 +687,11 @@ pub fn release<S: SharedStore + ?Sized>(
         MAX_CAS_ATTEMPTS,
         |record: Option<LeaseRecord>| {
             let mut lease = record.unwrap_or_else(LeaseRecord::fresh);
-            match lease.state {
-                LeaseState::Requested { since, by, .. } if by == worker && since == claim.since => {
-                    lease.state = LeaseState::Idle;
-                    Step::Write(lease, ())
-                }
-                _ => Step::Keep(()),
+            if lease.state.is_claim(worker, claim) {
+                lease.state = LeaseState::Idle;
+                Step::Write(lease, ())
+            } else {
+                Step::Keep(())
             }
         },
     )

@@ -83,15 +83,7 @@ fn main() {
 /// `cargo xtask bench [--quick]`, or `--compare BASELINE.wasm [--rounds N]`.
 fn bench_command(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "--instructions") {
-        let requests = match args.iter().position(|a| a == "--requests") {
-            Some(i) => args
-                .get(i + 1)
-                .and_then(|n| n.parse().ok())
-                .filter(|&n| n > 0)
-                .ok_or_else(|| "--requests needs a positive number".to_owned())?,
-            None => 3000,
-        };
-        return bench::instructions(requests);
+        return bench::instructions(positive_arg(args, "--requests", 3000)?);
     }
     let Some(at) = args.iter().position(|a| a == "--compare") else {
         return bench::run(args.iter().any(|a| a == "--quick"));
@@ -99,15 +91,23 @@ fn bench_command(args: &[String]) -> Result<(), String> {
     let baseline = args
         .get(at + 1)
         .ok_or_else(|| "--compare needs the baseline build's .wasm".to_owned())?;
-    let rounds = match args.iter().position(|a| a == "--rounds") {
+    let rounds = positive_arg(args, "--rounds", 7)?;
+    bench::compare(
+        std::path::Path::new(baseline),
+        usize::try_from(rounds).unwrap_or(7),
+    )
+}
+
+/// The positive number after `flag`, or `default` when `flag` is not given.
+fn positive_arg(args: &[String], flag: &str, default: u64) -> Result<u64, String> {
+    match args.iter().position(|a| a == flag) {
         Some(i) => args
             .get(i + 1)
             .and_then(|n| n.parse().ok())
             .filter(|&n| n > 0)
-            .ok_or_else(|| "--rounds needs a positive number".to_owned())?,
-        None => 7,
-    };
-    bench::compare(std::path::Path::new(baseline), rounds)
+            .ok_or_else(|| format!("{flag} needs a positive number")),
+        None => Ok(default),
+    }
 }
 
 /// `--minutes N` (default 10) for `cargo xtask soak`.
