@@ -156,7 +156,8 @@ pub fn instructions(requests: u64) -> Result<(), String> {
     let mut counts: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for run in 1..=3 {
         for (index, variant) in variants.iter().enumerate() {
-            let per_request = instructions_per_request(&tools, *variant, requests)?;
+            let per_request =
+                instructions_per_request(&tools, &filters(*variant, &tools, 0), requests)?;
             println!(
                 "==> run {run}/3: {}: {per_request:.0} instructions per request",
                 variant.label()
@@ -182,12 +183,133 @@ pub fn instructions(requests: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The host calls seawall's request path makes, in the names of `bench/probe`, with the kind
+/// `seawall.hostcalls.all.<kind>` counts them under.
+const PRICED_CALLS: [(&str, &str); 11] = [
+    ("time", "time"),
+    ("header_read", "header_read"),
+    // Not one of seawall's: the same read of an absent header, which returns no buffer.
+    ("header_read_missing", "none"),
+    ("header_map_read", "header_map_read"),
+    ("header_map_read_response", "header_map_read"),
+    ("header_write_request", "header_write"),
+    ("header_write_response", "header_write"),
+    ("property_read", "property_read"),
+    ("shared_get", "shared_get"),
+    ("shared_set", "shared_set"),
+    ("metric", "metric"),
+];
+
+/// `cargo xtask bench --call-costs [--requests N]`: what one host call of each kind costs Envoy,
+/// in instructions per request under callgrind. `bench/probe` makes 0, 1 and 8 calls of one kind
+/// on every request; the first call's price is I(1) − I(0), each further call's (I(8) − I(1)) / 7
+/// (a request-header write's first call also clears the route cache, so the two can differ).
+/// Then seawall's all-five request path is priced as a sum of its calls (counted by the
+/// `hostcall-count` build), and what is left over is seawall's own code and the SDK's. Writes
+/// nothing.
+pub fn call_costs(requests: u64) -> Result<(), String> {
+    let tools = prepare()?;
+    let probe = |kind: &str, calls: u32| {
+        instructions_per_request(
+            &tools,
+            &filters_with(&tools.probe, &format!("{kind} {calls}")),
+            requests,
+        )
+    };
+    let floor = probe("nothing", 0)?;
+    println!("==> the probe making no call: {floor:.0} instructions per request");
+    let mut prices = Vec::new();
+    for (kind, _) in PRICED_CALLS {
+        let none = probe(kind, 0)?;
+        let one = probe(kind, 1)?;
+        let eight = probe(kind, 8)?;
+        let first = one - none;
+        let further = (eight - one) / 7.0;
+        println!(
+            "==> {kind}: 0 calls {none:.0}, 1 call {one:.0}, 8 calls {eight:.0}: first {first:.0}, each further {further:.0}"
+        );
+        prices.push((kind, first, further));
+    }
+    println!("\n| host call | first in a request | each further |\n|---|---|---|");
+    for (kind, first, further) in &prices {
+        println!("| `{kind}` | {first:.0} | {further:.0} |");
+    }
+    let price = |kind: &str, calls: f64| {
+        prices
+            .iter()
+            .find(|(name, _, _)| *name == kind)
+            .map_or(0.0, |(_, first, further)| {
+                calls.min(1.0) * first + (calls - 1.0).max(0.0) * further
+            })
+    };
+    let sdk_noop =
+        instructions_per_request(&tools, &filters(Variant::SdkNoop, &tools, 0), requests)?;
+    let rows = host_calls(&tools, &Plan::new(false))?;
+    let row = |config: &str| {
+        rows.iter()
+            .find(|row| row.config == config)
+            .ok_or_else(|| format!("no host-call count for {config}"))
+    };
+    // The count does not say which map a header write went to; the retry headers are the
+    // request's, and the config that takes retries from the Envoy route writes none of them.
+    let retry_header_writes = {
+        let at = HOSTCALL_KINDS
+            .iter()
+            .position(|k| *k == "header_write")
+            .unwrap_or(0);
+        row(ALL_FIVE)?.per_kind[at] - row(ALL_FIVE_ROUTE_RETRIES)?.per_kind[at]
+    };
+    for (config, json, request_writes) in [
+        (ALL_FIVE, ALL_POLICIES, retry_header_writes),
+        (ALL_FIVE_LEAN, ALL_POLICIES_LEAN, 0.0),
+    ] {
+        let measured =
+            instructions_per_request(&tools, &filters_with(&tools.seawall, json), requests)?;
+        let counts = row(config)?;
+        println!(
+            "\nseawall, {config}: {measured:.0} instructions per request, {:.0} more than the SDK no-op ({sdk_noop:.0})",
+            measured - sdk_noop
+        );
+        println!("\n| host call | per request | priced |\n|---|---|---|");
+        let mut priced = 0.0;
+        for (kind, calls) in HOSTCALL_KINDS.iter().zip(&counts.per_kind) {
+            if *calls == 0.0 {
+                continue;
+            }
+            let cost = match *kind {
+                "header_write" => {
+                    price("header_write_request", request_writes)
+                        + price("header_write_response", calls - request_writes)
+                }
+                // One read of each map, in its own callback.
+                "header_map_read" => {
+                    price("header_map_read", calls.min(1.0))
+                        + price("header_map_read_response", (calls - 1.0).max(0.0))
+                }
+                kind if prices.iter().any(|(name, _, _)| *name == kind) => price(kind, *calls),
+                _ => {
+                    println!("| {kind} | {calls:.2} | not priced |");
+                    continue;
+                }
+            };
+            priced += cost;
+            println!("| {kind} | {calls:.2} | {cost:.0} |");
+        }
+        println!(
+            "| **host calls** | {:.2} | **{priced:.0}** |\n| **the rest: seawall's own code, the SDK's** | | **{:.0}** |",
+            counts.total(),
+            measured - sdk_noop - priced
+        );
+    }
+    Ok(())
+}
+
 /// One fresh Envoy under callgrind with instrumentation off until the warm-up is done; the
 /// instructions of `requests` requests, between two dumps.
-fn instructions_per_request(tools: &Tools, variant: Variant, requests: u64) -> Result<f64, String> {
+fn instructions_per_request(tools: &Tools, filters: &str, requests: u64) -> Result<f64, String> {
     let dir = workspace_root().join("target/bench");
     let config = dir.join("envoy.yaml");
-    fs::write(&config, envoy_config(&filters(variant, tools, 0))).map_err(|e| e.to_string())?;
+    fs::write(&config, envoy_config(filters)).map_err(|e| e.to_string())?;
     let out = dir.join("callgrind.out");
     for entry in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
         if entry
@@ -328,6 +450,7 @@ struct Tools {
     noop: PathBuf,
     noop_alloc: PathBuf,
     abi_noop: PathBuf,
+    probe: PathBuf,
     cpu: CpuClock,
     /// `--compare`'s other build.
     baseline: Option<PathBuf>,
@@ -558,6 +681,12 @@ fn prepare() -> Result<Tools, String> {
         "seawall_bench_abi_noop.wasm",
         "abi-noop.wasm",
     )?;
+    let probe = build(
+        "seawall-bench-probe",
+        None,
+        "seawall_bench_probe.wasm",
+        "probe.wasm",
+    )?;
     let seawall_alloc = build(
         "seawall",
         Some("alloc-count"),
@@ -589,6 +718,7 @@ fn prepare() -> Result<Tools, String> {
         noop,
         noop_alloc,
         abi_noop,
+        probe,
         cpu: CpuClock::detect(),
         baseline: None,
     })
@@ -913,6 +1043,10 @@ fn one_rate_limit() -> String {
     )
 }
 
+const ALL_FIVE: &str = "all five policies";
+const ALL_FIVE_ROUTE_RETRIES: &str = "all five, retries from the Envoy route";
+const ALL_FIVE_LEAN: &str = "all five, the route's retries and one RateLimit header";
+
 /// Host calls per request of one config, by kind ([`HOSTCALL_KINDS`]' order).
 struct HostcallRow {
     config: &'static str,
@@ -937,15 +1071,12 @@ fn host_calls(tools: &Tools, plan: &Plan) -> Result<Vec<HostcallRow>, String> {
     let configs = [
         ("a route, no policy", route_only()),
         ("one global rate limit", one_rate_limit()),
-        ("all five policies", ALL_POLICIES.to_owned()),
+        (ALL_FIVE, ALL_POLICIES.to_owned()),
         (
-            "all five, retries from the Envoy route",
+            ALL_FIVE_ROUTE_RETRIES,
             ALL_POLICIES_ROUTE_RETRIES.to_owned(),
         ),
-        (
-            "all five, the route's retries and one RateLimit header",
-            ALL_POLICIES_LEAN.to_owned(),
-        ),
+        (ALL_FIVE_LEAN, ALL_POLICIES_LEAN.to_owned()),
     ];
     let mut rows = Vec::new();
     for (config, json) in configs {

@@ -37,9 +37,10 @@ commands:
   oci [--check] OCI image layouts of seawall.wasm for Istio under target/oci (Wasm artifact and
                 compat), with digests and skopeo publish lines; --check verifies them with
                 Istio's acceptance rules, skopeo and Docker
-  soak [--minutes N]
+  soak [--minutes N] [--baseline]
                 all five policies under mixed traffic on 4 workers for N minutes (default 10):
-                memory slope, gauges back at 0, no error lines; writes target/soak/report.md
+                memory slope, gauges back at 0, no error lines; writes target/soak/report.md;
+                --baseline: the same with the no-op Wasm filter instead (target/soak/baseline)
   fuzz [--seconds N] [TARGET...]
                 run the libFuzzer targets of fuzz/ for N seconds each (60) on their seed corpus
   dist          the release set in target/dist: seawall.wasm and its sha256, the seawall CLI, the
@@ -50,7 +51,10 @@ commands:
                 build's host calls per request: an A/B of one change; writes nothing
   bench --instructions [--requests N]
                 instructions per request under callgrind (no filter, native, both no-ops,
-                seawall), 3 runs each: noise-free where CPU time is not; writes nothing";
+                seawall), 3 runs each: noise-free where CPU time is not; writes nothing
+  bench --call-costs [--requests N]
+                what one host call of each kind costs Envoy in instructions (bench/probe under
+                callgrind), and seawall's request path priced as a sum of its calls; writes nothing";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -64,7 +68,14 @@ fn main() {
         ),
         Some("image") => image::build_all()
             .map(|images| println!("built {} and {}", images.envoy, images.upstream)),
-        Some("soak") => soak_minutes(&args).and_then(soak::run),
+        Some("soak") => soak_minutes(&args).and_then(|minutes| {
+            let filter = if args.iter().any(|a| a == "--baseline") {
+                soak::Filter::Noop
+            } else {
+                soak::Filter::Seawall
+            };
+            soak::run(minutes, filter)
+        }),
         Some("bench") => bench_command(&args),
         Some("oci") => oci::run(args.iter().any(|a| a == "--check")),
         Some("fuzz") => fuzz::run(&args[1..]),
@@ -82,6 +93,9 @@ fn main() {
 
 /// `cargo xtask bench [--quick]`, or `--compare BASELINE.wasm [--rounds N]`.
 fn bench_command(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--call-costs") {
+        return bench::call_costs(positive_arg(args, "--requests", 3000)?);
+    }
     if args.iter().any(|a| a == "--instructions") {
         return bench::instructions(positive_arg(args, "--requests", 3000)?);
     }

@@ -16,7 +16,12 @@
 //!   max(2 MiB, 2%) of growth over the run.
 //!
 //! The report (`target/soak/report.md`, with `target/soak/memory.svg`) gives the samples, the
-//! slope and the gauges.
+//! slope and the gauges, and a second slope over the last half alone: growth that is warm-up
+//! slows down there, a leak does not.
+//!
+//! `--baseline` runs the same Envoy, config and traffic with the SDK's no-op Wasm filter in
+//! seawall's place (`target/soak/baseline/`), so a slope can be told apart from Envoy's own
+//! under this traffic: what seawall adds is the difference between the two.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -65,6 +70,23 @@ const PLUGIN: &str = r#"{
 }"#;
 
 const WORKERS: u32 = 4;
+
+/// Which filter the soak loads into Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Seawall,
+    /// The SDK's no-op Wasm filter (`bench/noop`) with the same plugin config, as a baseline.
+    Noop,
+}
+
+impl Filter {
+    fn describe(self) -> &'static str {
+        match self {
+            Filter::Seawall => "all five policies",
+            Filter::Noop => "baseline: the SDK's no-op Wasm filter in seawall's place",
+        }
+    }
+}
 const DISTINCT_KEYS: u64 = 100_000;
 
 /// One sample of Envoy's state.
@@ -77,6 +99,8 @@ struct Sample {
     breaker_open: u64,
     breaker_half_open: u64,
     level: u64,
+    /// How many counters and gauges Envoy has: one created per request would show here.
+    stats: usize,
 }
 
 /// A least-squares line through the samples: bytes per second, with its standard error.
@@ -139,6 +163,7 @@ fn sample(envoy: &Envoy, started: Instant) -> Result<Sample, String> {
         breaker_open: gauge(&stats, "circuit_breaker.payments.open"),
         breaker_half_open: gauge(&stats, "circuit_breaker.payments.half_open"),
         level: gauge(&stats, "degradation.shop.level"),
+        stats: stats.values.len(),
     })
 }
 
@@ -161,11 +186,37 @@ fn paced(
     })
 }
 
-pub fn run(minutes: f64) -> Result<(), String> {
+/// Builds the SDK's no-op filter into the benchmark's target directory.
+fn build_noop_wasm() -> Result<std::path::PathBuf, String> {
+    let target = workspace_root().join("target/bench-build");
+    crate::run(
+        "build the no-op Wasm filter",
+        crate::cargo()
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--package",
+                "seawall-bench-noop",
+                "--target-dir",
+            ])
+            .arg(&target),
+    )?;
+    Ok(target.join("wasm32-wasip1/release/seawall_bench_noop.wasm"))
+}
+
+pub fn run(minutes: f64, filter: Filter) -> Result<(), String> {
     if let Err(errors) = seawall::config::compile(PLUGIN.as_bytes()) {
         return Err(format!("the soak's plugin config is refused: {errors}"));
     }
-    let wasm = build_wasm()?;
+    let wasm = match filter {
+        Filter::Seawall => build_wasm()?,
+        Filter::Noop => {
+            crate::setup::ensure_rust_target(crate::setup::WASI)?;
+            build_noop_wasm()?
+        }
+    };
     std::env::set_var("SEAWALL_WASM", &wasm);
     let duration = Duration::from_secs_f64(minutes * 60.0);
     let every = if minutes < 5.0 {
@@ -184,10 +235,12 @@ pub fn run(minutes: f64) -> Result<(), String> {
             .cluster("soak_upstream", upstream.addr())
             .cluster("soak_health", upstream.addr())
             .route(RouteSpec::prefix("all", "/", "soak_upstream"))
-            .seawall(PLUGIN),
+            .seawall(PLUGIN)
+            .wasm(wasm),
     );
     println!(
-        "==> soak: {minutes} min, Envoy --concurrency {WORKERS}, all five policies, sampling every {}s",
+        "==> soak: {minutes} min, Envoy --concurrency {WORKERS}, {}, sampling every {}s",
+        filter.describe(),
         every.as_secs()
     );
 
@@ -246,10 +299,11 @@ pub fn run(minutes: f64) -> Result<(), String> {
         thread::sleep(every);
         let sample = sample(&envoy, started)?;
         println!(
-            "    {:>6.0}s  allocated {:>6.1} MiB  heap {:>6.1} MiB  fault active {:>3}  breaker open {} half-open {}  level {}",
+            "    {:>6.0}s  allocated {:>6.2} MiB  heap {:>6.1} MiB  stats {}  fault active {:>3}  breaker open {} half-open {}  level {}",
             sample.seconds,
             mib(sample.allocated),
             mib(sample.heap),
+            sample.stats,
             sample.fault_active,
             sample.breaker_open,
             sample.breaker_half_open,
@@ -304,13 +358,18 @@ pub fn run(minutes: f64) -> Result<(), String> {
         .collect();
     let span = points.last().map_or(0.0, |p| p.0) - points.first().map_or(0.0, |p| p.0);
     let slope = fit(&points);
+    let half = duration.as_secs_f64() / 2.0;
+    let late: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.0 >= half).collect();
+    let late_slope = fit(&late);
     let flat_memory = slope.as_ref().is_some_and(|slope| flat(slope, span));
     let stats = envoy.stats();
 
     let report = report(
         minutes,
+        filter,
         &samples,
         slope.as_ref(),
+        late_slope.as_ref(),
         span,
         &end,
         &error_lines,
@@ -319,7 +378,10 @@ pub fn run(minutes: f64) -> Result<(), String> {
         &statuses,
         &stats,
     );
-    let dir = workspace_root().join("target/soak");
+    let dir = match filter {
+        Filter::Seawall => workspace_root().join("target/soak"),
+        Filter::Noop => workspace_root().join("target/soak/baseline"),
+    };
     fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
     fs::write(dir.join("report.md"), &report).map_err(|error| error.to_string())?;
     fs::write(
@@ -366,8 +428,10 @@ fn mib(bytes: u64) -> f64 {
 #[allow(clippy::too_many_arguments)]
 fn report(
     minutes: f64,
+    filter: Filter,
     samples: &[Sample],
     slope: Option<&Slope>,
+    late_slope: Option<&Slope>,
     span: f64,
     end: &Sample,
     error_lines: &[&str],
@@ -379,7 +443,8 @@ fn report(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "## Soak: {minutes} min, Envoy --concurrency {WORKERS}, all five policies\n"
+        "## Soak: {minutes} min, Envoy --concurrency {WORKERS}, {}\n",
+        filter.describe()
     );
     let _ = writeln!(
         out,
@@ -416,6 +481,14 @@ fn report(
             let _ = writeln!(out, "- memory: too few samples to fit a slope");
         }
     }
+    if let Some(late) = late_slope {
+        let _ = writeln!(
+            out,
+            "- memory over the last half alone: slope {:+.1} KiB/min ± {:.1}",
+            late.per_second * 60.0 / 1024.0,
+            late.standard_error * 60.0 / 1024.0,
+        );
+    }
     let _ = writeln!(
         out,
         "- at the end (upstream healed): fault active {}, breaker open {}, half-open {}, degradation level {}",
@@ -431,15 +504,16 @@ fn report(
     }
     let _ = writeln!(
         out,
-        "\n| s | allocated MiB | heap MiB | fault active | breaker open | half-open | level |\n|---|---|---|---|---|---|---|"
+        "\n| s | allocated MiB | heap MiB | stats | fault active | breaker open | half-open | level |\n|---|---|---|---|---|---|---|---|"
     );
     for sample in samples {
         let _ = writeln!(
             out,
-            "| {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             sample.seconds,
             mib(sample.allocated),
             mib(sample.heap),
+            sample.stats,
             sample.fault_active,
             sample.breaker_open,
             sample.breaker_half_open,
