@@ -941,6 +941,16 @@ impl Engine {
         }
     }
 
+    /// Rate limit `index` if it is global: its config, its runtime and its lease metrics.
+    fn global_limit(
+        &self,
+        index: usize,
+    ) -> Option<(&GlobalLimit, &RateLimitRuntime, &GlobalMetrics)> {
+        let policy = self.config.rate_limits.get(index)?;
+        let runtime = self.rate_limits.get(index)?;
+        Some((policy.global.as_ref()?, runtime, runtime.global.as_ref()?))
+    }
+
     /// Claims the next lease of one bucket (`keys`: its bucket and lease keys) if it is due, and
     /// hands the call to `send`; for a per-client bucket, with its client's descriptor values.
     #[allow(clippy::too_many_arguments)]
@@ -955,13 +965,7 @@ impl Engine {
         metrics: &impl MetricSink,
         send: &mut dyn FnMut(GlobalCall<'_>) -> bool,
     ) {
-        let (Some(policy), Some(runtime)) = (
-            self.config.rate_limits.get(index),
-            self.rate_limits.get(index),
-        ) else {
-            return;
-        };
-        let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+        let Some((global, runtime, counters)) = self.global_limit(index) else {
             return;
         };
         let claimed = global_limit::claim(
@@ -1034,13 +1038,7 @@ impl Engine {
         store: &impl SharedStore,
         metrics: &impl MetricSink,
     ) {
-        let (Some(policy), Some(runtime)) = (
-            self.config.rate_limits.get(policy),
-            self.rate_limits.get(policy),
-        ) else {
-            return;
-        };
-        let (Some(global), Some(counters)) = (&policy.global, &runtime.global) else {
+        let Some((global, runtime, counters)) = self.global_limit(policy) else {
             return;
         };
         let outcome = match body.map(rls_wire::decode_response) {
