@@ -449,7 +449,6 @@ struct Tools {
     seawall_hostcalls: PathBuf,
     noop: PathBuf,
     noop_alloc: PathBuf,
-    abi_noop: PathBuf,
     probe: PathBuf,
     cpu: CpuClock,
     /// `--compare`'s other build.
@@ -637,68 +636,17 @@ fn prepare() -> Result<Tools, String> {
     // The other builds go to their own target directory, so they never replace seawall.wasm.
     let bench_target = root.join("target/bench-build");
     // Builds `package` (with `features`) and copies its wasm, `artifact`, to `target/bench/<name>`.
-    let build = |package: &str, features: Option<&str>, artifact: &str, name: &str| {
-        let mut command = cargo();
-        command.args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip1",
-            "--package",
-            package,
-        ]);
-        command.arg("--target-dir").arg(&bench_target);
-        if let Some(features) = features {
-            command.args(["--features", features]);
-        }
-        crate::run(
-            &format!("build {package} {}", features.unwrap_or("")),
-            &mut command,
-        )?;
+    let build = |package: &str, features: Option<&str>, name: &str| {
+        let built = crate::build_wasm_package(package, features, &bench_target)?;
         let copy = out.join(name);
-        fs::copy(
-            bench_target.join("wasm32-wasip1/release").join(artifact),
-            &copy,
-        )
-        .map_err(|e| e.to_string())?;
+        fs::copy(&built, &copy).map_err(|e| e.to_string())?;
         Ok::<_, String>(copy)
     };
-    let noop = build(
-        "seawall-bench-noop",
-        None,
-        "seawall_bench_noop.wasm",
-        "noop.wasm",
-    )?;
-    let noop_alloc = build(
-        "seawall-bench-noop",
-        Some("alloc-count"),
-        "seawall_bench_noop.wasm",
-        "noop-alloc.wasm",
-    )?;
-    let abi_noop = build(
-        "seawall-bench-abi-noop",
-        None,
-        "seawall_bench_abi_noop.wasm",
-        "abi-noop.wasm",
-    )?;
-    let probe = build(
-        "seawall-bench-probe",
-        None,
-        "seawall_bench_probe.wasm",
-        "probe.wasm",
-    )?;
-    let seawall_alloc = build(
-        "seawall",
-        Some("alloc-count"),
-        "seawall.wasm",
-        "seawall-alloc.wasm",
-    )?;
-    let seawall_hostcalls = build(
-        "seawall",
-        Some("hostcall-count"),
-        "seawall.wasm",
-        "seawall-hostcalls.wasm",
-    )?;
+    let noop = build("seawall-bench-noop", None, "noop.wasm")?;
+    let noop_alloc = build("seawall-bench-noop", Some("alloc-count"), "noop-alloc.wasm")?;
+    let probe = build("seawall-bench-probe", None, "probe.wasm")?;
+    let seawall_alloc = build("seawall", Some("alloc-count"), "seawall-alloc.wasm")?;
+    let seawall_hostcalls = build("seawall", Some("hostcall-count"), "seawall-hostcalls.wasm")?;
     crate::setup::ensure_program("wrk", &["--version"], "wrk", "for closed-loop load")?;
     let oha = root.join("target/bench-tools/bin/oha");
     if !oha.is_file() {
@@ -717,7 +665,6 @@ fn prepare() -> Result<Tools, String> {
         seawall_hostcalls,
         noop,
         noop_alloc,
-        abi_noop,
         probe,
         cpu: CpuClock::detect(),
         baseline: None,
@@ -761,7 +708,8 @@ fn filters(variant: Variant, tools: &Tools, limit: u64) -> String {
         Variant::NoFilter => String::new(),
         Variant::Native => NATIVE_FILTERS.to_owned(),
         Variant::SdkNoop => filters_with(&tools.noop, ""),
-        Variant::AbiNoop => filters_with(&tools.abi_noop, ""),
+        // The probe making no call is the no-op filter on the bare ABI.
+        Variant::AbiNoop => filters_with(&tools.probe, "nothing 0"),
         Variant::Seawall => filters_with(&tools.seawall, ALL_POLICIES),
         Variant::SeawallBaseline => filters_with(
             tools.baseline.as_deref().unwrap_or(&tools.seawall),
@@ -1487,7 +1435,7 @@ impl Report {
         let _ = writeln!(md, "\n## The floor\n");
         let _ = writeln!(
             md,
-            "What any Wasm filter costs before it does anything, in Envoy CPU µs per request (medians): the ABI-only no-op filter ([`bench/abi-noop`](../bench/abi-noop), the proxy-wasm ABI exported by hand, no SDK) costs **{:+.2} µs** over no filter: Envoy's Wasm machinery, a VM call per callback. The SDK no-op filter ([`bench/noop`](../bench/noop), proxy-wasm 0.2.5) costs **{:+.2} µs** over no filter, so the SDK's share (its dispatch and per-stream context) is {:+.2} µs. Neither makes a host call in its HTTP callbacks (both return `Continue` at once; see their source). Seawall with every policy costs {:+.2} µs over the SDK no-op.\n",
+            "What any Wasm filter costs before it does anything, in Envoy CPU µs per request (medians): the ABI-only no-op filter ([`bench/probe`](../bench/probe) making no call, the proxy-wasm ABI exported by hand, no SDK) costs **{:+.2} µs** over no filter: Envoy's Wasm machinery, a VM call per callback. The SDK no-op filter ([`bench/noop`](../bench/noop), proxy-wasm 0.2.5) costs **{:+.2} µs** over no filter, so the SDK's share (its dispatch and per-stream context) is {:+.2} µs. Neither makes a host call in its HTTP callbacks (both return `Continue` at once; see their source). Seawall with every policy costs {:+.2} µs over the SDK no-op.\n",
             abi - none,
             sdk - none,
             sdk - abi,

@@ -204,25 +204,37 @@ pub fn build_trap_wasm() -> Result<PathBuf, String> {
 /// A test-only build of the plugin with `feature`, in a target directory of its own so it never
 /// replaces seawall.wasm.
 fn build_test_variant(feature: &str, dir: &str) -> Result<PathBuf, String> {
+    build_wasm_package("seawall", Some(feature), &workspace_root().join(dir))
+}
+
+/// A release wasm32-wasip1 build of one of the workspace's Wasm packages (with `features`) in
+/// `target_dir`; returns its `.wasm`.
+pub fn build_wasm_package(
+    package: &str,
+    features: Option<&str>,
+    target_dir: &Path,
+) -> Result<PathBuf, String> {
     setup::ensure_rust_target(setup::WASI)?;
-    let target_dir = workspace_root().join(dir);
+    let mut command = cargo();
+    command.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip1",
+        "--package",
+        package,
+    ]);
+    if let Some(features) = features {
+        command.args(["--features", features]);
+    }
+    command.arg("--target-dir").arg(target_dir);
     run(
-        &format!("build seawall.wasm --features {feature}"),
-        cargo()
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--package",
-                "seawall",
-                "--features",
-                feature,
-                "--target-dir",
-            ])
-            .arg(&target_dir),
+        &format!("build {package} {}", features.unwrap_or("")),
+        &mut command,
     )?;
-    Ok(target_dir.join("wasm32-wasip1/release/seawall.wasm"))
+    Ok(target_dir
+        .join("wasm32-wasip1/release")
+        .join(format!("{}.wasm", package.replace('-', "_"))))
 }
 
 pub fn install_envoy() -> Result<PathBuf, String> {

@@ -101,6 +101,10 @@ struct Sample {
     level: u64,
     /// How many counters and gauges Envoy has: one created per request would show here.
     stats: usize,
+    /// How many buckets Envoy's histograms hold in all. A histogram keeps a bucket for every
+    /// distinct value range it has seen, so one whose values keep reaching new ranges (the
+    /// lifetime of an upstream connection, say) grows Envoy's memory a little, for a long while.
+    histogram_buckets: usize,
 }
 
 /// A least-squares line through the samples: bytes per second, with its standard error.
@@ -135,6 +139,43 @@ fn fit(points: &[(f64, f64)]) -> Option<Slope> {
     })
 }
 
+/// Memory against time and a second series at once (least squares on both): the slope per second
+/// that is left once the second series is accounted for, with its standard error, and the bytes
+/// per unit of the second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Explained {
+    per_second: f64,
+    standard_error: f64,
+    per_unit: f64,
+}
+
+fn fit_with(points: &[(f64, f64, f64)]) -> Option<Explained> {
+    let n = points.len() as f64;
+    if points.len() < 4 {
+        return None;
+    }
+    let mean = |f: fn(&(f64, f64, f64)) -> f64| points.iter().map(f).sum::<f64>() / n;
+    let (mt, mu, my) = (mean(|p| p.0), mean(|p| p.1), mean(|p| p.2));
+    let sum = |f: &dyn Fn(&(f64, f64, f64)) -> f64| points.iter().map(f).sum::<f64>();
+    let stt = sum(&|p| (p.0 - mt).powi(2));
+    let suu = sum(&|p| (p.1 - mu).powi(2));
+    let stu = sum(&|p| (p.0 - mt) * (p.1 - mu));
+    let sty = sum(&|p| (p.0 - mt) * (p.2 - my));
+    let suy = sum(&|p| (p.1 - mu) * (p.2 - my));
+    let determinant = stt * suu - stu * stu;
+    if determinant.abs() < f64::EPSILON * stt * suu.max(1.0) {
+        return None;
+    }
+    let per_second = (suu * sty - stu * suy) / determinant;
+    let per_unit = (stt * suy - stu * sty) / determinant;
+    let residuals = sum(&|p| (p.2 - my - per_second * (p.0 - mt) - per_unit * (p.1 - mu)).powi(2));
+    Some(Explained {
+        per_second,
+        standard_error: (residuals / (n - 3.0) * suu / determinant).sqrt(),
+        per_unit,
+    })
+}
+
 /// Whether the memory slope is flat: within its noise, or too small to matter over the run.
 fn flat(slope: &Slope, span_seconds: f64) -> bool {
     let growth = slope.per_second * span_seconds;
@@ -155,6 +196,11 @@ fn sample(envoy: &Envoy, started: Instant) -> Result<Sample, String> {
             .unwrap_or(0)
     };
     let stats = envoy.current_stats();
+    let histogram_buckets = envoy
+        .admin_get("/stats?format=json&type=Histograms&histogram_buckets=detailed")
+        .ok()
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map_or(0, |json| count_buckets(&json));
     Ok(Sample {
         seconds: started.elapsed().as_secs_f64(),
         allocated: number("allocated"),
@@ -164,7 +210,22 @@ fn sample(envoy: &Envoy, started: Instant) -> Result<Sample, String> {
         breaker_half_open: gauge(&stats, "circuit_breaker.payments.half_open"),
         level: gauge(&stats, "degradation.shop.level"),
         stats: stats.values.len(),
+        histogram_buckets,
     })
+}
+
+/// The buckets of every histogram in `/stats?format=json&histogram_buckets=detailed`, summed
+/// over their cumulative (`totals`) series.
+fn count_buckets(json: &serde_json::Value) -> usize {
+    json["stats"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|stat| stat["histograms"]["details"].as_array())
+        .flatten()
+        .filter_map(|histogram| histogram["totals"].as_array())
+        .map(Vec::len)
+        .sum()
 }
 
 fn gauge(stats: &Stats, name: &str) -> u64 {
@@ -186,36 +247,17 @@ fn paced(
     })
 }
 
-/// Builds the SDK's no-op filter into the benchmark's target directory.
-fn build_noop_wasm() -> Result<std::path::PathBuf, String> {
-    let target = workspace_root().join("target/bench-build");
-    crate::run(
-        "build the no-op Wasm filter",
-        crate::cargo()
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--package",
-                "seawall-bench-noop",
-                "--target-dir",
-            ])
-            .arg(&target),
-    )?;
-    Ok(target.join("wasm32-wasip1/release/seawall_bench_noop.wasm"))
-}
-
 pub fn run(minutes: f64, filter: Filter) -> Result<(), String> {
     if let Err(errors) = seawall::config::compile(PLUGIN.as_bytes()) {
         return Err(format!("the soak's plugin config is refused: {errors}"));
     }
     let wasm = match filter {
         Filter::Seawall => build_wasm()?,
-        Filter::Noop => {
-            crate::setup::ensure_rust_target(crate::setup::WASI)?;
-            build_noop_wasm()?
-        }
+        Filter::Noop => crate::build_wasm_package(
+            "seawall-bench-noop",
+            None,
+            &workspace_root().join("target/bench-build"),
+        )?,
     };
     std::env::set_var("SEAWALL_WASM", &wasm);
     let duration = Duration::from_secs_f64(minutes * 60.0);
@@ -299,11 +341,12 @@ pub fn run(minutes: f64, filter: Filter) -> Result<(), String> {
         thread::sleep(every);
         let sample = sample(&envoy, started)?;
         println!(
-            "    {:>6.0}s  allocated {:>6.2} MiB  heap {:>6.1} MiB  stats {}  fault active {:>3}  breaker open {} half-open {}  level {}",
+            "    {:>6.0}s  allocated {:>6.2} MiB  heap {:>6.1} MiB  stats {}  histogram buckets {}  fault active {:>3}  breaker open {} half-open {}  level {}",
             sample.seconds,
             mib(sample.allocated),
             mib(sample.heap),
             sample.stats,
+            sample.histogram_buckets,
             sample.fault_active,
             sample.breaker_open,
             sample.breaker_half_open,
@@ -361,6 +404,12 @@ pub fn run(minutes: f64, filter: Filter) -> Result<(), String> {
     let half = duration.as_secs_f64() / 2.0;
     let late: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.0 >= half).collect();
     let late_slope = fit(&late);
+    let with_buckets: Vec<(f64, f64, f64)> = samples
+        .iter()
+        .filter(|s| s.seconds >= warm_up)
+        .map(|s| (s.seconds, s.histogram_buckets as f64, s.allocated as f64))
+        .collect();
+    let explained = fit_with(&with_buckets);
     let flat_memory = slope.as_ref().is_some_and(|slope| flat(slope, span));
     let stats = envoy.stats();
 
@@ -370,6 +419,7 @@ pub fn run(minutes: f64, filter: Filter) -> Result<(), String> {
         &samples,
         slope.as_ref(),
         late_slope.as_ref(),
+        explained.as_ref(),
         span,
         &end,
         &error_lines,
@@ -432,6 +482,7 @@ fn report(
     samples: &[Sample],
     slope: Option<&Slope>,
     late_slope: Option<&Slope>,
+    explained: Option<&Explained>,
     span: f64,
     end: &Sample,
     error_lines: &[&str],
@@ -489,6 +540,21 @@ fn report(
             late.standard_error * 60.0 / 1024.0,
         );
     }
+    if let (Some(explained), Some(first), Some(last)) = (
+        explained,
+        samples.iter().find(|s| s.seconds >= minutes * 12.0),
+        samples.last(),
+    ) {
+        let _ = writeln!(
+            out,
+            "- Envoy's histogram buckets: {} after the first fifth, {} at the end; fitted on time and buckets at once, memory is {:+.0} bytes a bucket and {:+.1} KiB/min ± {:.1} besides",
+            first.histogram_buckets,
+            last.histogram_buckets,
+            explained.per_unit,
+            explained.per_second * 60.0 / 1024.0,
+            explained.standard_error * 60.0 / 1024.0,
+        );
+    }
     let _ = writeln!(
         out,
         "- at the end (upstream healed): fault active {}, breaker open {}, half-open {}, degradation level {}",
@@ -504,16 +570,17 @@ fn report(
     }
     let _ = writeln!(
         out,
-        "\n| s | allocated MiB | heap MiB | stats | fault active | breaker open | half-open | level |\n|---|---|---|---|---|---|---|---|"
+        "\n| s | allocated MiB | heap MiB | stats | histogram buckets | fault active | breaker open | half-open | level |\n|---|---|---|---|---|---|---|---|---|"
     );
     for sample in samples {
         let _ = writeln!(
             out,
-            "| {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
             sample.seconds,
             mib(sample.allocated),
             mib(sample.heap),
             sample.stats,
+            sample.histogram_buckets,
             sample.fault_active,
             sample.breaker_open,
             sample.breaker_half_open,
@@ -594,6 +661,43 @@ mod tests {
         let slope = fit(&creeping).unwrap();
         assert!((slope.per_second - 1e6).abs() < 1e4, "{slope:?}");
         assert!(!flat(&slope, 60.0));
+    }
+
+    #[test]
+    fn memory_that_follows_a_second_series_is_told_apart_from_a_trend() {
+        // 200 bytes a bucket, buckets growing like a logarithm, plus noise: no trend of its own.
+        let points: Vec<(f64, f64, f64)> = (1..200)
+            .map(|i| {
+                let t = i as f64 * 5.0;
+                let buckets = 300.0 + 40.0 * t.ln();
+                let noise = if i % 2 == 0 { 3e3 } else { -3e3 };
+                (t, buckets, 35e6 + 200.0 * buckets + noise)
+            })
+            .collect();
+        let explained = fit_with(&points).unwrap();
+        assert!((explained.per_unit - 200.0).abs() < 5.0, "{explained:?}");
+        assert!(
+            explained.per_second.abs() < 3.0 * explained.standard_error,
+            "{explained:?}"
+        );
+        // The same with a real trend of 100 bytes a second on top: it stays.
+        let trending: Vec<(f64, f64, f64)> = points
+            .iter()
+            .map(|&(t, b, m)| (t, b, m + 100.0 * t))
+            .collect();
+        let explained = fit_with(&trending).unwrap();
+        assert!((explained.per_second - 100.0).abs() < 5.0, "{explained:?}");
+    }
+
+    #[test]
+    fn histogram_buckets_are_counted_over_every_histogram() {
+        let json: serde_json::Value = serde_json::from_str(
+            r#"{"stats":[{"histograms":{"supported_percentiles":[50],"details":[
+                {"name":"a","totals":[{"lower_bound":0,"width":1,"count":3},{"lower_bound":1,"width":1,"count":1}],"intervals":[]},
+                {"name":"b","totals":[{"lower_bound":5,"width":1,"count":2}],"intervals":[{"lower_bound":5,"width":1,"count":2}]}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(count_buckets(&json), 3);
     }
 
     #[test]

@@ -1,13 +1,24 @@
-//! The benchmark's price list: a pass-through proxy-wasm HTTP filter, written against the ABI
-//! alone like `bench/abi-noop`, that makes `N` host calls of one kind on every request. Its
-//! plugin configuration is `"<kind> <N>"`, for example `"header_write_request 8"`. Counting
-//! Envoy's instructions per request under callgrind at `N` = 0, 1 and 8 prices one call of that
-//! kind (what the first costs, and each one after), so seawall's request path can be read as a
+//! The benchmark's price list, and its lowest floor: a pass-through proxy-wasm HTTP filter that
+//! exports the ABI (0.2.1) by hand, with no SDK, and makes `N` host calls of one kind on every
+//! request. Its plugin configuration is `"<kind> <N>"`, for example `"header_write_request 8"`.
+//!
+//! With `"nothing 0"` it is the ABI-only no-op filter: per request it makes no host call, and
+//! every callback returns at once, so what it costs over no filter at all is what Envoy's Wasm
+//! machinery costs (one VM call per callback Envoy makes). The SDK no-op filter (`bench/noop`)
+//! costs that plus the SDK's dispatch and its per-stream context, so the two split a Wasm
+//! filter's floor into the host's share and the SDK's. Envoy 1.40 (proxy-wasm-cpp-host) needs only
+//! an ABI version marker and an allocator export (`proxy_on_memory_allocate`, as the SDK 0.2.5
+//! exports on wasm32-wasip1) to load a module, and calls whichever `proxy_on_*` exports it finds.
+//!
+//! Counting Envoy's instructions per request under callgrind at `N` = 0, 1 and 8 prices one call
+//! of that kind (what the first costs, and each one after), so seawall's request path can be read as a
 //! sum: which host calls it makes, what each costs, and what is left for its own code.
 //!
 //! The calls are the ones seawall's request path makes (`src/host/abi.rs`), on the same inputs:
 //! header names of its length, the breaker's `xds.cluster_name` property, a shared-data record
-//! of a breaker's size, a counter.
+//! of a breaker's size, a counter. Its ABI declarations repeat those of `src/host/abi.rs` on
+//! purpose: seawall's wrappers there count calls and take ownership of buffers through the SDK's
+//! allocator, and the probe prices the bare call.
 
 #![cfg(target_arch = "wasm32")]
 
