@@ -183,6 +183,51 @@ pub fn instructions(requests: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `cargo xtask bench --instructions --config FILE...`: instructions per request of seawall with
+/// each plugin config, beside the SDK no-op filter, 2 interleaved runs each: what a config's
+/// choices cost, noise-free. Writes nothing.
+pub fn instructions_of_configs(paths: &[PathBuf], requests: u64) -> Result<(), String> {
+    let tools = prepare()?;
+    let mut configs = Vec::new();
+    for path in paths {
+        let json = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Err(errors) = seawall::config::compile(json.as_bytes()) {
+            return Err(format!("{}: {errors}", path.display()));
+        }
+        configs.push((
+            path.display().to_string(),
+            filters_with(&tools.seawall, &json),
+        ));
+    }
+    configs.insert(
+        0,
+        (
+            "the SDK no-op filter".to_owned(),
+            filters(Variant::SdkNoop, &tools, 0),
+        ),
+    );
+    let mut counts: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for run in 1..=2 {
+        for (index, (name, filters)) in configs.iter().enumerate() {
+            let per_request = instructions_per_request(&tools, filters, requests)?;
+            println!("==> run {run}/2: {name}: {per_request:.0} instructions per request");
+            counts[index].push(per_request);
+        }
+    }
+    let sdk_noop = median(counts[0].clone());
+    println!("\n| config | instructions per request (runs) | over the SDK no-op |\n|---|---|---|");
+    for (index, (name, _)) in configs.iter().enumerate() {
+        let runs: Vec<String> = counts[index].iter().map(|n| format!("{n:.0}")).collect();
+        let value = median(counts[index].clone());
+        println!(
+            "| {name} | {value:.0} ({}) | {:+.0} |",
+            runs.join(", "),
+            value - sdk_noop
+        );
+    }
+    Ok(())
+}
+
 /// The host calls seawall's request path makes, in the names of `bench/probe`, with the kind
 /// `seawall.hostcalls.all.<kind>` counts them under.
 const PRICED_CALLS: [(&str, &str); 11] = [

@@ -52,6 +52,8 @@ commands:
   bench --instructions [--requests N]
                 instructions per request under callgrind (no filter, native, both no-ops,
                 seawall), 3 runs each: noise-free where CPU time is not; writes nothing
+  bench --instructions --config FILE... [--requests N]
+                the same for seawall with each plugin config, beside the SDK no-op filter
   bench --call-costs [--requests N]
                 what one host call of each kind costs Envoy in instructions (bench/probe under
                 callgrind), and seawall's request path priced as a sum of its calls; writes nothing";
@@ -95,6 +97,17 @@ fn main() {
 fn bench_command(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "--call-costs") {
         return bench::call_costs(positive_arg(args, "--requests", 3000)?);
+    }
+    if let Some(at) = args.iter().position(|a| a == "--config") {
+        let paths: Vec<PathBuf> = args[at + 1..]
+            .iter()
+            .take_while(|a| !a.starts_with("--"))
+            .map(PathBuf::from)
+            .collect();
+        if paths.is_empty() {
+            return Err("--config needs at least one plugin config file".to_owned());
+        }
+        return bench::instructions_of_configs(&paths, positive_arg(args, "--requests", 3000)?);
     }
     if args.iter().any(|a| a == "--instructions") {
         return bench::instructions(positive_arg(args, "--requests", 3000)?);
