@@ -161,7 +161,10 @@ struct Shared {
     record: Mutex<Record>,
     total: AtomicU64,
     stopping: AtomicBool,
-    connections: Mutex<Vec<TcpStream>>,
+    /// The open connections, so that stopping can shut them: each is removed when its server
+    /// thread ends, or a long run that churns connections would run out of file descriptors.
+    connections: Mutex<HashMap<u64, TcpStream>>,
+    next_connection: AtomicU64,
     tracked_prefixes: Mutex<Vec<String>>,
 }
 
@@ -189,7 +192,8 @@ impl Upstream {
             record: Mutex::new(Record::default()),
             total: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            connections: Mutex::new(Vec::new()),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
             tracked_prefixes: Mutex::new(Vec::new()),
         });
         let accepting = shared.clone();
@@ -199,11 +203,15 @@ impl Upstream {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
+                let id = accepting.next_connection.fetch_add(1, Ordering::SeqCst);
                 if let Ok(clone) = stream.try_clone() {
-                    accepting.connections.lock().unwrap().push(clone);
+                    accepting.connections.lock().unwrap().insert(id, clone);
                 }
                 let serving = accepting.clone();
-                thread::spawn(move || serve(stream, serving));
+                thread::spawn(move || {
+                    serve(stream, &serving);
+                    serving.connections.lock().unwrap().remove(&id);
+                });
             }
         });
         Ok(Upstream {
@@ -235,6 +243,11 @@ impl Upstream {
             .lock()
             .unwrap()
             .push(prefix.to_owned());
+    }
+
+    /// Connections open now (a connection the client closed is gone once its thread has ended).
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.lock().unwrap().len()
     }
 
     pub fn total(&self) -> u64 {
@@ -350,7 +363,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for connection in self.shared.connections.lock().unwrap().drain(..) {
+        for (_, connection) in self.shared.connections.lock().unwrap().drain() {
             let _ = connection.shutdown(Shutdown::Both);
         }
         // Wake the acceptor so it sees the flag.
@@ -399,7 +412,7 @@ fn choose(shared: &Shared, path: &str, headers: &[(String, Vec<u8>)]) -> (Behavi
     (behaviour.clone(), status)
 }
 
-fn serve(stream: TcpStream, shared: Arc<Shared>) {
+fn serve(stream: TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
@@ -443,7 +456,7 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 record.unrecorded += 1;
             }
         }
-        let (behaviour, status) = choose(&shared, &bare, &headers);
+        let (behaviour, status) = choose(shared, &bare, &headers);
         if !behaviour.delay.is_zero() {
             thread::sleep(behaviour.delay);
         }
@@ -567,7 +580,28 @@ fn reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{Client, Request};
+    use crate::client::{send_once, Client, Request};
+
+    #[test]
+    fn a_closed_connection_is_let_go() {
+        let upstream = Upstream::start();
+        for _ in 0..200 {
+            assert_eq!(
+                send_once(upstream.addr(), &Request::get("/"))
+                    .unwrap()
+                    .status,
+                200
+            );
+        }
+        let kept = Client::open_now(upstream.addr()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while upstream.open_connections() != 1 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Only the connection still open is held: 200 closed ones would be 200 file descriptors.
+        assert_eq!(upstream.open_connections(), 1);
+        drop(kept);
+    }
 
     #[test]
     fn serves_rules_and_counts() {
