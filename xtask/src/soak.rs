@@ -70,6 +70,7 @@ const PLUGIN: &str = r#"{
 }"#;
 
 const WORKERS: u32 = 4;
+const DISTINCT_KEYS: u64 = 100_000;
 
 /// Which filter the soak loads into Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +88,6 @@ impl Filter {
         }
     }
 }
-const DISTINCT_KEYS: u64 = 100_000;
 
 /// One sample of Envoy's state.
 #[derive(Debug, Clone, Copy)]
