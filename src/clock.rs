@@ -35,6 +35,24 @@ impl Timestamp {
     }
 }
 
+/// How far a time another worker wrote may lie beyond what this worker's reading of the clock
+/// allows before it counts as written under a clock that has since stepped back.
+///
+/// A worker reads the clock when a callback starts and writes shared data a moment later; one that
+/// is descheduled in between (milliseconds on a busy host, more under starvation) finds records
+/// written with later readings than its own. Taking those for a step back and clamping them to its
+/// own reading would move them back by the skew: a rate limit would mint tokens, a lease would
+/// change hands. A real step back of less than this is honoured late, by at most this long.
+pub const READING_SKEW: Duration = Duration::from_secs(1);
+
+/// Whether `written`, a time that at this worker's reading should lie no later than `latest`, was
+/// written under a clock that has since stepped back: beyond `latest` by more than
+/// [`READING_SKEW`], which no worker's later reading explains.
+pub fn stepped_back(written: u64, latest: u64) -> bool {
+    const SKEW_NANOS: u64 = READING_SKEW.as_nanos() as u64;
+    written > latest.saturating_add(SKEW_NANOS)
+}
+
 /// Anything that can tell the time. The host reads Envoy's clock; tests use [`FakeClock`].
 pub trait Clock {
     fn now(&self) -> Timestamp;
@@ -81,6 +99,16 @@ mod tests {
         assert_eq!(clock.now(), Timestamp::from_nanos(1_000));
         clock.advance(Duration::from_millis(2));
         assert_eq!(clock.now(), Timestamp::from_nanos(2_001_000));
+    }
+
+    #[test]
+    fn only_a_time_beyond_the_reading_skew_counts_as_a_step_back() {
+        let latest = 10_000_000_000;
+        let skew = READING_SKEW.as_nanos() as u64;
+        assert!(!stepped_back(latest, latest));
+        assert!(!stepped_back(latest + skew, latest));
+        assert!(stepped_back(latest + skew + 1, latest));
+        assert!(!stepped_back(u64::MAX, u64::MAX - 1));
     }
 
     #[test]

@@ -403,6 +403,32 @@ fn interleaved_workers_never_over_admit() {
     assert_eq!(total, 10 + 199);
 }
 
+/// Each worker reads Envoy's clock when a request arrives and decides on shared data a moment
+/// later, so a worker descheduled in between decides with a reading older than the one behind the
+/// record it finds. That record is not a clock step back: deciding on it with the older reading
+/// must neither mint tokens nor refuse for longer than the skew. The fresh worker admits at `t`,
+/// the lagging one decides with `t − 5 ms`, 2 s of requests every millisecond.
+#[test]
+fn a_worker_deciding_with_an_older_clock_reading_mints_no_tokens() {
+    let store = FakeStore::new();
+    let mut fresh = Worker::new(GLOBAL, &store);
+    let mut lagging = Worker::new(GLOBAL, &store);
+    let lag = 5 * MS;
+    let mut admitted = 0u64;
+    let mut last = T0;
+    for step in 0..2000u64 {
+        last = T0 + lag + step * MS;
+        admitted += u64::from(fresh.allowed(get("/"), last, &store));
+        admitted += u64::from(lagging.allowed(get("/"), last - lag, &store));
+    }
+    // Burst 10 plus 100/s over the 1.999 s between the first reading and the last.
+    let bound = 10 + (last - T0) / (SECOND / 100);
+    assert!(admitted <= bound, "{admitted} admitted, bound {bound}");
+    // The lag only makes the lagging worker see the bucket as it was 5 ms ago: with a
+    // request every millisecond, every token is still taken, by one worker or the other.
+    assert!(admitted >= bound - 1, "{admitted} admitted, bound {bound}");
+}
+
 #[cfg(not(target_family = "wasm"))]
 #[test]
 fn real_threads_admit_exactly_the_burst() {
@@ -1039,6 +1065,42 @@ proptest! {
                     window, s, e, bound, held_before[s]
                 );
             }
+        }
+    }
+
+    /// Workers decide with readings of the clock up to 200 ms older than the latest one behind
+    /// the record (a worker descheduled between reading the clock and deciding), in real-time
+    /// order of their CAS, leasing or not. Up to any step, admissions never exceed
+    /// burst + rate × (latest reading − first reading): a reading's lag never mints a token.
+    #[test]
+    fn lagging_clock_readings_never_over_admit(
+        rate_index in 0usize..RATES.len(),
+        burst in 1u32..3_000,
+        workers in 2usize..5,
+        steps in schedule(4, 300),
+        lags_ms in proptest::collection::vec(0u64..200, 300),
+    ) {
+        let rate = RATES[rate_index];
+        let interval = SECOND / rate;
+        let json = limit_json(rate, burst);
+        let store = FakeStore::new();
+        let mut pool: Vec<Worker> = (0..workers).map(|_| Worker::new(&json, &store)).collect();
+        let first = T0 + 200 * MS;
+        let mut latest = first;
+        let mut admitted = 0u64;
+        for (index, step) in steps.iter().enumerate() {
+            latest += step.advance_us * 1_000;
+            let reading = latest - lags_ms[index % lags_ms.len()] * MS;
+            let worker = &mut pool[step.worker % workers];
+            if step.requests == 0 {
+                worker.tick(reading, &store, false);
+            }
+            for _ in 0..step.requests {
+                admitted += u64::from(worker.allowed(get("/"), reading, &store));
+            }
+            // The first reading may itself lag `first` by up to 200 ms.
+            let bound = u64::from(burst) + (latest - (first - 200 * MS)) / interval;
+            prop_assert!(admitted <= bound, "{} admitted by step {}, bound {}", admitted, index, bound);
         }
     }
 

@@ -29,6 +29,7 @@
 
 use core::time::Duration;
 
+use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::slots::{KeyBuf, SlotTable};
 use crate::state::{SharedStore, StoreError};
@@ -199,18 +200,27 @@ impl Gcra {
     }
 
     /// The arrival time as this limit reads it at `now`: never before now (a bucket is full at
-    /// most), and never more than the tolerance ahead. This limit never writes a time further
-    /// ahead; one that is was written under a slower config (a reload) or a later clock (it has
-    /// stepped back since), and counts as an empty bucket, never as hours of debt.
+    /// most). A time more than the tolerance ahead was written by a worker whose reading of the
+    /// clock is later than `now`, and is kept: clamping it would move the bucket back by the
+    /// skew and mint tokens. Only a time so far ahead that no reading explains it
+    /// ([`clock::stepped_back`]) was written under a clock that has stepped back since, and
+    /// counts as an empty bucket, never as hours of debt. (A reload to a slower limit is
+    /// converted by [`Gcra::arrival`] before it gets here.)
     pub fn clamp(&self, tat: Option<u64>, now: u64) -> u64 {
-        tat.unwrap_or(0)
-            .clamp(now, now.saturating_add(self.tolerance))
+        let tat = tat.unwrap_or(0).max(now);
+        let latest = now.saturating_add(self.tolerance);
+        if clock::stepped_back(tat, latest) {
+            latest
+        } else {
+            tat
+        }
     }
 
     /// Tokens the bucket holds at `now`, as this limit reads the arrival time `tat`.
     pub fn available(&self, tat: Option<u64>, now: u64) -> u64 {
-        // The clamp keeps the arrival time within `now + tolerance`, so this never underflows.
-        (now.saturating_add(self.tolerance) - self.clamp(tat, now)) / self.interval
+        now.saturating_add(self.tolerance)
+            .saturating_sub(self.clamp(tat, now))
+            / self.interval
     }
 
     /// The arrival time that `tokens` tokens of this limit are worth.
@@ -444,8 +454,10 @@ pub fn acquire_leasing<S: SharedStore + ?Sized>(
             ),
             GcraDecision::Deny { retry_in, full_in } => {
                 let limited = Acquired::Limited { retry_in, full_in };
-                // A time clamped on reading is written back, so the bucket refills from there
-                // rather than from a point that moves with now; so is a returned lease.
+                // A time clamped on reading (the clock stepped back) is written back, so the
+                // bucket refills from there rather than from a point that moves with now; so are
+                // a returned lease and a record converted from other terms. A time that another
+                // worker's later reading explains is left as it is.
                 match gcra.clamp(stored, now) {
                     clamped if !written_as_read(clamped) => {
                         Step::Write(gcra.record(clamped), limited)
