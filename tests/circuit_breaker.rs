@@ -782,6 +782,42 @@ fn an_open_period_is_never_longer_than_the_current_config_and_clock_allow() {
     );
 }
 
+/// A worker that read the clock just before another tripped the breaker decides on the open
+/// record with its older reading. That is not a clock step back: it is refused, and the open
+/// period stays as the trip wrote it. Clamped to the older reading and written back, the open
+/// period lost the skew and the next worker probed early.
+#[test]
+fn a_worker_deciding_with_an_older_clock_reading_keeps_the_open_period() {
+    let store = FakeStore::new();
+    let mut tripping = Worker::new(&breaker_config("2s"), &store);
+    let mut lagging = Worker::new(&breaker_config("2s"), &store);
+    for _ in 0..3 {
+        assert_eq!(tripping.call(get("/"), T0, &store, 503), Seen::Upstream);
+    }
+    let records = || {
+        store
+            .snapshot()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("sw:seawall:cb:payments:"))
+            .collect::<Vec<_>>()
+    };
+    let before = records();
+    assert!(!before.is_empty());
+    let Err(Seen::Refused { .. }) = lagging.start(get("/"), T0 - 5 * MS, &store) else {
+        panic!("open");
+    };
+    assert_eq!(records(), before, "the record is unchanged");
+    let mut fresh = Worker::new(&breaker_config("2s"), &store);
+    let Err(Seen::Refused { .. }) = fresh.start(get("/"), T0 + 1_998 * MS, &store) else {
+        panic!("still open 2 ms before the open period ends");
+    };
+    assert_eq!(
+        fresh.call(get("/"), T0 + 2_000 * MS, &store, 200),
+        Seen::Upstream,
+        "the probe goes through when the open period ends"
+    );
+}
+
 /// Issue 14, point 3: ordinary calls carried no breaker generation. With a hung upstream, a 15 s
 /// route timeout and `open_for: 5s`, the breaker half-opened, its probe succeeded and it closed at
 /// about 6 s; then the timeouts of calls admitted before the trip landed in the new window,

@@ -994,3 +994,31 @@ fn a_clock_step_back_stops_no_probe_and_holds_no_level() {
     assert!(probes >= 9, "{probes} probes in 2 s at one per 200 ms");
     assert_eq!(other.engine.degradation_level(0), Some(0));
 }
+
+/// The worker holding the probe lease renews it with each tick; another worker's tick that read
+/// the clock a few milliseconds earlier finds a lease running further ahead than one renewal
+/// from its reading. That is a live holder, not a clock step back: the lease stays, and only the
+/// holder probes.
+#[test]
+fn a_tick_with_an_older_clock_reading_does_not_take_a_live_lease() {
+    const PROBED: &str = r#"{"degradation": {"payments": {
+        "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
+                              "unhealthy_after": 1, "healthy_after": 1}},
+        "levels": [{"name": "down", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
+        "routes": [{"name": "api", "degradation": "payments"}]}"#;
+    let store = FakeStore::new();
+    let holder = Worker::new(PROBED, &store);
+    let lagging = Worker::new(PROBED, &store);
+    let (mut by_holder, mut by_lagging) = (0, 0);
+    let mut at = T0;
+    while at < T0 + 2 * SECOND {
+        by_holder += holder.tick(1, at, &store, false);
+        by_lagging += lagging.tick(2, at - 5 * MS, &store, false);
+        at += 100 * MS;
+    }
+    assert_eq!(by_lagging, 0, "the lagging worker never took the lease");
+    assert!(
+        by_holder >= 9,
+        "{by_holder} probes in 2 s at one per 200 ms"
+    );
+}

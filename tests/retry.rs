@@ -563,6 +563,47 @@ fn a_clock_step_back_never_stretches_a_push_back() {
     );
 }
 
+/// A worker that read the clock a moment before another stored a push-back decides on it with
+/// its older reading: it is pushed back, and the push-back keeps its end. Clamped to the older
+/// reading and written back, it ended early by the skew for everyone.
+#[test]
+fn a_worker_with_an_older_clock_reading_keeps_a_push_back_whole() {
+    let store = FakeStore::new();
+    let mut answered = Worker::new(&config(BUDGETED), &store);
+    let mut lagging = Worker::new(&config(BUDGETED), &store);
+    let (_, stream) = answered.grant(get("/"), T0, &store);
+    answered.settle(
+        &stream,
+        Answer {
+            status: 503,
+            attempts: Some(1),
+            retry_after: Some(60),
+        },
+        T0,
+        &store,
+    );
+    assert_eq!(
+        lagging.grant(get("/"), T0 - 5 * MS, &store).0.max_retries,
+        0
+    );
+    let mut fresh = Worker::new(&config(BUDGETED), &store);
+    assert_eq!(
+        fresh
+            .grant(get("/"), T0 + 60 * SECOND - 2 * MS, &store)
+            .0
+            .max_retries,
+        0,
+        "pushed back until the minute is up"
+    );
+    assert_eq!(
+        fresh
+            .grant(get("/"), T0 + 60 * SECOND, &store)
+            .0
+            .max_retries,
+        2
+    );
+}
+
 // Worker-local fast path: deposits tallied per worker, grants from a leased allowance.
 
 /// The default budget (20% plus 10/s over 10 s, a floor of 100), so that leases are taken.

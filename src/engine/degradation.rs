@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::time::Duration;
 
 use super::{Engine, LocalReply, Reroute, StreamState, GRPC_UNAVAILABLE};
-use crate::clock::Timestamp;
+use crate::clock::{self, Timestamp};
 use crate::config::degradation::{DegradationPolicy, Probe};
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
@@ -485,9 +485,12 @@ impl Engine {
                 };
                 let mut next = health;
                 next.lease = lease;
-                // A level entered "after now" was entered under a later clock (it has stepped
-                // back since): its dwell counts from now, and that is written back.
-                next.since = health.since.min(now_nanos);
+                // A level entered "after now", further than a later reading explains, was entered
+                // under a clock that has stepped back since: its dwell counts from now, and that
+                // is written back.
+                if clock::stepped_back(health.since, now_nanos) {
+                    next.since = now_nanos;
+                }
                 // Without the window (the store failed) or the breaker's state (the lease came
                 // unexpectedly), the signals are unknown: the level stays, and no evidence is
                 // mistaken for a recovery.
@@ -511,10 +514,14 @@ impl Engine {
                     next.since = now_nanos;
                 }
                 let probe_due = policy.probe.as_ref().is_some_and(|probe| {
-                    // A schedule more than an interval ahead was written under a later clock:
-                    // the probe is due now, or the checks would stop for the step.
+                    // A schedule more than an interval ahead, further than a later reading
+                    // explains, was written under a clock that has stepped back since: the probe
+                    // is due now, or the checks would stop for the step.
                     let due = now_nanos >= health.next_probe_at
-                        || health.next_probe_at > now_nanos.saturating_add(probe.interval_nanos);
+                        || clock::stepped_back(
+                            health.next_probe_at,
+                            now_nanos.saturating_add(probe.interval_nanos),
+                        );
                     if due {
                         // Fixed rate: the next probe is one interval after this one was due, so
                         // the tick's granularity does not stretch every interval.

@@ -26,7 +26,7 @@
 
 use core::cell::Cell;
 
-use crate::clock::Timestamp;
+use crate::clock::{self, Timestamp};
 use crate::config::retry::RetryMode;
 use crate::metrics::{
     metric_name, MetricId, MetricKind, MetricSink, MetricsError, MetricsRegistry,
@@ -188,9 +188,9 @@ impl Local {
         }
         let pushed_back_until = self.pushed_back_until.get();
         let decided = if now < pushed_back_until {
-            // A push-back further ahead than the cap was written under a later clock: the shared
-            // write clamps it for everyone.
-            if pushed_back_until - now > max_push_back_nanos() {
+            // A push-back further ahead than the cap and a later reading explain was written
+            // under a clock that has stepped back since: the shared write clamps it for everyone.
+            if clock::stepped_back(pushed_back_until, now.saturating_add(max_push_back_nanos())) {
                 return None;
             }
             (Grant::PushedBack, false)

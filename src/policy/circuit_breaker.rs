@@ -26,6 +26,7 @@
 
 use core::time::Duration;
 
+use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::slots::{KeyBuf, SlotTable};
 use crate::state::window::{self, u32_at, u64_at, Counts};
@@ -526,18 +527,20 @@ impl Breaker {
 
     /// The record with its times brought within what this config and clock allow: an open period
     /// no longer than this config gives the record's trips, counted from now at the latest, and
-    /// no half-open episode or closed spell that starts after now. `None`: already within.
+    /// no half-open episode or closed spell that starts after now. A time that another worker's
+    /// later reading of the clock explains is within ([`clock::stepped_back`]): moving it back
+    /// would shorten the open period by the skew. `None`: already within.
     fn clamped(&self, state: &BreakerState, now: u64) -> Option<BreakerState> {
         let circuit = match state.circuit {
             Circuit::Open { until } => {
                 let latest = now.saturating_add(nanos(self.open_period(state.trips)));
-                (until > latest).then_some(Circuit::Open { until: latest })?
+                clock::stepped_back(until, latest).then_some(Circuit::Open { until: latest })?
             }
             Circuit::HalfOpen {
                 since,
                 in_flight,
                 successes,
-            } if since > now => Circuit::HalfOpen {
+            } if clock::stepped_back(since, now) => Circuit::HalfOpen {
                 since: now,
                 in_flight,
                 successes,
@@ -546,7 +549,7 @@ impl Breaker {
                 since,
                 consecutive_failures,
                 window,
-            } if since > now => Circuit::Closed {
+            } if clock::stepped_back(since, now) => Circuit::Closed {
                 since: now,
                 consecutive_failures,
                 window,

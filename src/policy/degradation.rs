@@ -15,6 +15,7 @@
 //! in force for its minimum dwell time: hysteresis by thresholds and by time, so a noisy signal
 //! cannot make it flap.
 
+use crate::clock;
 use crate::state::cas::Record;
 use crate::state::window::{self, u32_at, u64_at, Counts};
 
@@ -389,9 +390,12 @@ pub fn next_level(
 /// The lease a worker holds after asking for it at `now`: its own lease renewed, or a lapsed one
 /// taken over. `None`: another worker holds it.
 pub fn claim(lease: Lease, me: u64, now: u64, ttl_nanos: u64) -> Option<Lease> {
-    // A lease that runs further ahead than one renewal was written under a later clock (it has
-    // stepped back since): it counts as lapsed, or its dead holder would keep it for the step.
-    let lapsed = lease.until <= now || lease.until > now.saturating_add(ttl_nanos);
+    // A lease that runs further ahead than one renewal and a later reading explain was written
+    // under a clock that has stepped back since: it counts as lapsed, or its dead holder would
+    // keep it for the step. One only a little ahead is a live holder's, renewed with a later
+    // reading of the clock than ours.
+    let lapsed =
+        lease.until <= now || clock::stepped_back(lease.until, now.saturating_add(ttl_nanos));
     (lease.holder == me || lapsed).then(|| Lease {
         holder: me,
         until: now.saturating_add(ttl_nanos),

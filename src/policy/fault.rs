@@ -13,6 +13,7 @@
 
 use core::time::Duration;
 
+use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::SharedStore;
 
@@ -191,9 +192,12 @@ fn trim(value: &[u8]) -> &[u8] {
 /// its end (a VM torn down, a release that lost every CAS race) comes back within two epochs.
 pub const SLOT_EPOCH: Duration = Duration::from_secs(60);
 
+fn epoch_length() -> u64 {
+    u64::try_from(SLOT_EPOCH.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn epoch_of(now: u64) -> u32 {
-    let length = u64::try_from(SLOT_EPOCH.as_nanos()).unwrap_or(u64::MAX);
-    u32::try_from(now / length).unwrap_or(u32::MAX)
+    u32::try_from(now / epoch_length()).unwrap_or(u32::MAX)
 }
 
 /// The active faults of one policy, in shared data: the slots taken in the current epoch and in
@@ -206,10 +210,18 @@ pub struct Active {
 }
 
 impl Active {
-    /// The record as seen from `epoch`: moved on by whole epochs, forgetting what is two behind.
-    /// A record from a later epoch (the clock stepped back) keeps its counts.
-    fn at(self, epoch: u32) -> Active {
+    /// The record as seen at `now`: moved on by whole epochs, forgetting what is two behind.
+    ///
+    /// A record from a later epoch that another worker's later reading of the clock explains
+    /// stays as it is: a slot taken now counts in its epoch. Moved back to this reading's epoch,
+    /// its counts would shift into the wrong epochs when the next reading moves it on again, and
+    /// the slots held from the epoch before would be forgotten. A record from further ahead was
+    /// written under a clock that has stepped back since: it moves to this epoch with its counts.
+    fn at(self, now: u64) -> Active {
+        let epoch = epoch_of(now);
+        let starts = u64::from(self.epoch).saturating_mul(epoch_length());
         match epoch.checked_sub(self.epoch) {
+            None if !clock::stepped_back(starts, now) => self,
             Some(0) | None => Active { epoch, ..self },
             Some(1) => Active {
                 epoch,
@@ -271,28 +283,20 @@ pub fn take_slot<S: SharedStore + ?Sized>(
     max_active: u64,
     now: u64,
 ) -> (Slot, u32) {
-    let epoch = epoch_of(now);
     let result = cas::update(store, key, MAX_CAS_ATTEMPTS, |active: Option<Active>| {
-        let active = active.unwrap_or_default().at(epoch);
+        let active = active.unwrap_or_default().at(now);
         if u64::from(active.held()) >= max_active.min(MAX_ACTIVE) {
-            Step::Keep(false)
+            Step::Keep(Slot::Full)
         } else {
             let taken = Active {
                 current: active.current.saturating_add(1),
                 ..active
             };
-            Step::Write(taken, true)
+            Step::Write(taken, Slot::Taken { epoch: taken.epoch })
         }
     });
     match result {
-        Ok(updated) => {
-            let slot = if updated.value {
-                Slot::Taken { epoch }
-            } else {
-                Slot::Full
-            };
-            (slot, updated.attempts - 1)
-        }
+        Ok(updated) => (updated.value, updated.attempts - 1),
         Err(error) => {
             let races = match error {
                 UpdateError::Exhausted { attempts } => attempts,
@@ -311,10 +315,11 @@ pub fn give_back_slot<S: SharedStore + ?Sized>(
     taken: u32,
     now: u64,
 ) -> Result<u32, UpdateError> {
-    let epoch = epoch_of(now).max(taken);
+    // A slot taken under a later reading than this one counts from its own epoch.
+    let now = now.max(u64::from(taken).saturating_mul(epoch_length()));
     cas::update(store, key, MAX_CAS_ATTEMPTS, |active: Option<Active>| {
-        let active = active.unwrap_or_default().at(epoch);
-        let released = match epoch - taken {
+        let active = active.unwrap_or_default().at(now);
+        let released = match active.epoch.saturating_sub(taken) {
             0 if active.current > 0 => Active {
                 current: active.current - 1,
                 ..active
@@ -547,6 +552,47 @@ mod tests {
             .unwrap()
             .map(|(a, _)| a.held());
         assert_eq!(held, Some(0), "giving back never goes below zero");
+    }
+
+    /// At an epoch's turn, a worker that read the clock just before it takes a slot in a record
+    /// another worker has already moved into the new epoch. That is not a clock step back: the
+    /// record keeps its epoch and the slot counts in it. Moved back to the older reading's epoch,
+    /// the record's next turn shifted the new epoch's slots into "previous" and forgot the ones
+    /// held from the epoch before, so more than `max_active` faults were active at once.
+    #[test]
+    fn a_worker_reading_the_clock_just_before_an_epochs_turn_loses_no_slot() {
+        let store = FakeStore::new();
+        let epoch = u64::try_from(SLOT_EPOCH.as_nanos()).unwrap();
+        let turn = 30_000_000 * epoch;
+        let ms = 1_000_000;
+        let Slot::Taken { epoch: first } = take_slot(&store, "active", 3, turn - 100 * ms).0 else {
+            panic!("a slot is free");
+        };
+        let Slot::Taken { epoch: second } = take_slot(&store, "active", 3, turn + 50 * ms).0 else {
+            panic!("a slot is free");
+        };
+        // Read the clock 200 ms ago, before the turn; decides now.
+        let Slot::Taken { epoch: lagging } = take_slot(&store, "active", 3, turn - 150 * ms).0
+        else {
+            panic!("a slot is free");
+        };
+        assert_eq!(lagging, second, "counted in the record's epoch");
+        assert_eq!(
+            take_slot(&store, "active", 3, turn + 60 * ms).0,
+            Slot::Full,
+            "three slots are held"
+        );
+        // Each slot comes back out of the count it was taken in.
+        give_back_slot(&store, "active", first, turn + 70 * ms).unwrap();
+        give_back_slot(&store, "active", lagging, turn - 100 * ms).unwrap();
+        let held = |at| {
+            cas::read::<8, Active, _>(&store, "active")
+                .unwrap()
+                .map(|(active, _)| active.at(at).held())
+        };
+        assert_eq!(held(turn + 80 * ms), Some(1));
+        give_back_slot(&store, "active", second, turn + 90 * ms).unwrap();
+        assert_eq!(held(turn + 100 * ms), Some(0));
     }
 
     /// Issue 14, point 9: a slot whose stream never gave it back (a VM torn down, a release that

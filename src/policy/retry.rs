@@ -24,6 +24,7 @@
 
 use core::time::Duration;
 
+use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::window::{u32_at, u64_at, Counts, Window};
 use crate::state::SharedStore;
@@ -226,12 +227,13 @@ impl Exchange {
         if let Some(until) = self.push_back {
             state.pushed_back_until = state.pushed_back_until.max(until);
         }
-        // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead was
-        // written under a later clock (it has stepped back since), and is written back clamped,
-        // so it ends rather than moving with now.
-        state.pushed_back_until = state
-            .pushed_back_until
-            .min(now.saturating_add(nanos(MAX_PUSH_BACK)));
+        // Push-back never lasts longer than `MAX_PUSH_BACK` from now: a time further ahead than
+        // another worker's later reading explains was written under a clock that has stepped
+        // back since, and is written back clamped, so it ends rather than moving with now.
+        let latest = now.saturating_add(nanos(MAX_PUSH_BACK));
+        if clock::stepped_back(state.pushed_back_until, latest) {
+            state.pushed_back_until = latest;
+        }
         let pushed_back_until = state.pushed_back_until;
         if now < pushed_back_until {
             return Exchanged {
