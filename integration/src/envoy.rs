@@ -244,6 +244,8 @@ pub struct EnvoyConfig {
     pub route_config_extra: Vec<String>,
     /// Writes Envoy's access log (see [`Envoy::access_log`]).
     pub access_log: bool,
+    /// Writes a compact log of each request's start and status (see [`Envoy::arrivals`]).
+    pub arrival_log: bool,
     /// Another build of the plugin than [`seawall_wasm`] (e.g. [`hostcall_counting_wasm`]).
     pub wasm: Option<PathBuf>,
     /// Delivers the seawall filter through ECDS instead of inline (see [`EcdsSpec`]).
@@ -270,6 +272,7 @@ impl Default for EnvoyConfig {
             log_level: "info".into(),
             route_config_extra: Vec::new(),
             access_log: false,
+            arrival_log: false,
             wasm: None,
             ecds: None,
             bootstrap_extra: Vec::new(),
@@ -340,6 +343,13 @@ impl EnvoyConfig {
     /// Runs another build of the plugin (see [`EnvoyConfig::wasm`]).
     pub fn wasm(mut self, path: PathBuf) -> Self {
         self.wasm = Some(path);
+        self
+    }
+
+    /// Has Envoy log when each request started, by its own clock, and how it was answered (read
+    /// with [`Envoy::arrivals`]): a line of text per request, cheap enough for a flood.
+    pub fn arrival_log(mut self, on: bool) -> Self {
+        self.arrival_log = on;
         self
     }
 
@@ -429,13 +439,26 @@ impl EnvoyConfig {
             .iter()
             .map(|line| format!("          {line}\n"))
             .collect();
-        let access_log = if self.access_log {
+        let mut access_logs = Vec::new();
+        if self.arrival_log {
+            access_logs.push(format!(
+                r#"        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {path}
+            log_format:
+              text_format_source:
+                inline_string: "%START_TIME(%s.%6f)% %RESPONSE_CODE%\n"
+"#,
+                path = serde_json::to_string(&dir.join(ARRIVAL_LOG).display().to_string()).unwrap()
+            ));
+        }
+        if self.access_log {
             // Durations in microseconds between Envoy's own stream timestamps: from the first
             // byte of the request to the last byte sent upstream, and to the last byte of the
             // response sent downstream.
-            format!(
-                r#"        access_log:
-        - name: envoy.access_loggers.file
+            access_logs.push(format!(
+                r#"        - name: envoy.access_loggers.file
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
             path: {path}
@@ -448,9 +471,12 @@ impl EnvoyConfig {
                 duration_us: "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%"
 "#,
                 path = serde_json::to_string(&dir.join(ACCESS_LOG).display().to_string()).unwrap()
-            )
-        } else {
+            ));
+        }
+        let access_log = if access_logs.is_empty() {
             String::new()
+        } else {
+            format!("        access_log:\n{}", access_logs.concat())
         };
         format!(
             r#"  name: main
@@ -577,6 +603,27 @@ impl Stats {
 
 /// The access log's file in Envoy's work directory.
 const ACCESS_LOG: &str = "access.log";
+const ARRIVAL_LOG: &str = "arrivals.log";
+
+/// One request as Envoy's arrival log recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// When Envoy received the request's first byte, by its real-time clock (microseconds since
+    /// the Unix epoch): the clock seawall reads too.
+    pub start_us: u64,
+    pub status: u16,
+}
+
+impl Arrival {
+    fn parse(line: &str) -> Option<Arrival> {
+        let (start, status) = line.split_once(' ')?;
+        let (seconds, micros) = start.split_once('.')?;
+        Some(Arrival {
+            start_us: seconds.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?,
+            status: status.trim().parse().ok()?,
+        })
+    }
+}
 
 /// One request as Envoy's access log has it, timed by Envoy itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -902,6 +949,39 @@ impl Envoy {
                     .unwrap_or_else(|| panic!("unreadable access log line {line:?}"))
             })
             .collect()
+    }
+
+    /// Waits (bounded) until Envoy's arrival log (the config must have
+    /// [`EnvoyConfig::arrival_log`] on) holds at least `count` requests, and returns them in the
+    /// order they started.
+    pub fn arrivals(&self, count: usize, timeout: Duration) -> Vec<Arrival> {
+        assert!(
+            self.config.arrival_log,
+            "arrivals need EnvoyConfig::arrival_log(true)"
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = fs::read_to_string(self.dir.join(ARRIVAL_LOG)).unwrap_or_default();
+            // Only whole lines: the last one may still be being written.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            let mut arrivals: Vec<Arrival> = complete
+                .lines()
+                .map(|line| {
+                    Arrival::parse(line)
+                        .unwrap_or_else(|| panic!("unreadable arrival log line {line:?}"))
+                })
+                .collect();
+            if arrivals.len() >= count {
+                arrivals.sort_by_key(|arrival| arrival.start_us);
+                return arrivals;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the arrival log had {} of {count} requests after {timeout:?}",
+                arrivals.len()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits (bounded) until the access log holds at least `count` entries, and returns them.

@@ -24,7 +24,7 @@ pub mod upstream;
 
 pub use client::{Client, LoadReport, LoadSpec, Request, Response};
 pub use envoy::{
-    AccessLogEntry, EcdsDocument, EcdsOutcome, EcdsSpec, EcdsStats, Envoy, EnvoyConfig, LdsOutcome,
-    RouteSpec, Stats,
+    AccessLogEntry, Arrival, EcdsDocument, EcdsOutcome, EcdsSpec, EcdsStats, Envoy, EnvoyConfig,
+    LdsOutcome, RouteSpec, Stats,
 };
 pub use upstream::{Behaviour, Gate, Match, Upstream};
