@@ -1318,3 +1318,90 @@ fn a_failed_tick_keeps_the_tally_and_a_failed_retirement_counts_it_untracked() {
     assert_eq!(worker.metric("upstream.untracked"), 5);
     assert_eq!(worker.metric("upstream.tallied_successes"), 3);
 }
+
+/// Hardening: a breaker record of any bytes under the right layout (a corrupt write, a foreign
+/// build's fields, times far in the future) never stops the breaker for good. Under healthy
+/// traffic, one call every 100 ms, every call reaches the upstream once the longest open period
+/// and the probe deadline (2 s each here) have passed, and the breaker is closed again.
+#[cfg(not(target_family = "wasm"))]
+mod corrupt_records {
+    use super::*;
+    use proptest::prelude::*;
+    use seawall::policy::circuit_breaker::{BreakerState, Circuit, RECORD_LEN};
+    use seawall::state::SharedStore;
+
+    const KEY: &str = "sw:seawall:cb:payments:route:api";
+
+    /// What the property first found: the route's record held by a foreign owner, open until
+    /// 16 days on. It was never free for the route (its open period never ended), so every
+    /// request passed untracked and the breaker was off for good. The holder's times are now
+    /// brought within the config and clock and written back, and the record comes free.
+    #[test]
+    fn a_foreign_record_open_until_the_far_future_comes_free() {
+        let store = FakeStore::new();
+        let mut worker = Worker::new(&breaker_config("2s"), &store);
+        assert_eq!(worker.call(get("/"), T0, &store, 200), Seen::Upstream);
+        let foreign = BreakerState {
+            owner: 1 << 56,
+            generation: 0,
+            trips: 0,
+            circuit: Circuit::Open {
+                until: T0 + 16 * 24 * 3_600 * SECOND,
+            },
+        };
+        let mut corrupt = vec![store.raw(KEY).unwrap()[0]];
+        corrupt.extend_from_slice(&seawall::state::cas::Record::encode(&foreign));
+        store.set(KEY, &corrupt, None).unwrap();
+        let mut at = T0;
+        while at < T0 + 5 * SECOND {
+            at += 100 * MS;
+            worker.call(get("/"), at, &store, 200);
+        }
+        // Tracked again: three failures trip it.
+        for _ in 0..3 {
+            assert_eq!(worker.call(get("/"), at, &store, 503), Seen::Upstream);
+        }
+        assert!(matches!(
+            worker.start(get("/"), at + MS, &store),
+            Err(Seen::Refused { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn any_record_bytes_recover_under_healthy_traffic(
+            bytes in proptest::collection::vec(any::<u8>(), RECORD_LEN),
+            tail_zeroed in any::<bool>(),
+        ) {
+            let store = FakeStore::new();
+            let mut worker = Worker::new(&breaker_config("2s"), &store);
+            prop_assert_eq!(worker.call(get("/"), T0, &store, 200), Seen::Upstream);
+            let stored = store.raw(KEY).unwrap();
+            prop_assert_eq!(stored.len(), RECORD_LEN + 1);
+            let mut corrupt = vec![stored[0]];
+            corrupt.extend_from_slice(&bytes);
+            if tail_zeroed {
+                // Plausible small fields with corrupt times: only the first 32 bytes are random.
+                corrupt[33..].fill(0);
+            }
+            store.set(KEY, &corrupt, None).unwrap();
+            let mut passed = Vec::new();
+            let mut at = T0 + 100 * MS;
+            while at <= T0 + 6 * SECOND {
+                passed.push((at, worker.call(get("/"), at, &store, 200) == Seen::Upstream));
+                at += 100 * MS;
+            }
+            let late_refusals: Vec<u64> = passed
+                .iter()
+                .filter(|(at, through)| *at > T0 + 4_500 * MS && !through)
+                .map(|(at, _)| (at - T0) / MS)
+                .collect();
+            prop_assert!(late_refusals.is_empty(), "refused at {:?} ms", late_refusals);
+            let (state, _) = seawall::state::cas::read::<RECORD_LEN, BreakerState, _>(&store, KEY)
+                .unwrap()
+                .unwrap();
+            prop_assert!(matches!(state.circuit, Circuit::Closed { .. }), "{:?}", state.circuit);
+        }
+    }
+}

@@ -13,6 +13,7 @@
 use core::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use seawall::clock::READING_SKEW;
 
 use seawall::policy::circuit_breaker::{
     self as breaker, Admission, Breaker, BreakerState, Records, TripRules,
@@ -271,8 +272,10 @@ fuzz_target!(|data: &[u8]| {
                     let (admission, change) = policy.admit(&state, now);
                     match admission {
                         Admission::Probe { .. } => probed += 1,
+                        // An open period runs at most `max_open_for` from the latest reading of
+                        // the clock that another worker may have written it with.
                         Admission::Reject { retry_after, .. } => assert!(
-                            retry_after <= max_open_for.max(Duration::from_secs(1)),
+                            retry_after <= max_open_for.max(Duration::from_secs(1)) + READING_SKEW,
                             "locked out for {retry_after:?}, longer than max_open_for {max_open_for:?}"
                         ),
                         Admission::Pass { .. } => {}
@@ -308,8 +311,9 @@ fuzz_target!(|data: &[u8]| {
                     ..Exchange::NOTHING
                 };
                 let got = ask.apply(&budget, &mut state, now);
+                // The longest honoured, plus what a later reading of the clock can explain.
                 assert!(
-                    got.pushed_back_until <= now + 60_000_000_000,
+                    got.pushed_back_until <= now + 60_000_000_000 + READING_SKEW.as_nanos() as u64,
                     "push-back beyond the longest honoured"
                 );
                 match got.grant {
@@ -353,13 +357,16 @@ fuzz_target!(|data: &[u8]| {
             };
             let _ = health.with_probe_result(input.flag, thresholds);
             // Another worker's lease, however it reads, lapses within one term of when it is
-            // first seen: free now, or free a term later. A claimed lease runs one term.
+            // first seen, plus what a later reading of the clock can explain: free now, or free
+            // that much later. A claimed lease runs one term.
             let ttl = 1 + u64::from(input.a);
             let me = 2 + u64::from(input.b);
             let (at, lease) = match claim(health.lease, me, now, ttl) {
                 Some(lease) => (now, Some(lease)),
                 None => {
-                    let later = now.saturating_add(ttl);
+                    let later = now
+                        .saturating_add(ttl)
+                        .saturating_add(READING_SKEW.as_nanos() as u64);
                     (later, claim(health.lease, me, later, ttl))
                 }
             };

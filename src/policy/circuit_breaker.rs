@@ -850,7 +850,14 @@ pub fn admit<S: SharedStore + ?Sized>(
                 let state = state.unwrap_or(BreakerState::fresh());
                 if state.owner != owner {
                     if !is_free_for(breaker, &state, owner, now) {
-                        return Step::Keep(None);
+                        // A holder's times beyond what this config and clock allow (a corrupt
+                        // record, or one written under a clock that has stepped back since) are
+                        // brought within and written back: the record then comes free in time,
+                        // where one "open" until the far future never would.
+                        return match breaker.clamped(&state, now) {
+                            Some(clamped) => Step::Write(clamped, None),
+                            None => Step::Keep(None),
+                        };
                     }
                     let claimed = BreakerState {
                         owner,
