@@ -428,6 +428,88 @@ fn global_config_errors_name_their_path() {
     compile(br#"{"rate_limits": {"g": {"rate": "1/s", "source": "local"}}}"#).unwrap();
 }
 
+/// The Envoy's clock steps back an hour; the RLS's does not. The lease record's "denied until
+/// the window resets" and the bucket's "no credit until then", written under the later clock,
+/// stopped every ask and every admission for the length of the step. A denial now waits at most
+/// `LONGEST_WAIT` (60 s), and one stored further ahead than that is over.
+#[test]
+fn a_clock_step_back_stalls_no_global_limit() {
+    let json = config(r#""closed""#);
+    let mut envoy = Envoy::new(&json, 2);
+    let later = T0 + 3_600_000 * MS;
+    // Under the later clock the RLS's window of 100 is spent: it says over limit.
+    let mut rls = FakeRls::new(100);
+    flood(std::slice::from_mut(&mut envoy), &mut rls, later, 1, 10);
+    assert!(
+        rls.calls > 0 && envoy.admitted <= 100,
+        "{} admitted",
+        envoy.admitted
+    );
+    // An hour back. The RLS's windows go on by its own clock: a fresh window every second.
+    let mut rls = FakeRls::new(100);
+    let before = envoy.admitted;
+    flood(std::slice::from_mut(&mut envoy), &mut rls, T0, 3, 10);
+    let after_step = envoy.admitted - before;
+    assert!(
+        after_step >= 200,
+        "{after_step} admitted in the 3 s after the step, with 100 a second granted"
+    );
+}
+
+/// An RLS that says "over limit, resets in an hour" is asked again after `LONGEST_WAIT` (60 s),
+/// once, and not before: still refused, the bucket waits another minute.
+#[test]
+fn a_long_reset_is_asked_about_again_after_a_minute() {
+    let json = config(r#""closed""#);
+    let mut envoy = Envoy::new(&json, 2);
+    let mut rls = FakeRls::new(100);
+    rls.window = 3_600_000 * MS;
+    flood(std::slice::from_mut(&mut envoy), &mut rls, T0, 2, 2);
+    let denied_at = rls.calls;
+    assert_eq!(envoy.admitted, 100, "the hour's window of 100, no more");
+    flood(
+        std::slice::from_mut(&mut envoy),
+        &mut rls,
+        T0 + 2_000 * MS,
+        58,
+        1,
+    );
+    assert_eq!(rls.calls, denied_at, "no ask within the minute");
+    flood(
+        std::slice::from_mut(&mut envoy),
+        &mut rls,
+        T0 + 60_000 * MS,
+        4,
+        1,
+    );
+    assert_eq!(rls.calls, denied_at + 1, "one ask a minute on");
+    assert_eq!(envoy.admitted, 100, "and it is refused");
+}
+
+/// A client's activity recorded under a clock that has since stepped back an hour keeps its
+/// slot from no other client for the step.
+#[test]
+fn a_slot_active_under_a_later_clock_comes_free_after_a_step_back() {
+    let json = per_client_config(r#""max_keys": 1,"#, r#""closed""#);
+    let mut envoy = Envoy::new(&json, 1);
+    let mut rls = FakeRls::new(1_000);
+    let later = T0 + 3_600_000 * MS;
+    for n in 0..10 {
+        envoy.request_with(0, as_user("dave", "/x"), later + n * 20 * MS);
+        envoy.tick(later + n * 20 * MS, &mut rls);
+    }
+    // An hour back, and dave is gone: erin's requests are admitted 2 s later, as after any
+    // client's 2 s of quiet, not an hour later.
+    let mut rls = FakeRls::new(1_000);
+    let mut now = T0 + 2_100 * MS;
+    assert!(envoy.request_with(0, as_user("erin", "/x"), now));
+    for _ in 0..10 {
+        envoy.tick(now, &mut rls);
+        now += 20 * MS;
+        assert!(envoy.request_with(0, as_user("erin", "/x"), now));
+    }
+}
+
 fn per_client_config(extra: &str, failure_mode: &str) -> String {
     format!(
         r#"{{

@@ -35,6 +35,7 @@
 
 use core::time::Duration;
 
+use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
 use crate::state::slots::SlotTable;
 use crate::state::SharedStore;
@@ -45,6 +46,23 @@ use super::rls_wire::{Code, Verdict};
 
 /// How long a failed RLS call keeps the next one from being sent.
 pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The longest an RLS's "over limit, resets in ..." keeps a bucket from asking again. A longer
+/// reset (an hour's or a day's window) is asked about again after this: one call a minute per
+/// bucket, where Envoy's own rate limit filter asks on every request. It also bounds what a
+/// clock step back can stall: a wait stored further ahead than this (and the reading skew) was
+/// written under a clock that has stepped back since, and is over.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(60);
+
+/// When a wait of `wait` from `now` ends, at most [`LONGEST_WAIT`] on.
+fn wait_until(now: u64, wait: Duration) -> u64 {
+    now.saturating_add(nanos(wait.min(LONGEST_WAIT)))
+}
+
+/// Whether a wait stored as ending at `until` (0: none) is over at `now`.
+fn wait_is_over(until: u64, now: u64) -> bool {
+    now >= until || clock::stepped_back(until, now.saturating_add(nanos(LONGEST_WAIT)))
+}
 
 /// A compiled `source.global`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,10 +454,16 @@ pub fn claim<S: SharedStore + ?Sized>(
             if lease.owner != bucket.owner {
                 lease = LeaseRecord::fresh_for(bucket.owner);
             }
+            // A claim made "after now", further than a later reading explains, was made under a
+            // clock that has stepped back since: it is stale, or no one would ask for the step.
             let due = match lease.state {
                 LeaseState::Idle => true,
-                LeaseState::Requested { since, .. } => now.saturating_sub(since) > stale_after,
-                LeaseState::Denied { until } | LeaseState::Failing { until } => now >= until,
+                LeaseState::Requested { since, .. } => {
+                    now.saturating_sub(since) > stale_after || clock::stepped_back(since, now)
+                }
+                LeaseState::Denied { until } | LeaseState::Failing { until } => {
+                    wait_is_over(until, now)
+                }
             };
             if !due {
                 return Step::Keep(None);
@@ -555,8 +579,7 @@ pub fn settle<S: SharedStore + ?Sized>(
     };
     let denied_until = match outcome {
         CallOutcome::Answered(verdict) if verdict.code == Code::OverLimit => {
-            let wait = verdict.reset_in.unwrap_or(FAILURE_BACKOFF);
-            now.saturating_add(nanos(wait))
+            wait_until(now, verdict.reset_in.unwrap_or(FAILURE_BACKOFF))
         }
         _ => 0,
     };
@@ -636,7 +659,7 @@ pub fn settle<S: SharedStore + ?Sized>(
                     // The window is spent: nothing more until it resets.
                     lease.state = match verdict.remaining {
                         Some(0) => LeaseState::Denied {
-                            until: reset_at(&verdict),
+                            until: wait_until(now, verdict.reset_in.unwrap_or(FAILURE_BACKOFF)),
                         },
                         _ => LeaseState::Idle,
                     };
@@ -646,7 +669,7 @@ pub fn settle<S: SharedStore + ?Sized>(
                         // The window has some left, less than was asked: ask for that at once.
                         Some(left) if left > 0 && left < claim.hits => LeaseState::Idle,
                         _ => LeaseState::Denied {
-                            until: reset_at(&verdict),
+                            until: wait_until(now, verdict.reset_in.unwrap_or(FAILURE_BACKOFF)),
                         },
                     };
                 }
@@ -740,9 +763,12 @@ pub fn take_keyed<S: SharedStore + ?Sized>(
         let mut new_owner = false;
         if bucket.owner != owner {
             let active = bucket.spent_at.max(bucket.dry_at).max(bucket.wanted_at);
+            // Activity "after now", further than a later reading explains, was recorded under a
+            // clock that has stepped back since: it keeps no slot busy for the step.
             if bucket.owner != 0
                 && active != 0
                 && now.saturating_sub(active) <= nanos(RECLAIM_AFTER)
+                && !clock::stepped_back(active, now)
             {
                 return Step::Keep(KeyedTake::Busy);
             }
@@ -758,8 +784,10 @@ pub fn take_keyed<S: SharedStore + ?Sized>(
         let cold = bucket.owed > 0
             || !(recent(bucket.spent_at, now, DEMAND_RECENT)
                 || recent(bucket.dry_at, now, DEMAND_RECENT));
-        let on_credit =
-            cold && bucket.owed < credit && now >= bucket.denied_until && !bucket.failing;
+        let on_credit = cold
+            && bucket.owed < credit
+            && wait_is_over(bucket.denied_until, now)
+            && !bucket.failing;
         if bucket.tokens > 0 || on_credit {
             if bucket.tokens > 0 {
                 bucket.tokens -= 1;
