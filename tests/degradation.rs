@@ -964,19 +964,21 @@ fn after_a_reload_only_the_newest_config_leads_the_level_and_sends_probes() {
     );
 }
 
+/// A probe every 200 ms; one failed probe takes the level down, one healthy one brings it back.
+const PROBED_FAST_DOWN: &str = r#"{"degradation": {"payments": {
+    "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
+                          "unhealthy_after": 1, "healthy_after": 1}},
+    "levels": [{"name": "down", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
+    "routes": [{"name": "api", "degradation": "payments"}]}"#;
+
 /// Issue 14, point 4: stored times never count for more than the clock allows. After the clock
 /// steps back an hour, a lease, a probe schedule and a level's start written under the later
 /// clock would have stopped the probes, kept a dead holder in charge, and held the level for the
 /// length of the step.
 #[test]
 fn a_clock_step_back_stops_no_probe_and_holds_no_level() {
-    const PROBED: &str = r#"{"degradation": {"payments": {
-        "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
-                              "unhealthy_after": 1, "healthy_after": 1}},
-        "levels": [{"name": "down", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
-        "routes": [{"name": "api", "degradation": "payments"}]}"#;
     let store = FakeStore::new();
-    let holder = Worker::new(PROBED, &store);
+    let holder = Worker::new(PROBED_FAST_DOWN, &store);
     let later = T0 + 3_600 * SECOND;
     // Under the later clock, worker 1 holds the lease and the probes fail: the level is down.
     holder.tick(1, later, &store, true);
@@ -984,7 +986,7 @@ fn a_clock_step_back_stops_no_probe_and_holds_no_level() {
     assert_eq!(holder.engine.degradation_level(0), Some(1));
     // The clock steps back an hour and worker 1 is gone: worker 2 takes over at once, probes on
     // schedule, and the level steps down after its dwell, not after an hour.
-    let other = Worker::new(PROBED, &store);
+    let other = Worker::new(PROBED_FAST_DOWN, &store);
     let mut probes = 0;
     let mut at = T0;
     while at < T0 + 2 * SECOND {
@@ -1001,14 +1003,9 @@ fn a_clock_step_back_stops_no_probe_and_holds_no_level() {
 /// holder probes.
 #[test]
 fn a_tick_with_an_older_clock_reading_does_not_take_a_live_lease() {
-    const PROBED: &str = r#"{"degradation": {"payments": {
-        "signals": {"probe": {"cluster": "health", "interval": "200ms", "timeout": "100ms",
-                              "unhealthy_after": 1, "healthy_after": 1}},
-        "levels": [{"name": "down", "enter": {"probe": "unhealthy"}, "min_dwell": "1s"}]}},
-        "routes": [{"name": "api", "degradation": "payments"}]}"#;
     let store = FakeStore::new();
-    let holder = Worker::new(PROBED, &store);
-    let lagging = Worker::new(PROBED, &store);
+    let holder = Worker::new(PROBED_FAST_DOWN, &store);
+    let lagging = Worker::new(PROBED_FAST_DOWN, &store);
     let (mut by_holder, mut by_lagging) = (0, 0);
     let mut at = T0;
     while at < T0 + 2 * SECOND {

@@ -439,38 +439,41 @@ impl EnvoyConfig {
             .iter()
             .map(|line| format!("          {line}\n"))
             .collect();
-        let mut access_logs = Vec::new();
-        if self.arrival_log {
-            access_logs.push(format!(
+        // A file access log at `file` in the listener's `access_log` list, with `format` (YAML
+        // lines under `log_format`).
+        let file_log = |file: &str, format: &str| {
+            let path = serde_json::to_string(&dir.join(file).display().to_string()).unwrap();
+            format!(
                 r#"        - name: envoy.access_loggers.file
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
             path: {path}
             log_format:
-              text_format_source:
+{format}"#
+            )
+        };
+        let mut access_logs = Vec::new();
+        if self.arrival_log {
+            access_logs.push(file_log(
+                ARRIVAL_LOG,
+                r#"              text_format_source:
                 inline_string: "%START_TIME(%s.%6f)% %RESPONSE_CODE%\n"
 "#,
-                path = serde_json::to_string(&dir.join(ARRIVAL_LOG).display().to_string()).unwrap()
             ));
         }
         if self.access_log {
             // Durations in microseconds between Envoy's own stream timestamps: from the first
             // byte of the request to the last byte sent upstream, and to the last byte of the
             // response sent downstream.
-            access_logs.push(format!(
-                r#"        - name: envoy.access_loggers.file
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-            path: {path}
-            log_format:
-              json_format:
+            access_logs.push(file_log(
+                ACCESS_LOG,
+                r#"              json_format:
                 path: "%REQ(:PATH)%"
                 status: "%RESPONSE_CODE%"
                 request: "%REQ(X-REQUEST)%"
                 forwarded_us: "%COMMON_DURATION(DS_RX_BEG:US_TX_END:us)%"
                 duration_us: "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%"
 "#,
-                path = serde_json::to_string(&dir.join(ACCESS_LOG).display().to_string()).unwrap()
             ));
         }
         let access_log = if access_logs.is_empty() {
