@@ -28,8 +28,9 @@ use core::time::Duration;
 
 use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::fields;
 use crate::state::slots::{KeyBuf, SlotTable};
-use crate::state::window::{self, u32_at, u64_at, Counts};
+use crate::state::window::{self, Counts};
 use crate::state::SharedStore;
 
 pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
@@ -72,16 +73,16 @@ impl Counts for Tally {
     }
 
     fn write(&self, out: &mut [u8]) {
-        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
-        out[4..8].copy_from_slice(&self.failures.to_le_bytes());
-        out[8..12].copy_from_slice(&self.slow.to_le_bytes());
+        fields::put(out, 0, self.requests);
+        fields::put(out, 4, self.failures);
+        fields::put(out, 8, self.slow);
     }
 
     fn read(bytes: &[u8]) -> Self {
         Tally {
-            requests: u32_at(bytes, 0),
-            failures: u32_at(bytes, 4),
-            slow: u32_at(bytes, 8),
+            requests: fields::get(bytes, 0),
+            failures: fields::get(bytes, 4),
+            slow: fields::get(bytes, 8),
         }
     }
 }
@@ -154,8 +155,8 @@ impl Record<RECORD_LEN> for BreakerState {
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
         out[1] = self.trips;
-        out[12..16].copy_from_slice(&self.generation.to_le_bytes());
-        out[16..24].copy_from_slice(&self.owner.to_le_bytes());
+        fields::put(&mut out, 12, self.generation);
+        fields::put(&mut out, 16, self.owner);
         match self.circuit {
             Circuit::Closed {
                 since,
@@ -163,13 +164,13 @@ impl Record<RECORD_LEN> for BreakerState {
                 window,
             } => {
                 out[0] = CLOSED;
-                out[8..12].copy_from_slice(&consecutive_failures.to_le_bytes());
-                out[24..32].copy_from_slice(&since.to_le_bytes());
+                fields::put(&mut out, 8, consecutive_failures);
+                fields::put(&mut out, 24, since);
                 window.write(&mut out[32..]);
             }
             Circuit::Open { until } => {
                 out[0] = OPEN;
-                out[24..32].copy_from_slice(&until.to_le_bytes());
+                fields::put(&mut out, 24, until);
             }
             Circuit::HalfOpen {
                 since,
@@ -177,9 +178,9 @@ impl Record<RECORD_LEN> for BreakerState {
                 successes,
             } => {
                 out[0] = HALF_OPEN;
-                out[2..4].copy_from_slice(&in_flight.to_le_bytes());
-                out[4..6].copy_from_slice(&successes.to_le_bytes());
-                out[24..32].copy_from_slice(&since.to_le_bytes());
+                fields::put(&mut out, 2, in_flight);
+                fields::put(&mut out, 4, successes);
+                fields::put(&mut out, 24, since);
             }
         }
         out
@@ -187,25 +188,24 @@ impl Record<RECORD_LEN> for BreakerState {
 
     /// An unknown state tag reads as a fresh closed circuit: a foreign value never wedges a breaker.
     fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
-        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
         let circuit = match bytes[0] {
             OPEN => Circuit::Open {
-                until: u64_at(bytes, 24),
+                until: fields::get(bytes, 24),
             },
             HALF_OPEN => Circuit::HalfOpen {
-                since: u64_at(bytes, 24),
-                in_flight: u16_at(2),
-                successes: u16_at(4),
+                since: fields::get(bytes, 24),
+                in_flight: fields::get(bytes, 2),
+                successes: fields::get(bytes, 4),
             },
             _ => Circuit::Closed {
-                since: u64_at(bytes, 24),
-                consecutive_failures: u32_at(bytes, 8),
+                since: fields::get(bytes, 24),
+                consecutive_failures: fields::get(bytes, 8),
                 window: Window::read(&bytes[32..]),
             },
         };
         BreakerState {
-            owner: u64_at(bytes, 16),
-            generation: u32_at(bytes, 12),
+            owner: fields::get(bytes, 16),
+            generation: fields::get(bytes, 12),
             trips: bytes[1],
             circuit,
         }

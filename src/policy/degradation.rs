@@ -17,7 +17,8 @@
 
 use crate::clock;
 use crate::state::cas::Record;
-use crate::state::window::{self, u32_at, u64_at, Counts};
+use crate::state::fields;
+use crate::state::window::{self, Counts};
 
 pub use crate::state::window::BUCKETS as WINDOW_BUCKETS;
 
@@ -75,18 +76,18 @@ impl Counts for Tally {
     fn write(&self, out: &mut [u8]) {
         let counters = [self.requests, self.failures];
         for (at, value) in counters.iter().chain(&self.slower).enumerate() {
-            out[4 * at..4 * at + 4].copy_from_slice(&value.to_le_bytes());
+            fields::put(out, 4 * at, *value);
         }
     }
 
     fn read(bytes: &[u8]) -> Self {
         let mut tally = Tally {
-            requests: u32_at(bytes, 0),
-            failures: u32_at(bytes, 4),
+            requests: fields::get(bytes, 0),
+            failures: fields::get(bytes, 4),
             ..Tally::ZERO
         };
         for (at, slower) in tally.slower.iter_mut().enumerate() {
-            *slower = u32_at(bytes, 8 + 4 * at);
+            *slower = fields::get(bytes, 8 + 4 * at);
         }
         tally
     }
@@ -230,17 +231,17 @@ impl Record<HEALTH_LEN> for Health {
         };
         out[0] = self.level;
         out[1] = kind;
-        out[2..4].copy_from_slice(&streak.to_le_bytes());
-        out[4..6].copy_from_slice(&self.unknown_streak.to_le_bytes());
-        out[8..16].copy_from_slice(&self.since.to_le_bytes());
-        out[16..24].copy_from_slice(&self.lease.holder.to_le_bytes());
-        out[24..32].copy_from_slice(&self.lease.until.to_le_bytes());
-        out[32..40].copy_from_slice(&self.next_probe_at.to_le_bytes());
+        fields::put(&mut out, 2, streak);
+        fields::put(&mut out, 4, self.unknown_streak);
+        fields::put(&mut out, 8, self.since);
+        fields::put(&mut out, 16, self.lease.holder);
+        fields::put(&mut out, 24, self.lease.until);
+        fields::put(&mut out, 32, self.next_probe_at);
         out
     }
 
     fn decode(bytes: &[u8; HEALTH_LEN]) -> Self {
-        let streak = u16::from_le_bytes([bytes[2], bytes[3]]);
+        let streak: u16 = fields::get(bytes, 2);
         Health {
             level: bytes[0],
             probe: match bytes[1] {
@@ -252,13 +253,13 @@ impl Record<HEALTH_LEN> for Health {
                 },
                 _ => ProbeHealth::Unknown,
             },
-            unknown_streak: i16::from_le_bytes([bytes[4], bytes[5]]),
-            since: u64_at(bytes, 8),
+            unknown_streak: fields::get(bytes, 4),
+            since: fields::get(bytes, 8),
             lease: Lease {
-                holder: u64_at(bytes, 16),
-                until: u64_at(bytes, 24),
+                holder: fields::get(bytes, 16),
+                until: fields::get(bytes, 24),
             },
-            next_probe_at: u64_at(bytes, 32),
+            next_probe_at: fields::get(bytes, 32),
         }
     }
 }
@@ -434,14 +435,14 @@ impl Counts for Admissions {
     }
 
     fn write(&self, out: &mut [u8]) {
-        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
-        out[4..8].copy_from_slice(&self.accepts.to_le_bytes());
+        fields::put(out, 0, self.requests);
+        fields::put(out, 4, self.accepts);
     }
 
     fn read(bytes: &[u8]) -> Self {
         Admissions {
-            requests: u32_at(bytes, 0),
-            accepts: u32_at(bytes, 4),
+            requests: fields::get(bytes, 0),
+            accepts: fields::get(bytes, 4),
         }
     }
 }

@@ -15,6 +15,7 @@ use core::time::Duration;
 
 use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::fields;
 use crate::state::SharedStore;
 
 /// How many lost CAS races taking or giving back an active-fault slot tolerates. Taking fails
@@ -245,17 +246,17 @@ impl Record<8> for Active {
     const LAYOUT: u8 = 0x52;
     fn encode(&self) -> [u8; 8] {
         let mut out = [0u8; 8];
-        out[0..4].copy_from_slice(&self.epoch.to_le_bytes());
-        out[4..6].copy_from_slice(&self.current.to_le_bytes());
-        out[6..8].copy_from_slice(&self.previous.to_le_bytes());
+        fields::put(&mut out, 0, self.epoch);
+        fields::put(&mut out, 4, self.current);
+        fields::put(&mut out, 6, self.previous);
         out
     }
 
     fn decode(bytes: &[u8; 8]) -> Self {
         Active {
-            epoch: u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-            current: u16::from_le_bytes([bytes[4], bytes[5]]),
-            previous: u16::from_le_bytes([bytes[6], bytes[7]]),
+            epoch: fields::get(bytes, 0),
+            current: fields::get(bytes, 4),
+            previous: fields::get(bytes, 6),
         }
     }
 }

@@ -37,6 +37,7 @@ use core::time::Duration;
 
 use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::fields;
 use crate::state::slots::SlotTable;
 use crate::state::SharedStore;
 
@@ -217,49 +218,33 @@ impl Record<65> for Tokens {
     const LAYOUT: u8 = 0x83;
     fn encode(&self) -> [u8; 65] {
         let mut bytes = [0; 65];
-        bytes[..8].copy_from_slice(&self.tokens.to_le_bytes());
-        bytes[8..16].copy_from_slice(&self.spent.to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.spent_at.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.dry_at.to_le_bytes());
+        fields::put(&mut bytes, 0, self.tokens);
+        fields::put(&mut bytes, 8, self.spent);
+        fields::put(&mut bytes, 16, self.spent_at);
+        fields::put(&mut bytes, 24, self.dry_at);
         bytes[32] = u8::from(self.failing);
-        bytes[33..41].copy_from_slice(&self.owner.to_le_bytes());
-        bytes[41..45].copy_from_slice(&self.owed.to_le_bytes());
-        bytes[45..49].copy_from_slice(&self.last_grant.to_le_bytes());
-        bytes[49..57].copy_from_slice(&self.wanted_at.to_le_bytes());
-        bytes[57..65].copy_from_slice(&self.denied_until.to_le_bytes());
+        fields::put(&mut bytes, 33, self.owner);
+        fields::put(&mut bytes, 41, self.owed);
+        fields::put(&mut bytes, 45, self.last_grant);
+        fields::put(&mut bytes, 49, self.wanted_at);
+        fields::put(&mut bytes, 57, self.denied_until);
         bytes
     }
 
     fn decode(bytes: &[u8; 65]) -> Self {
         Tokens {
-            tokens: word(bytes, 0),
-            spent: word(bytes, 8),
-            spent_at: word(bytes, 16),
-            dry_at: word(bytes, 24),
+            tokens: fields::get(bytes, 0),
+            spent: fields::get(bytes, 8),
+            spent_at: fields::get(bytes, 16),
+            dry_at: fields::get(bytes, 24),
             failing: bytes[32] != 0,
-            owner: word(bytes, 33),
-            owed: half(bytes, 41),
-            last_grant: half(bytes, 45),
-            wanted_at: word(bytes, 49),
-            denied_until: word(bytes, 57),
+            owner: fields::get(bytes, 33),
+            owed: fields::get(bytes, 41),
+            last_grant: fields::get(bytes, 45),
+            wanted_at: fields::get(bytes, 49),
+            denied_until: fields::get(bytes, 57),
         }
     }
-}
-
-fn half(bytes: &[u8], at: usize) -> u32 {
-    let mut half = [0; 4];
-    if let Some(slice) = bytes.get(at..at + 4) {
-        half.copy_from_slice(slice);
-    }
-    u32::from_le_bytes(half)
-}
-
-fn word(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0; 8];
-    if let Some(slice) = bytes.get(at..at + 8) {
-        word.copy_from_slice(slice);
-    }
-    u64::from_le_bytes(word)
 }
 
 /// Where the lease requests to the RLS stand.
@@ -335,23 +320,23 @@ impl Record<66> for LeaseRecord {
             LeaseState::Failing { until } => (3, until, 0, 0),
         };
         bytes[0] = tag;
-        bytes[1..9].copy_from_slice(&a.to_le_bytes());
-        bytes[9..17].copy_from_slice(&b.to_le_bytes());
-        bytes[17..21].copy_from_slice(&c.to_le_bytes());
-        bytes[21..25].copy_from_slice(&self.last_size.to_le_bytes());
+        fields::put(&mut bytes, 1, a);
+        fields::put(&mut bytes, 9, b);
+        fields::put(&mut bytes, 17, c);
+        fields::put(&mut bytes, 21, self.last_size);
         bytes[25] = u8::from(self.window_left.is_some());
-        bytes[26..30].copy_from_slice(&self.window_left.unwrap_or(0).to_le_bytes());
-        bytes[30..38].copy_from_slice(&self.spent_mark.to_le_bytes());
-        bytes[38..46].copy_from_slice(&self.mark_at.to_le_bytes());
-        bytes[46..54].copy_from_slice(&self.window_ends.to_le_bytes());
-        bytes[54..58].copy_from_slice(&self.window_size.to_le_bytes());
-        bytes[58..66].copy_from_slice(&self.owner.to_le_bytes());
+        fields::put(&mut bytes, 26, self.window_left.unwrap_or(0));
+        fields::put(&mut bytes, 30, self.spent_mark);
+        fields::put(&mut bytes, 38, self.mark_at);
+        fields::put(&mut bytes, 46, self.window_ends);
+        fields::put(&mut bytes, 54, self.window_size);
+        fields::put(&mut bytes, 58, self.owner);
         bytes
     }
 
     fn decode(bytes: &[u8; 66]) -> Self {
-        let half = |at: usize| half(bytes, at);
-        let (a, b, c) = (word(bytes, 1), word(bytes, 9), half(17));
+        let half = |at: usize| fields::get(bytes, at);
+        let (a, b, c) = (fields::get(bytes, 1), fields::get(bytes, 9), half(17));
         let state = match bytes[0] {
             1 => LeaseState::Requested {
                 since: a,
@@ -366,11 +351,11 @@ impl Record<66> for LeaseRecord {
             state,
             last_size: half(21),
             window_left: (bytes[25] != 0).then(|| half(26)),
-            spent_mark: word(bytes, 30),
-            mark_at: word(bytes, 38),
-            window_ends: word(bytes, 46),
+            spent_mark: fields::get(bytes, 30),
+            mark_at: fields::get(bytes, 38),
+            window_ends: fields::get(bytes, 46),
             window_size: half(54),
-            owner: word(bytes, 58),
+            owner: fields::get(bytes, 58),
         }
     }
 }
@@ -878,20 +863,20 @@ impl Record<132> for Wanted {
     const LAYOUT: u8 = 0x85;
     fn encode(&self) -> [u8; 132] {
         let mut bytes = [0; 132];
-        bytes[..4].copy_from_slice(&self.len.to_le_bytes());
+        fields::put(&mut bytes, 0, self.len);
         for (i, slot) in self.slots.iter().enumerate() {
-            bytes[4 + 4 * i..8 + 4 * i].copy_from_slice(&slot.to_le_bytes());
+            fields::put(&mut bytes, 4 + 4 * i, *slot);
         }
         bytes
     }
 
     fn decode(bytes: &[u8; 132]) -> Self {
         let mut wanted = Wanted {
-            len: half(bytes, 0).min(WANTED_CAPACITY as u32),
+            len: fields::get::<u32>(bytes, 0).min(WANTED_CAPACITY as u32),
             ..Wanted::default()
         };
         for (i, slot) in wanted.slots.iter_mut().enumerate() {
-            *slot = half(bytes, 4 + 4 * i);
+            *slot = fields::get(bytes, 4 + 4 * i);
         }
         wanted
     }
@@ -992,7 +977,7 @@ impl Values {
 
     /// Sets the owner hash the record is written under.
     pub fn set_owner(&mut self, owner: u64) {
-        self.bytes[..8].copy_from_slice(&owner.max(1).to_le_bytes());
+        fields::put(&mut self.bytes, 0, owner.max(1));
     }
 
     /// The values after the owner, as length-prefixed runs.
@@ -1007,7 +992,7 @@ impl Values {
 
     /// Reads a record written by [`Values::as_record`]: its owner and its values' runs.
     pub fn parse(record: &[u8]) -> Option<(u64, &[u8])> {
-        Some((word(record.get(..8)?, 0), record.get(8..)?))
+        Some((fields::get(record.get(..8)?, 0), record.get(8..)?))
     }
 
     /// The values in `runs`, in order.

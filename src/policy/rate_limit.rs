@@ -31,6 +31,7 @@ use core::time::Duration;
 
 use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
+use crate::state::fields;
 use crate::state::slots::{KeyBuf, SlotTable};
 use crate::state::{SharedStore, StoreError};
 
@@ -248,23 +249,18 @@ impl Record<24> for Tat {
     const LAYOUT: u8 = 0x42;
     fn encode(&self) -> [u8; 24] {
         let mut bytes = [0; 24];
-        bytes[..8].copy_from_slice(&self.at.to_le_bytes());
-        bytes[8..16].copy_from_slice(&self.terms.interval.to_le_bytes());
-        bytes[16..].copy_from_slice(&self.terms.tolerance.to_le_bytes());
+        fields::put(&mut bytes, 0, self.at);
+        fields::put(&mut bytes, 8, self.terms.interval);
+        fields::put(&mut bytes, 16, self.terms.tolerance);
         bytes
     }
 
     fn decode(bytes: &[u8; 24]) -> Self {
-        let word = |at: usize| {
-            let mut word = [0; 8];
-            word.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(word)
-        };
         Tat {
-            at: word(0),
+            at: fields::get(bytes, 0),
             terms: Terms {
-                interval: word(8),
-                tolerance: word(16),
+                interval: fields::get(bytes, 8),
+                tolerance: fields::get(bytes, 16),
             },
         }
     }

@@ -26,7 +26,8 @@ use core::time::Duration;
 
 use crate::clock;
 use crate::state::cas::{self, Record, Step, UpdateError};
-use crate::state::window::{u32_at, u64_at, Counts, Window};
+use crate::state::fields;
+use crate::state::window::{Counts, Window};
 use crate::state::SharedStore;
 
 /// Response headers, read one at a time from the host.
@@ -69,14 +70,14 @@ impl Counts for Tally {
     }
 
     fn write(&self, out: &mut [u8]) {
-        out[0..4].copy_from_slice(&self.requests.to_le_bytes());
-        out[4..8].copy_from_slice(&self.retries.to_le_bytes());
+        fields::put(out, 0, self.requests);
+        fields::put(out, 4, self.retries);
     }
 
     fn read(bytes: &[u8]) -> Self {
         Tally {
-            requests: u32_at(bytes, 0),
-            retries: u32_at(bytes, 4),
+            requests: fields::get(bytes, 0),
+            retries: fields::get(bytes, 4),
         }
     }
 }
@@ -105,14 +106,14 @@ impl Record<RECORD_LEN> for BudgetState {
     const LAYOUT: u8 = 0x22;
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
-        out[0..8].copy_from_slice(&self.pushed_back_until.to_le_bytes());
+        fields::put(&mut out, 0, self.pushed_back_until);
         self.window.write(&mut out[8..]);
         out
     }
 
     fn decode(bytes: &[u8; RECORD_LEN]) -> Self {
         BudgetState {
-            pushed_back_until: u64_at(bytes, 0),
+            pushed_back_until: fields::get(bytes, 0),
             window: Window::read(&bytes[8..]),
         }
     }

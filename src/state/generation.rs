@@ -8,6 +8,7 @@
 //! A config whose number is no longer current is superseded and leaves such state alone.
 
 use super::cas::{self, Record, Step, UpdateError};
+use super::fields;
 use super::SharedStore;
 
 /// The current generation in shared data: its number and the fingerprint of its config.
@@ -22,19 +23,15 @@ impl Record<12> for Generation {
     const LAYOUT: u8 = 0x61;
     fn encode(&self) -> [u8; 12] {
         let mut out = [0u8; 12];
-        out[..4].copy_from_slice(&self.number.to_le_bytes());
-        out[4..].copy_from_slice(&self.fingerprint.to_le_bytes());
+        fields::put(&mut out, 0, self.number);
+        fields::put(&mut out, 4, self.fingerprint);
         out
     }
 
     fn decode(bytes: &[u8; 12]) -> Self {
-        let mut number = [0u8; 4];
-        let mut fingerprint = [0u8; 8];
-        number.copy_from_slice(&bytes[..4]);
-        fingerprint.copy_from_slice(&bytes[4..]);
         Generation {
-            number: u32::from_le_bytes(number),
-            fingerprint: u64::from_le_bytes(fingerprint),
+            number: fields::get(bytes, 0),
+            fingerprint: fields::get(bytes, 4),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod cas;
 pub mod fake;
+pub mod fields;
 pub mod generation;
 pub mod slots;
 pub mod window;

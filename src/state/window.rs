@@ -12,6 +12,8 @@
 //! until their slot is reused, so a step back can forget at most one window of counts and never
 //! counts a bucket twice or keeps one forever.
 
+use super::fields;
+
 /// Buckets in every window: rates are exact to a tenth of the window.
 pub const BUCKETS: usize = 10;
 
@@ -102,7 +104,7 @@ impl<C: Counts> Window<C> {
     /// Writes exactly [`Window::LEN`] bytes into `out`.
     pub fn write(&self, out: &mut [u8]) {
         for (chunk, (stamp, counts)) in out.chunks_exact_mut(8 + C::LEN).zip(&self.buckets) {
-            chunk[..8].copy_from_slice(&stamp.to_le_bytes());
+            fields::put(chunk, 0, *stamp);
             counts.write(&mut chunk[8..]);
         }
     }
@@ -111,7 +113,7 @@ impl<C: Counts> Window<C> {
     pub fn read(bytes: &[u8]) -> Self {
         let mut window = Self::EMPTY;
         for (chunk, (stamp, counts)) in bytes.chunks_exact(8 + C::LEN).zip(&mut window.buckets) {
-            *stamp = u64_at(chunk, 0);
+            *stamp = fields::get(chunk, 0);
             *counts = C::read(&chunk[8..]);
         }
         window
@@ -120,20 +122,6 @@ impl<C: Counts> Window<C> {
 
 fn slot(number: u64) -> usize {
     (number % BUCKETS as u64) as usize
-}
-
-/// The little-endian `u64` at `at`; records are fixed-size, so `at` is always in range.
-pub fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
-}
-
-/// The little-endian `u32` at `at`.
-pub fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(word)
 }
 
 #[cfg(test)]
@@ -152,10 +140,10 @@ mod tests {
             self.0 = self.0.saturating_add(other.0);
         }
         fn write(&self, out: &mut [u8]) {
-            out[..4].copy_from_slice(&self.0.to_le_bytes());
+            fields::put(out, 0, self.0);
         }
         fn read(bytes: &[u8]) -> Self {
-            Hits(u32_at(bytes, 0))
+            Hits(fields::get(bytes, 0))
         }
     }
 
