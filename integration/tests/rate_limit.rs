@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use seawall_integration::client::{load, Client, LoadSpec, Request};
+use seawall_integration::envoy::trapping_wasm;
 use seawall_integration::{Arrival, Envoy, EnvoyConfig, Upstream};
 
 fn limited(upstream: &Upstream, plugin: &str) -> Envoy {
@@ -132,6 +133,70 @@ fn a_global_limit_holds_exactly_across_four_workers() {
         "[rate-limit] CAS retries: {retries} over {} decisions",
         report.sent()
     );
+}
+
+/// A worker descheduled between reading the clock and deciding finds the bucket as workers with
+/// later readings left it. The test build holds a worker 20 ms there on request
+/// (`x-seawall-test-stall-ms`), on every fifth request of a flood on ten connections: every
+/// stalled request decides with a reading 20 ms older than the record's. Deciding on the record
+/// as it is, the limit still admits exactly what one bucket would; clamping it to the older
+/// reading and writing it back minted up to two tokens a stalled request.
+#[test]
+fn a_worker_deciding_with_an_older_clock_reading_mints_no_tokens() {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        EnvoyConfig::to_upstream(upstream.addr())
+            .concurrency(4)
+            .wasm(trapping_wasm())
+            .arrival_log(true)
+            .seawall(r#"{"rate_limits": {"global": {"rate": "100/s", "burst": 10}}, "routes": [{"name": "all", "rate_limits": ["global"]}]}"#),
+    );
+    let report = load(
+        envoy.listener_addr(),
+        LoadSpec::new(10, Duration::from_secs(5), |n| {
+            if n % 5 == 0 {
+                Request::get("/flood").header("x-seawall-test-stall-ms", "20")
+            } else {
+                Request::get("/flood")
+            }
+        }),
+    );
+    let accepted = report.count(200);
+    let stalled = upstream
+        .received()
+        .iter()
+        .filter(|request| request.header("x-seawall-test-stall-ms").is_some())
+        .count();
+    let window = span(upstream.arrival_window("/flood"));
+    let most = 10.0 + 100.0 * window;
+    let arrivals = envoy.arrivals(report.sent() as usize, Duration::from_secs(30));
+    let (reference, idle_full) = reference_bucket(&arrivals, 10.0, 100.0);
+    let stats = envoy.stats();
+    let limited = stats.seawall("seawall.rate_limit.global.limited");
+    eprintln!(
+        "[rate-limit] stalled readings: {} requests, {} of them stalled, {accepted} accepted ({stalled} of those stalled; at most {most:.0} + 3% over the upstream's {window:.3} s; a reference bucket fed Envoy's arrivals admits {reference}, full and idle for {idle_full:?}), {limited} limited",
+        report.sent(),
+        report.sent().div_ceil(5)
+    );
+    assert_eq!(report.errors, 0);
+    assert!(limited > 1000, "the load must flood: {limited} limited");
+    // Every fifth request of the sequence asked for the stall.
+    let asked_to_stall = report.sent().div_ceil(5);
+    assert!(
+        asked_to_stall >= 500,
+        "only {asked_to_stall} stalled decisions: {:?}",
+        report.statuses
+    );
+    assert!(
+        accepted as f64 <= most * 1.03,
+        "{accepted} accepted, more than {most:.0} + 3% (burst 10 + 100/s over the upstream's {window:.3} s)"
+    );
+    assert!(
+        (accepted as f64 - reference as f64).abs() <= reference as f64 * 0.03,
+        "{accepted} accepted, a reference bucket fed Envoy's arrivals admits {reference} (± 3%)"
+    );
+    assert_eq!(upstream.total(), accepted);
+    assert_eq!(stats.seawall("seawall.rate_limit.global.allowed"), accepted);
 }
 
 /// Issue 15: a bucket with ample tokens is leased to the workers in batches, and the limit still

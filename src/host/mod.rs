@@ -566,6 +566,7 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         let now = Timestamp::from_nanos(abi::now_nanos());
+        trap::stall_after_reading_the_clock(now.as_nanos());
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             log::warn!(
                 "seawall[{}]: worker state busy; request passed through",
