@@ -942,16 +942,42 @@ impl Envoy {
             self.config.access_log,
             "access_log needs EnvoyConfig::access_log(true)"
         );
-        let text = fs::read_to_string(self.dir.join(ACCESS_LOG)).unwrap_or_default();
-        // Only whole lines: the last one may still be being written.
+        self.log_entries(ACCESS_LOG, AccessLogEntry::parse)
+    }
+
+    /// The whole lines of the log file `file` under Envoy's directory, parsed: the last line may
+    /// still be being written.
+    fn log_entries<T>(&self, file: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+        let text = fs::read_to_string(self.dir.join(file)).unwrap_or_default();
         let complete = text.rfind('\n').map_or("", |end| &text[..end]);
         complete
             .lines()
-            .map(|line| {
-                AccessLogEntry::parse(line)
-                    .unwrap_or_else(|| panic!("unreadable access log line {line:?}"))
-            })
+            .map(|line| parse(line).unwrap_or_else(|| panic!("unreadable {file} line {line:?}")))
             .collect()
+    }
+
+    /// Reads with `read` until it holds at least `count` entries (Envoy flushes its logs every
+    /// 100 ms), for at most `timeout`.
+    fn wait_for_entries<T>(
+        &self,
+        what: &str,
+        count: usize,
+        timeout: Duration,
+        read: impl Fn() -> Vec<T>,
+    ) -> Vec<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = read();
+            if entries.len() >= count {
+                return entries;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the {what} had {} of {count} entries after {timeout:?}",
+                entries.len()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits (bounded) until Envoy's arrival log (the config must have
@@ -962,46 +988,16 @@ impl Envoy {
             self.config.arrival_log,
             "arrivals need EnvoyConfig::arrival_log(true)"
         );
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = fs::read_to_string(self.dir.join(ARRIVAL_LOG)).unwrap_or_default();
-            // Only whole lines: the last one may still be being written.
-            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-            let mut arrivals: Vec<Arrival> = complete
-                .lines()
-                .map(|line| {
-                    Arrival::parse(line)
-                        .unwrap_or_else(|| panic!("unreadable arrival log line {line:?}"))
-                })
-                .collect();
-            if arrivals.len() >= count {
-                arrivals.sort_by_key(|arrival| arrival.start_us);
-                return arrivals;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the arrival log had {} of {count} requests after {timeout:?}",
-                arrivals.len()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        let mut arrivals = self.wait_for_entries("arrival log", count, timeout, || {
+            self.log_entries(ARRIVAL_LOG, Arrival::parse)
+        });
+        arrivals.sort_by_key(|arrival| arrival.start_us);
+        arrivals
     }
 
     /// Waits (bounded) until the access log holds at least `count` entries, and returns them.
     pub fn wait_for_access_log(&self, count: usize, timeout: Duration) -> Vec<AccessLogEntry> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.access_log();
-            if entries.len() >= count {
-                return entries;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the access log had {} of {count} entries after {timeout:?}",
-                entries.len()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_entries("access log", count, timeout, || self.access_log())
     }
 
     /// Connections accepted by each worker so far, from Envoy's per-worker listener stats

@@ -2,9 +2,10 @@
 //! buckets are independent, shadow mode never rejects, rejections carry the right headers, and a
 //! flood of distinct keys does not grow Envoy's memory.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use seawall_integration::client::{load, Client, LoadSpec, Request};
+use seawall_integration::client::{load, Client, LoadReport, LoadSpec, Request};
 use seawall_integration::envoy::trapping_wasm;
 use seawall_integration::{Arrival, Envoy, EnvoyConfig, Upstream};
 
@@ -50,36 +51,110 @@ fn ceil_seconds(span: Duration) -> u64 {
     span.as_secs() + u64::from(span.subsec_nanos() > 0)
 }
 
+/// The bucket the exactness tests flood: 100/s, burst 10, on every route.
+const HUNDRED_A_SECOND: &str = r#"{"rate_limits": {"global": {"rate": "100/s", "burst": 10}}, "routes": [{"name": "all", "rate_limits": ["global"]}]}"#;
+
+/// Envoy with four workers, [`HUNDRED_A_SECOND`] and its arrival log, running `wasm` (`None`:
+/// the release build).
+fn hundred_a_second(upstream: &Upstream, wasm: Option<PathBuf>) -> Envoy {
+    let config = EnvoyConfig::to_upstream(upstream.addr())
+        .concurrency(4)
+        .arrival_log(true)
+        .seawall(HUNDRED_A_SECOND);
+    Envoy::start(match wasm {
+        Some(wasm) => config.wasm(wasm),
+        None => config,
+    })
+}
+
+/// How a flood of [`HUNDRED_A_SECOND`] went, judged both ways.
+///
+/// Over-admission is judged on the upstream's window, which saw each admitted request arrive:
+/// the bucket starts full and then refills at 100/s, so from the first admission to the last it
+/// admits at most the burst plus 100 per second in between, however the load ran.
+///
+/// Under-admission is judged on what Envoy received: a starved machine can leave the bucket full
+/// with nothing arriving, and refill it cannot keep is no token lost. One reference bucket fed
+/// the requests in the order and at the times Envoy received them admits what a correct limiter
+/// would.
+struct Exactness {
+    accepted: u64,
+    /// The upstream's window, in seconds.
+    window: f64,
+    /// Burst plus refill over the window.
+    most: f64,
+    reference: u64,
+    /// How long the reference bucket sat full with nothing arriving.
+    idle_full: Duration,
+}
+
+impl Exactness {
+    fn of(envoy: &Envoy, upstream: &Upstream, report: &LoadReport) -> Self {
+        let accepted = report.count(200);
+        let window = span(upstream.arrival_window("/flood"));
+        let arrivals = envoy.arrivals(report.sent() as usize, Duration::from_secs(30));
+        assert_eq!(
+            arrivals.len() as u64,
+            report.sent(),
+            "Envoy logged every request"
+        );
+        assert_eq!(
+            arrivals
+                .iter()
+                .filter(|arrival| arrival.status == 200)
+                .count() as u64,
+            accepted
+        );
+        let (reference, idle_full) = reference_bucket(&arrivals, 10.0, 100.0);
+        Exactness {
+            accepted,
+            window,
+            most: 10.0 + 100.0 * window,
+            reference,
+            idle_full,
+        }
+    }
+
+    fn assert_exact(&self) {
+        let Exactness {
+            accepted,
+            window,
+            most,
+            reference,
+            ..
+        } = *self;
+        assert!(
+            accepted as f64 <= most * 1.03,
+            "{accepted} accepted, more than {most:.0} + 3% (burst 10 + 100/s over the upstream's {window:.3} s)"
+        );
+        assert!(
+            (accepted as f64 - reference as f64).abs() <= reference as f64 * 0.03,
+            "{accepted} accepted, a reference bucket fed Envoy's arrivals admits {reference} (± 3%)"
+        );
+    }
+}
+
 #[test]
 fn a_global_limit_holds_exactly_across_four_workers() {
     let upstream = Upstream::start();
-    let envoy = Envoy::start(
-        EnvoyConfig::to_upstream(upstream.addr())
-            .concurrency(4)
-            .arrival_log(true)
-            .seawall(r#"{"rate_limits": {"global": {"rate": "100/s", "burst": 10}}, "routes": [{"name": "all", "rate_limits": ["global"]}]}"#),
-    );
+    let envoy = hundred_a_second(&upstream, None);
     let report = load(
         envoy.listener_addr(),
         LoadSpec::new(8, Duration::from_secs(5), |_| Request::get("/flood")),
     );
-    let accepted = report.count(200);
-    // Over-admission is judged on the upstream's window, which saw each admitted request
-    // arrive: the bucket starts full and then refills at 100/s, so from the first admission to
-    // the last it admits at most the burst plus 100 per second in between, however the load ran.
+    let judged = Exactness::of(&envoy, &upstream, &report);
+    let Exactness {
+        accepted,
+        window,
+        most,
+        reference,
+        idle_full,
+    } = judged;
     // The client's wall time also counts thread and connection setup and the tail of the last
     // requests, so it gives a second ceiling: never more than the burst plus the refill over the
     // whole flood.
-    let window = span(upstream.arrival_window("/flood"));
-    let most = 10.0 + 100.0 * window;
     let wall = report.elapsed.as_secs_f64();
     let ceiling = (10.0 + 100.0 * wall).floor() as u64 + 1;
-    // Under-admission is judged on what Envoy received: a starved machine can leave the bucket
-    // full with nothing arriving, and refill it cannot keep is no token lost. One reference
-    // bucket fed the requests in the order and at the times Envoy received them admits what a
-    // correct limiter would.
-    let arrivals = envoy.arrivals(report.sent() as usize, Duration::from_secs(30));
-    let (reference, idle_full) = reference_bucket(&arrivals, 10.0, 100.0);
     eprintln!(
         "[rate-limit] {} requests; upstream window {window:.3} s: {accepted} accepted (at most {most:.0} + 3%, ceiling {ceiling} from the client's {wall:.3} s; a reference bucket fed Envoy's arrivals admits {reference}, and sat full with nothing arriving for {idle_full:?}), {} limited, upstream saw {}",
         report.sent(),
@@ -92,29 +167,10 @@ fn a_global_limit_holds_exactly_across_four_workers() {
         "the load must actually flood: {:?}",
         report.statuses
     );
-    assert_eq!(
-        arrivals.len() as u64,
-        report.sent(),
-        "Envoy logged every request"
-    );
-    assert_eq!(
-        arrivals
-            .iter()
-            .filter(|arrival| arrival.status == 200)
-            .count() as u64,
-        accepted
-    );
-    assert!(
-        accepted as f64 <= most * 1.03,
-        "{accepted} accepted, more than {most:.0} + 3% (burst 10 + 100/s over the upstream's {window:.3} s)"
-    );
+    judged.assert_exact();
     assert!(
         accepted <= ceiling,
         "{accepted} accepted, more than burst 10 + 100/s over the whole {wall:.3} s flood ({ceiling})"
-    );
-    assert!(
-        (accepted as f64 - reference as f64).abs() <= reference as f64 * 0.03,
-        "{accepted} accepted, a reference bucket fed Envoy's arrivals admits {reference} (± 3%)"
     );
     assert_eq!(
         upstream.total(),
@@ -144,13 +200,7 @@ fn a_global_limit_holds_exactly_across_four_workers() {
 #[test]
 fn a_worker_deciding_with_an_older_clock_reading_mints_no_tokens() {
     let upstream = Upstream::start();
-    let envoy = Envoy::start(
-        EnvoyConfig::to_upstream(upstream.addr())
-            .concurrency(4)
-            .wasm(trapping_wasm())
-            .arrival_log(true)
-            .seawall(r#"{"rate_limits": {"global": {"rate": "100/s", "burst": 10}}, "routes": [{"name": "all", "rate_limits": ["global"]}]}"#),
-    );
+    let envoy = hundred_a_second(&upstream, Some(trapping_wasm()));
     let report = load(
         envoy.listener_addr(),
         LoadSpec::new(10, Duration::from_secs(5), |n| {
@@ -161,40 +211,35 @@ fn a_worker_deciding_with_an_older_clock_reading_mints_no_tokens() {
             }
         }),
     );
-    let accepted = report.count(200);
+    let judged = Exactness::of(&envoy, &upstream, &report);
+    let Exactness {
+        accepted,
+        window,
+        most,
+        reference,
+        idle_full,
+    } = judged;
     let stalled = upstream
         .received()
         .iter()
         .filter(|request| request.header("x-seawall-test-stall-ms").is_some())
         .count();
-    let window = span(upstream.arrival_window("/flood"));
-    let most = 10.0 + 100.0 * window;
-    let arrivals = envoy.arrivals(report.sent() as usize, Duration::from_secs(30));
-    let (reference, idle_full) = reference_bucket(&arrivals, 10.0, 100.0);
     let stats = envoy.stats();
     let limited = stats.seawall("seawall.rate_limit.global.limited");
+    // Every fifth request of the sequence asked for the stall.
+    let asked_to_stall = report.sent().div_ceil(5);
     eprintln!(
-        "[rate-limit] stalled readings: {} requests, {} of them stalled, {accepted} accepted ({stalled} of those stalled; at most {most:.0} + 3% over the upstream's {window:.3} s; a reference bucket fed Envoy's arrivals admits {reference}, full and idle for {idle_full:?}), {limited} limited",
+        "[rate-limit] stalled readings: {} requests, {asked_to_stall} of them stalled, {accepted} accepted ({stalled} of those stalled; at most {most:.0} + 3% over the upstream's {window:.3} s; a reference bucket fed Envoy's arrivals admits {reference}, full and idle for {idle_full:?}), {limited} limited",
         report.sent(),
-        report.sent().div_ceil(5)
     );
     assert_eq!(report.errors, 0);
     assert!(limited > 1000, "the load must flood: {limited} limited");
-    // Every fifth request of the sequence asked for the stall.
-    let asked_to_stall = report.sent().div_ceil(5);
     assert!(
         asked_to_stall >= 500,
         "only {asked_to_stall} stalled decisions: {:?}",
         report.statuses
     );
-    assert!(
-        accepted as f64 <= most * 1.03,
-        "{accepted} accepted, more than {most:.0} + 3% (burst 10 + 100/s over the upstream's {window:.3} s)"
-    );
-    assert!(
-        (accepted as f64 - reference as f64).abs() <= reference as f64 * 0.03,
-        "{accepted} accepted, a reference bucket fed Envoy's arrivals admits {reference} (± 3%)"
-    );
+    judged.assert_exact();
     assert_eq!(upstream.total(), accepted);
     assert_eq!(stats.seawall("seawall.rate_limit.global.allowed"), accepted);
 }
