@@ -142,6 +142,8 @@ struct Envoy {
     in_flight: Vec<(usize, usize, Claim, Vec<u8>, u64)>,
     admitted: u64,
     requests: u64,
+    /// How long after the tick sent a call its answer comes.
+    rls_latency: u64,
 }
 
 impl Envoy {
@@ -154,6 +156,7 @@ impl Envoy {
             in_flight: Vec::new(),
             admitted: 0,
             requests: 0,
+            rls_latency: 5 * MS,
         }
     }
 
@@ -188,7 +191,7 @@ impl Envoy {
             );
             for (worker, policy, claim, message) in sent {
                 self.in_flight
-                    .push((worker, policy, claim, message, now + 5 * MS));
+                    .push((worker, policy, claim, message, now + self.rls_latency));
             }
         }
         let (due, waiting): (Vec<_>, Vec<_>) = self
@@ -608,6 +611,35 @@ fn a_cold_client_is_admitted_on_credit_that_the_next_lease_pays() {
     assert_eq!(
         rls.granted_to(&[("generic_key", "api"), ("user", "carol"), ("path", "/x")]),
         5
+    );
+}
+
+/// A steady client well under its limit, 5 a second, is never refused while the RLS answers
+/// within two of its intervals. Its leases are the minimum, 2 hits; the lease was asked for only
+/// once the bucket was empty, which left the RLS one interval (200 ms), and with an RLS 250 ms
+/// away every other request was refused. It is now asked for with one token in hand.
+#[test]
+fn a_steady_client_under_its_limit_is_not_refused_while_its_lease_is_on_the_way() {
+    let json = per_client_config("", r#""closed""#);
+    let mut envoy = Envoy::new(&json, 1);
+    envoy.rls_latency = 250 * MS;
+    let mut rls = FakeRls::new(1_000);
+    let mut now = T0;
+    let mut refused = Vec::new();
+    for n in 0..4_000 / 20 {
+        if n % 10 == 0 && !envoy.request_with(0, as_user("bob", "/x"), now) {
+            refused.push((now - T0) / MS);
+        }
+        envoy.tick(now, &mut rls);
+        now += 20 * MS;
+    }
+    assert_eq!(envoy.requests, 20);
+    assert!(refused.is_empty(), "bob refused at {refused:?} ms");
+    let granted = rls.granted_to(&[("generic_key", "api"), ("user", "bob"), ("path", "/x")]);
+    assert!(
+        granted >= envoy.admitted,
+        "{} admitted, {granted} granted",
+        envoy.admitted
     );
 }
 

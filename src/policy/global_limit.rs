@@ -486,10 +486,12 @@ pub fn claim<S: SharedStore + ?Sized>(
                 Some(cap) => next.saturating_add(bucket.owed).min(cap.max(next)),
                 None => next.saturating_add(bucket.owed),
             };
-            // Low water: less than half the next lease left. A failing RLS is retried whatever the
-            // bucket holds, so the failure ends as soon as it can.
+            // Low water: at most half the next lease left, so a lease of the minimum 2 is asked
+            // for with one token still in hand, not only once the bucket is empty: a steady
+            // client then has a whole request interval more for the RLS to answer. A failing RLS
+            // is retried whatever the bucket holds, so the failure ends as soon as it can.
             let failing = matches!(lease.state, LeaseState::Failing { .. });
-            if !failing && bucket.tokens.saturating_mul(2) >= u64::from(hits) {
+            if !failing && bucket.tokens.saturating_mul(2) > u64::from(hits) {
                 return Step::Keep(None);
             }
             lease.state = LeaseState::Requested {
@@ -781,7 +783,7 @@ pub fn take_keyed<S: SharedStore + ?Sized>(
             }
             bucket.spent = bucket.spent.wrapping_add(1);
             bucket.spent_at = now;
-            let low = bucket.tokens.saturating_mul(2) < u64::from(bucket.last_grant.max(1));
+            let low = bucket.tokens.saturating_mul(2) <= u64::from(bucket.last_grant.max(1));
             let want = may_ask && (low || bucket.owed > 0);
             if want {
                 bucket.wanted_at = now;
